@@ -1,0 +1,18 @@
+"""Benchmark suites, their runner, tables and plots."""
+
+from __future__ import annotations
+
+from .report import markdown_table, plot_results
+from .runner import method_config, run_bench
+from .suites import SUITES, Suite, get_suite, register_suite
+
+__all__ = [
+    "SUITES",
+    "Suite",
+    "get_suite",
+    "markdown_table",
+    "method_config",
+    "plot_results",
+    "register_suite",
+    "run_bench",
+]

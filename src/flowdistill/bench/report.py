@@ -1,0 +1,93 @@
+"""Tables and plots of a benchmark's ``results.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["markdown_table", "plot_results"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The summary as a Markdown table (accuracy in %, mean ± std over seeds)."""
+    t, s = results["teacher"], results["student"]
+    lines = [
+        f"## {results['suite']}: {results['metric']} (%), mean ± std over "
+        f"{results['seeds']} seed(s)",
+        "",
+        f"Teacher `{t['name']}` ({t['params']:,} params): {_pct(t['metric'])}. "
+        f"Student `{s['name']}` ({s['params']:,} params).",
+        "",
+        "| method | last epoch | at best-val epoch | gap closed | step time ÷ student | "
+        "extra params |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    order = sorted(
+        results["summary"].items(),
+        key=lambda kv: kv[1]["mean"],
+        reverse=results["higher_is_better"],
+    )
+    for method, row in order:
+        lines.append(
+            f"| {method} | {_pct(row['mean'])} ± {_pct(row['std'])} | "
+            f"{_pct(row['best_val_mean'])} ± {_pct(row['best_val_std'])} | "
+            f"{row['gap_closed']:+.2f} | {row['step_time_ratio']:.2f} | {row['extra_params']:,} |"
+        )
+    lines += [
+        "",
+        "*gap closed* = (method − student) / (teacher − student) on the last-epoch mean; "
+        "*step time ÷ student* = mean training-step time over the student-alone step time "
+        "of the same run.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(
+    results: dict[str, Any], curves: dict[str, list[list[float]]], out: Path
+) -> list[str]:
+    """``val_curves.png`` (mean validation accuracy per epoch) and ``summary.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, runs in sorted(curves.items()):
+        length = min(len(r) for r in runs)
+        arr = np.array([r[:length] for r in runs]) * 100
+        epochs = np.arange(1, length + 1)
+        ax.plot(epochs, arr.mean(0), label=method)
+        ax.fill_between(epochs, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{results['suite']}: validation accuracy (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png", dpi=110)
+    plt.close(fig)
+    written.append("val_curves.png")
+
+    summary = results["summary"]
+    methods = sorted(summary, key=lambda m: summary[m]["mean"])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(methods) + 1.5))
+    means = [100 * summary[m]["mean"] for m in methods]
+    stds = [100 * summary[m]["std"] for m in methods]
+    ax.barh(methods, means, xerr=stds, color="tab:blue", alpha=0.8)
+    ax.axvline(100 * results["teacher"]["metric"], color="k", ls="--", label="teacher")
+    lo = min(means) - max(stds + [0.0]) - 1
+    ax.set_xlim(max(lo, 0), min(100, 100 * results["teacher"]["metric"] + 1))
+    ax.set_xlabel("test accuracy, last epoch (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=110)
+    plt.close(fig)
+    written.append("summary.png")
+    return written

@@ -1,0 +1,249 @@
+"""``flowdistill bench``: a cached teacher, then every method over seeds, side by side."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..data.datasets import Splits
+from ..distillers import get_method, list_methods, make_distiller
+from ..engine.checkpoint import atomic_write_text, load_model_weights
+from ..engine.trainer import BEST, fit
+from ..errors import ConfigError
+from ..models import build_model
+from .provenance import provenance
+from .report import markdown_table, plot_results
+from .suites import Suite, get_suite
+
+__all__ = ["method_config", "run_bench"]
+
+DEFAULT_CACHE = Path("runs") / "cache" / "teachers"
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build(spec: ModelConfig, data: Splits) -> torch.nn.Module:
+    kwargs = {"num_classes": data.num_classes, "in_channels": data.input_shape[0], **spec.kwargs}
+    return build_model(spec.name, **kwargs)
+
+
+def method_config(suite: Suite, method: str) -> dict[str, Any]:
+    """The options ``method`` runs with in ``suite``: the suite's feature taps for methods
+    that use features, then any per-method defaults of the suite."""
+    options: dict[str, Any] = {}
+    if get_method(method).needs_shapes:
+        options.update(suite.method_options.get("_features", {}))
+    options.update(suite.method_options.get(method, {}))
+    return options
+
+
+def _teacher(
+    suite: Suite, data: Splits, cache: Path, progress: bool, log
+) -> tuple[torch.nn.Module, dict]:
+    key = {
+        "suite": suite.name,
+        "model": dataclasses.asdict(suite.teacher),
+        "optim": dataclasses.asdict(suite.teacher_optim),
+        "epochs": suite.teacher_epochs,
+        "batch_size": suite.batch_size,
+        "seed": 0,
+    }
+    folder = cache / f"{suite.name}-{_hash(key)}"
+    torch.manual_seed(0)
+    teacher = _build(suite.teacher, data)
+    result_file = folder / "result.json"
+    if result_file.exists():
+        log(f"teacher: reusing the cached teacher in {folder}")
+        result = json.loads(result_file.read_text())
+    else:
+        log(f"teacher: training {suite.teacher.name} for {suite.teacher_epochs} epochs → {folder}")
+        train = TrainConfig(epochs=suite.teacher_epochs, seed=0, progress=progress)
+        fit_result = fit(
+            make_distiller("student", None, teacher),
+            data,
+            suite.teacher_optim,
+            train,
+            out_dir=folder,
+            resume=True,
+            batch_size=suite.batch_size,
+            meta={"teacher_key": key},
+        )
+        result = fit_result.to_dict()
+    load_model_weights(teacher, folder / BEST)
+    teacher.eval()
+    return teacher, {
+        "name": suite.teacher.name,
+        "params": _params(teacher),
+        "metric": result["test_acc_best_val"],
+        "metric_last_epoch": result["test_acc_last"],
+        "checkpoint": str(folder / BEST),
+    }
+
+
+def run_bench(
+    suite_name: str,
+    methods: list[str] | None = None,
+    seeds: int = 3,
+    epochs: int | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+    cache: str | Path | None = None,
+    command: str | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
+
+    Finished runs (``out/runs/<method>/seed<k>/result.json`` of the same configuration) are
+    reused, and interrupted ones resume from their checkpoint, so a bench that stopped
+    loses nothing.
+    """
+    suite = get_suite(suite_name)
+    methods = list(methods) if methods else list_methods()
+    for m in methods:
+        get_method(m)
+    if "student" in methods:
+        methods.remove("student")
+    methods.insert(0, "student")  # the reference row is always run, and first
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    epochs = epochs or suite.epochs
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    out = Path(out or Path("runs") / "bench" / suite.name)
+    cache = Path(cache) if cache else DEFAULT_CACHE
+    data = suite.load_data()
+    teacher, teacher_info = _teacher(suite, data, cache, progress, log)
+    example = data.train.x[:8]
+
+    rows, curves, extra = [], {}, {}
+    student_params = 0
+    for method in methods:
+        options = method_config(suite, method)
+        for seed in range(seeds):
+            key = {
+                "suite": suite.name,
+                "method": method,
+                "options": options,
+                "seed": seed,
+                "epochs": epochs,
+                "optim": dataclasses.asdict(suite.optim),
+                "student": dataclasses.asdict(suite.student),
+                "teacher": teacher_info["checkpoint"],
+                "batch_size": suite.batch_size,
+            }
+            run_dir = out / "runs" / method / f"seed{seed}"
+            result_file = run_dir / "result.json"
+            cached = json.loads(result_file.read_text()) if result_file.exists() else None
+            torch.manual_seed(seed)
+            student = _build(suite.student, data)
+            student_params = _params(student)
+            if cached is not None and cached.get("key_hash") == _hash(key):
+                log(f"{method} seed {seed}: reusing {run_dir}")
+                result = cached
+            else:
+                if cached is not None:  # same folder, other configuration: keep it aside
+                    raise ConfigError(
+                        f"{run_dir} holds a run of another configuration; "
+                        "choose another --out directory"
+                    )
+                distiller = make_distiller(
+                    method, teacher, student, example_input=example, **options
+                )
+                train = TrainConfig(epochs=epochs, seed=seed, progress=progress)
+                fit_result = fit(
+                    distiller,
+                    data,
+                    suite.optim,
+                    train,
+                    out_dir=run_dir,
+                    resume=True,
+                    batch_size=suite.batch_size,
+                    meta={"key_hash": _hash(key), "key": key},
+                )
+                result = fit_result.to_dict()
+                log(
+                    f"{method} seed {seed}: test acc {100 * result['test_acc_last']:.2f} "
+                    f"(at best val {100 * result['test_acc_best_val']:.2f})"
+                )
+            extra[method] = result["extra_params"]
+            curves.setdefault(method, []).append([r["val_acc"] for r in result["history"]])
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "metric": result["test_acc_last"],
+                    "best_val_metric": result["test_acc_best_val"],
+                    "best_val_epoch": result["best_val_epoch"],
+                    "mean_step_seconds": result["mean_step_seconds"],
+                }
+            )
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        arr = np.asarray(values, dtype=float)
+        return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+    by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
+    student_mean, _ = stats([r["metric"] for r in by_method["student"]])
+    student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
+    gap = teacher_info["metric"] - student_mean
+    summary = {}
+    for m, rs in by_method.items():
+        mean, std = stats([r["metric"] for r in rs])
+        bmean, bstd = stats([r["best_val_metric"] for r in rs])
+        summary[m] = {
+            "mean": mean,
+            "std": std,
+            "n": len(rs),
+            "best_val_mean": bmean,
+            "best_val_std": bstd,
+            "gap_closed": (mean - student_mean) / gap if gap != 0 else float("nan"),
+            "step_time_ratio": float(np.mean([r["mean_step_seconds"] for r in rs])) / student_step,
+            "extra_params": extra[m],
+        }
+    config = {
+        "suite": suite.name,
+        "description": suite.description,
+        "methods": methods,
+        "seeds": list(range(seeds)),
+        "epochs": epochs,
+        "teacher_epochs": suite.teacher_epochs,
+        "batch_size": suite.batch_size,
+        "optim": dataclasses.asdict(suite.optim),
+        "method_options": {m: method_config(suite, m) for m in methods},
+    }
+    results = {
+        "suite": suite.name,
+        "metric": suite.metric,
+        "higher_is_better": suite.higher_is_better,
+        "seeds": seeds,
+        "teacher": teacher_info,
+        "student": {
+            "name": suite.student.name,
+            "params": student_params,
+            "metric": student_mean,
+        },
+        "runs": rows,
+        "summary": summary,
+        "provenance": provenance(command or shlex.join(["flowdistill", *sys.argv[1:]]), config),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    table = markdown_table(results)
+    atomic_write_text(out / "results.md", table)
+    plot_results(results, curves, out)
+    return results

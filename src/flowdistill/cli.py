@@ -1,0 +1,191 @@
+"""The ``flowdistill`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import FlowdistillError
+
+__all__ = ["main"]
+
+
+def _describe(cls) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+def cmd_methods(_args: argparse.Namespace) -> int:
+    from .distillers import REGISTRY
+
+    width = max(map(len, REGISTRY))
+    for name in sorted(REGISTRY):
+        print(f"{name:<{width}}  {_describe(REGISTRY[name])}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    results = run_bench(
+        args.suite,
+        methods=methods,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        out=args.out,
+        progress=not args.no_progress,
+        cache=args.teacher_cache,
+        command=shlex.join(["flowdistill", *args.argv]),
+    )
+    out = Path(args.out or Path("runs") / "bench" / args.suite)
+    print()
+    print((out / "results.md").read_text())
+    print(
+        f"results: {out / 'results.json'}; plots: {out / 'val_curves.png'}, {out / 'summary.png'}"
+    )
+    return 0 if results else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.suite, args.methods, args.seeds, args.epochs = "digits", None, 3, None
+    args.out = args.out or "runs/demo"
+    args.teacher_cache = None
+    return cmd_bench(args)
+
+
+def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
+    from .config import config_to_dict, load_config
+    from .data import digits_splits, idx_splits, npz_splits
+    from .distillers import make_distiller
+    from .engine import fit
+    from .engine.checkpoint import load_model_weights
+    from .errors import ConfigError
+    from .models import build_model
+
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    if d.name == "digits":
+        data = digits_splits(d.split_seed, d.val_fraction, d.test_fraction)
+    elif d.name == "npz":
+        data = npz_splits(d.path, d.val_fraction, d.split_seed)
+    else:
+        data = idx_splits(
+            d.train_images,
+            d.train_labels,
+            d.test_images,
+            d.test_labels,
+            d.val_fraction,
+            d.split_seed,
+        )
+
+    def build(spec):
+        kwargs = dict(spec.kwargs)
+        if ":" not in spec.name:
+            kwargs.setdefault("num_classes", data.num_classes)
+            kwargs.setdefault("in_channels", data.input_shape[0])
+        return build_model(spec.name, **kwargs)
+
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    if teacher_mode:
+        if cfg.teacher is None:
+            raise ConfigError("train-teacher needs a 'teacher' section naming the model")
+        model = build(cfg.teacher)
+        distiller = make_distiller("student", None, model)
+    else:
+        student = build(cfg.student)
+        teacher = None
+        from .distillers import get_method
+
+        if get_method(cfg.method).uses_teacher:
+            if cfg.teacher is None or not cfg.teacher.checkpoint:
+                raise ConfigError(
+                    f"method {cfg.method!r} needs a trained teacher: set teacher.name and "
+                    "teacher.checkpoint (for example the best.safetensors of train-teacher)"
+                )
+            teacher = build(cfg.teacher)
+            load_model_weights(teacher, cfg.teacher.checkpoint)
+        distiller = make_distiller(
+            cfg.method, teacher, student, example_input=data.train.x[:8], **cfg.method_options
+        )
+    result = fit(
+        distiller,
+        data,
+        cfg.optim,
+        cfg.train,
+        out_dir=cfg.out_dir,
+        resume=args.resume,
+        batch_size=cfg.data.batch_size,
+        meta={"config": config_to_dict(cfg), "command": shlex.join(["flowdistill", *args.argv])},
+    )
+    print(
+        json.dumps(
+            {
+                "out_dir": cfg.out_dir,
+                "test_acc_last": result.test_acc_last,
+                "test_acc_best_val": result.test_acc_best_val,
+                "best_val_epoch": result.best_val_epoch,
+                "extra_params": result.extra_params,
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowdistill", description="Knowledge distillation through flows, and its baselines."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the embedded digits benchmark (every method, 3 seeds)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.set_defaults(func=cmd_methods)
+
+    for name, teacher_mode, text in (
+        ("train-teacher", True, "train the teacher named in a config"),
+        ("distill", False, "distil the teacher into the student of a config"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="YAML run configuration")
+        p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
+        p.set_defaults(func=lambda a, t=teacher_mode: _run(a, t))
+
+    p = sub.add_parser("bench", help="run a benchmark suite side by side")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--methods", default=None, help="comma-separated (default: every method)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="override the suite's epochs")
+    p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
+    p.add_argument("--teacher-cache", default=None, help="teacher cache directory")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except FlowdistillError as err:
+        print(f"flowdistill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowdistill: interrupted; finished epochs are checkpointed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed run configurations, read from YAML with ``key=value`` overrides and validated.
+
+A wrong key or value fails before anything trains, with a message that names it::
+
+    >>> load_config({"optim": {"lrr": 0.1}})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    flowdistill.errors.ConfigError: unknown key 'optim.lrr' (did you mean 'optim.lr'?); valid keys: ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """A zoo model name or ``package.module:function``, its kwargs, an optional checkpoint."""
+
+    name: str = "digits_student"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """``digits`` (embedded), ``npz`` (``path``) or ``idx`` (the four IDX file paths)."""
+
+    name: str = "digits"
+    path: str | None = None
+    train_images: str | None = None
+    train_labels: str | None = None
+    test_images: str | None = None
+    test_labels: str | None = None
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.name not in ("digits", "npz", "idx"):
+            raise ConfigError(f"data.name must be 'digits', 'npz' or 'idx', got {self.name!r}")
+        if self.name == "npz" and not self.path:
+            raise ConfigError("data.path is required when data.name is 'npz'")
+        if self.name == "idx":
+            for key in ("train_images", "train_labels", "test_images", "test_labels"):
+                if not getattr(self, key):
+                    raise ConfigError(f"data.{key} is required when data.name is 'idx'")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.test_fraction < 1.0 - self.val_fraction:
+            raise ConfigError(
+                f"data.test_fraction must be in (0, 1 - val), got {self.test_fraction}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (``sgd``/``adamw``) and schedule (``cosine``/``step``/``constant``)."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+    def validate(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ConfigError(f"optim.name must be 'sgd' or 'adamw', got {self.name!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ConfigError(
+                f"optim.schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"optim.gamma must be in (0, 1], got {self.gamma}")
+
+
+@dataclass
+class TrainConfig:
+    """Epochs, seed, determinism, mixed precision (CUDA only), device, progress bar."""
+
+    epochs: int = 20
+    seed: int = 0
+    deterministic: bool = False
+    amp: bool = True
+    device: str = "auto"
+    progress: bool = True
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+            raise ConfigError(
+                f"train.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}"
+            )
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
+
+
+@dataclass
+class RunConfig:
+    """One training run: ``train-teacher`` trains ``teacher``; ``distill`` trains ``student``."""
+
+    method: str = "kd"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    teacher: ModelConfig | None = None
+    student: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/run"
+
+    def validate(self) -> None:
+        from .distillers import get_method
+
+        get_method(self.method)  # raises UnknownMethodError listing the registered ones
+        for part in (self.data, self.optim, self.train):
+            part.validate()
+
+
+# ---------------------------------------------------------------------------- parsing
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"invalid value for {key!r}: {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key!r} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key!r} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key!r} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key!r} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key!r}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {prefix + str(key)!r}{hint}; valid keys: "
+                + ", ".join(prefix + n for n in names)
+            )
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` pairs (values parsed as YAML) into a nested dict."""
+    values = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse the value of override {item!r}: {err}") from None
+        node = values
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return values
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    cls: type = RunConfig,
+) -> Any:
+    """A validated ``cls`` from a YAML file (or a dict) plus ``key=value`` overrides."""
+    if source is None:
+        values: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        values = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at its top level")
+    values = apply_overrides(values, list(overrides or []))
+    config = _build(cls, values)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A plain, JSON- and YAML-serialisable dict of a config dataclass."""
+    return dataclasses.asdict(config)

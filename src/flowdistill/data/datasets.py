@@ -1,0 +1,170 @@
+"""In-memory datasets with fixed, seeded train/validation/test splits and a batch iterator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .readers import read_idx, read_npz
+
+__all__ = ["Batches", "Split", "Splits", "digits_splits", "idx_splits", "npz_splits", "split"]
+
+
+@dataclass
+class Split:
+    """Inputs ``x`` (N, ...) float32 and integer labels ``y`` (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+def split(
+    x: np.ndarray, y: np.ndarray, fractions: tuple[float, ...], seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, seeded partition of ``(x, y)`` into parts of the given ``fractions``."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for label in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == label))
+        bounds = np.round(np.cumsum(fractions) / sum(fractions) * len(idx)).astype(int)
+        for i, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
+            parts[i].append(idx[lo:hi])
+    out = []
+    for chunks in parts:
+        order = rng.permutation(np.concatenate(chunks))
+        out.append((x[order], y[order]))
+    return out
+
+
+def _standardize(parts: list[tuple[np.ndarray, np.ndarray]], channel_axis: int | None) -> Splits:
+    """Tensors standardised with the *training* part's statistics."""
+    x_train = parts[0][0]
+    axes = tuple(i for i in range(x_train.ndim) if i != channel_axis)
+    mean = x_train.mean(axis=axes, keepdims=True)
+    std = x_train.std(axis=axes, keepdims=True) + 1e-6
+    made = [
+        Split(
+            torch.from_numpy(((x - mean) / std).astype(np.float32)),
+            torch.from_numpy(y.astype(np.int64)),
+        )
+        for x, y in parts
+    ]
+    classes = int(max(int(y.max()) for _, y in parts)) + 1
+    return Splits(*made, num_classes=classes)
+
+
+def digits_splits(seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2) -> Splits:
+    """scikit-learn's bundled 8×8 digits (1797 images), as ``(N, 1, 8, 8)``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
+    train = 1.0 - val_fraction - test_fraction
+    parts = split(x, data.target, (train, val_fraction, test_fraction), seed)
+    return _standardize(parts, channel_axis=1)
+
+
+def _images(x: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W) or (N, H, W, C) → float (N, C, H, W) in [0, 1]."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"expected images of shape (N, H, W[, C]), got {x.shape}")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
+
+
+def _with_val(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    val_fraction: float,
+    seed: int,
+) -> Splits:
+    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise DataError(
+            f"images and labels differ in count: train {len(x_train)} vs {len(y_train)}, "
+            f"test {len(x_test)} vs {len(y_test)}"
+        )
+    train, val = split(x_train, y_train, (1.0 - val_fraction, val_fraction), seed)
+    return _standardize([train, val, (x_test, y_test)], channel_axis=1)
+
+
+def npz_splits(path: str, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """A ``.npz`` with ``x_train, y_train, x_test, y_test``; validation carved from train."""
+    d = read_npz(path, keys=("x_train", "y_train", "x_test", "y_test"))
+    return _with_val(
+        _images(d["x_train"]),
+        d["y_train"],
+        _images(d["x_test"]),
+        d["y_test"],
+        val_fraction,
+        seed,
+    )
+
+
+def idx_splits(
+    train_images: str,
+    train_labels: str,
+    test_images: str,
+    test_labels: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> Splits:
+    """MNIST-style IDX files; validation carved from the training files."""
+    return _with_val(
+        _images(read_idx(train_images)),
+        read_idx(train_labels),
+        _images(read_idx(test_images)),
+        read_idx(test_labels),
+        val_fraction,
+        seed,
+    )
+
+
+class Batches:
+    """Mini-batches of a :class:`Split`; the shuffle order depends only on (seed, epoch).
+
+    This makes a resumed run see exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(
+        self, data: Split, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False
+    ) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.data)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.data.x[idx], self.data.y[idx]

@@ -1,0 +1,86 @@
+"""Readers for local data files: IDX (MNIST-style) and ``.npz`` archives.
+
+Every reader fails with :class:`~flowdistill.errors.DataError` naming the file and what is
+wrong with it (missing, truncated, bad header, missing arrays); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+__all__ = ["read_idx", "read_npz"]
+
+# IDX type codes → numpy dtypes (big-endian as stored)
+_IDX_TYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _require(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    return path
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a native-endian array.
+
+    The header is two zero bytes, a type code, the number of dimensions ``n``, then ``n``
+    big-endian uint32 sizes; the payload must hold exactly their product of items.
+    """
+    path = _require(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: truncated or corrupted gzip stream ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    dtype, ndim = _IDX_TYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: its header needs {header} bytes, found {len(raw)}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DataError(f"{path} is {what}: header {dims} needs {expected} bytes, found {len(raw)}")
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))
+
+
+def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x_train", "y_train")) -> dict:
+    """Load the arrays of a ``.npz`` archive, checking that ``keys`` are present.
+
+    The layout of the shared datasets is ``x_train``, ``y_train``, ``x_test``, ``y_test``
+    (images ``(N, H, W, C)`` or ``(N, H, W)`` uint8, integer labels) and ``class_names``.
+    """
+    path = _require(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in keys if k not in archive.files]
+            if missing:
+                raise DataError(f"{path} lacks array(s) {missing}; it has {sorted(archive.files)}")
+            return {k: archive[k] for k in archive.files}
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error) as err:
+        raise DataError(f"cannot read {path}: truncated or corrupted archive ({err})") from None

@@ -1,0 +1,151 @@
+"""The distiller base class: a frozen teacher, a trainable student, named loss terms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, ShapeMismatchError
+from ..taps import LOGITS, FeatureTaps
+
+__all__ = ["Distiller"]
+
+
+class Distiller(nn.Module):
+    """Base of every method: wraps the user's ``teacher`` and ``student`` modules.
+
+    * The teacher is frozen: its parameters do not require grad, it stays in eval mode
+      whatever ``train()`` is called with, and it runs under ``torch.no_grad``.
+    * Features are taken by module path (``student_taps`` / ``teacher_taps``; ``"logits"``
+      is the model output). With an ``example_input`` batch, each tap's shape is probed once
+      at construction (``self.student_shapes``, ``self.teacher_shapes``) so that subclasses
+      can size their adapters before training.
+    * Modules a method adds (projectors, flow networks) are its *extra* modules; their
+      parameters are trained with the student and counted by :meth:`num_extra_params`.
+    * ``distiller(inputs, targets)`` returns a dict of named, already weighted loss terms
+      and their sum under ``"loss"``. ``predict(inputs)`` gives the logits used for
+      evaluation (the student alone for most methods).
+    """
+
+    name: ClassVar[str] = ""
+    #: whether the method needs a teacher at all (``student`` does not)
+    uses_teacher: ClassVar[bool] = True
+    #: whether the method needs probed feature shapes (and thus ``example_input``)
+    needs_shapes: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        student: nn.Module,
+        *,
+        example_input: torch.Tensor | None = None,
+        student_taps: Sequence[str] = (LOGITS,),
+        teacher_taps: Sequence[str] = (LOGITS,),
+        ce_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise ConfigError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+        if self.uses_teacher and not isinstance(teacher, nn.Module):
+            raise ConfigError(
+                f"method {self.name!r} needs a teacher nn.Module, got {type(teacher).__name__}"
+            )
+        if isinstance(student_taps, str) or isinstance(teacher_taps, str):
+            raise ConfigError("student_taps and teacher_taps are lists of module paths")
+        self.student = student
+        self.teacher = teacher if self.uses_teacher else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+        self.ce_weight = float(ce_weight)
+        self.student_tap_names = list(dict.fromkeys([*student_taps, LOGITS]))
+        self.teacher_tap_names = list(dict.fromkeys([*teacher_taps, LOGITS]))
+        self.student_taps = FeatureTaps(student, self.student_tap_names)
+        self.teacher_taps = (
+            FeatureTaps(teacher, self.teacher_tap_names) if self.teacher is not None else None
+        )
+        self.student_shapes: dict[str, tuple[int, ...]] = {}
+        self.teacher_shapes: dict[str, tuple[int, ...]] = {}
+        if example_input is not None:
+            self.student_shapes = self.student_taps.probe(example_input)
+            if self.teacher_taps is not None:
+                self.teacher_shapes = self.teacher_taps.probe(example_input)
+            s_logits, t_logits = self.student_shapes[LOGITS], self.teacher_shapes.get(LOGITS)
+            if t_logits is not None and s_logits != t_logits:
+                raise ShapeMismatchError(
+                    f"student logits have shape {s_logits} but teacher logits {t_logits}: "
+                    "teacher and student must predict the same classes"
+                )
+        elif self.needs_shapes:
+            raise ConfigError(
+                f"method {self.name!r} sizes its modules from probed feature shapes: "
+                "pass example_input=<a batch of inputs>"
+            )
+
+    # ------------------------------------------------------------------ modes and params
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the method adds beyond the student's own."""
+        own = {id(p) for p in self.student.parameters()}
+        if self.teacher is not None:
+            own |= {id(p) for p in self.teacher.parameters()}
+        return [p for p in self.parameters() if id(p) not in own]
+
+    def num_extra_params(self) -> int:
+        """Number of scalar parameters in the method's extra modules."""
+        return sum(p.numel() for p in self.extra_parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student parameters plus the method's extra parameters (never the teacher's)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State of everything that trains (the frozen teacher left out)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    # ------------------------------------------------------------------ forward helpers
+    def student_forward(self, inputs: Any) -> dict[str, torch.Tensor]:
+        """Student features by tap name (``"logits"`` included), with gradients."""
+        return self.student_taps(inputs)[1]
+
+    @torch.no_grad()
+    def teacher_forward(self, inputs: Any) -> dict[str, torch.Tensor]:
+        """Teacher features by tap name, computed without gradients."""
+        if self.teacher_taps is None:
+            raise RuntimeError(f"method {self.name!r} has no teacher")
+        return {k: v.detach() for k, v in self.teacher_taps(inputs)[1].items()}
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Task loss on the student's logits (class dimension last)."""
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+    @torch.no_grad()
+    def predict(self, inputs: Any) -> torch.Tensor:
+        """Logits used for evaluation: the student alone unless a method says otherwise."""
+        return self.student_taps(inputs)[1][LOGITS]
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:  # noqa: B027
+        """Called by the engine before each epoch (0-based); schedules live here."""
+
+    def diagnostics(self) -> dict[str, float]:
+        """Extra per-epoch numbers a method wants logged (empty by default)."""
+        return {}
+
+    def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def total(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add the sum of the weighted ``terms`` under ``"loss"``."""
+        terms = dict(terms)
+        terms["loss"] = sum(terms.values())
+        return terms

@@ -1,0 +1,82 @@
+"""Name → class registry of distillation methods."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, UnknownMethodError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .base import Distiller
+
+__all__ = ["REGISTRY", "get_method", "list_methods", "make_distiller", "register"]
+
+REGISTRY: dict[str, type[Distiller]] = {}
+
+
+def register(name: str):
+    """Class decorator: register a :class:`Distiller` subclass under ``name``."""
+
+    def wrap(cls: type[Distiller]) -> type[Distiller]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {REGISTRY[name]}")
+        if not (cls.__doc__ or "").strip():
+            raise ValueError(f"method {name!r} needs a docstring: its first line describes it")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(REGISTRY)
+
+
+def get_method(name: str) -> type[Distiller]:
+    """The class registered as ``name``; unknown names raise :class:`UnknownMethodError`."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise UnknownMethodError(
+            f"unknown method {name!r}{hint}; registered methods: {', '.join(list_methods())}"
+        ) from None
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The keyword options a method accepts, with their defaults."""
+    cls = get_method(name)
+    options: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" not in vars(klass):
+            continue
+        for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
+            if p.kind is p.KEYWORD_ONLY:
+                options[p.name] = p.default
+    return options
+
+
+def make_distiller(
+    name: str, teacher: nn.Module | None, student: nn.Module, **options: Any
+) -> Distiller:
+    """Build the method ``name`` around the user's ``teacher`` and ``student`` modules.
+
+    ``options`` are the method's keyword options (``flowdistill methods`` lists the methods;
+    ``method_options(name)`` their options); an unknown option raises :class:`ConfigError`.
+    """
+    cls = get_method(name)
+    accepted = method_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(sorted(accepted))}"
+        )
+    return cls(teacher, student, **options)

@@ -1,0 +1,321 @@
+"""The training loop behind the CLI, the benchmarks and the Python API."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..config import OptimConfig, TrainConfig
+from ..data.datasets import Batches, Split, Splits
+from ..distillers.base import Distiller
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    pack_optimizer,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unpack_optimizer,
+)
+
+__all__ = ["FitResult", "evaluate", "fit", "lr_factor", "resolve_device", "seed_everything"]
+
+CHECKPOINT = "last.safetensors"
+BEST = "best.safetensors"
+
+
+@dataclass
+class FitResult:
+    """What a run reports. Test accuracy is given at the last epoch and at the epoch of
+    best *validation* accuracy; the test split never chooses anything."""
+
+    test_acc_last: float
+    test_acc_best_val: float
+    best_val_acc: float
+    best_val_epoch: int
+    mean_step_seconds: float
+    extra_params: int
+    epochs: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def lr_factor(optim: OptimConfig, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier at global ``step``: linear warm-up, then the schedule."""
+    warmup = optim.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    epoch = step / steps_per_epoch
+    if optim.schedule == "constant":
+        return 1.0
+    if optim.schedule == "step":
+        return optim.gamma ** sum(epoch >= m for m in optim.milestones)
+    total = max(epochs * steps_per_epoch - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / total))
+
+
+def _optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=optim.lr,
+            momentum=optim.momentum,
+            weight_decay=optim.weight_decay,
+            nesterov=optim.nesterov and optim.momentum > 0,
+        )
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(
+    distiller: Distiller, data: Split, batch_size: int = 256, device: torch.device | None = None
+) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``distiller.predict`` on ``data``."""
+    was_training = distiller.training
+    distiller.eval()
+    device = device or next(distiller.student.parameters()).device
+    correct, loss, n = 0, 0.0, 0
+    for x, y in Batches(data, batch_size, shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = distiller.predict(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        n += len(y)
+    distiller.train(was_training)
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / "metrics.json", json.dumps(history, indent=1))
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def _tensorboard(out: Path | None):
+    if out is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def fit(
+    distiller: Distiller,
+    data: Splits,
+    optim: OptimConfig | None = None,
+    train: TrainConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    batch_size: int = 64,
+    meta: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``distiller``'s student (and extra modules) on ``data.train``.
+
+    Each epoch ends with a validation pass, an atomic checkpoint (``last.safetensors``), the
+    best-validation weights (``best.safetensors``) and ``metrics.csv``/``metrics.json`` in
+    ``out_dir``. With ``resume=True`` a run continues exactly from its last checkpoint. A
+    non-finite loss stops training with :class:`NonFiniteLossError` and leaves the last good
+    checkpoint in place. An ``out_dir`` that already holds a run is never overwritten unless
+    ``resume`` is set.
+    """
+    optim = optim or OptimConfig()
+    train = train or TrainConfig()
+    optim.validate()
+    train.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / CHECKPOINT if out else None
+    if out is not None and not resume and (ckpt_path.exists() or (out / "result.json").exists()):
+        raise CheckpointError(
+            f"{out} already holds a run; pass resume=True (--resume) to continue it "
+            "or choose another output directory"
+        )
+    device = resolve_device(train.device)
+    seed_everything(train.seed, train.deterministic)
+    distiller.to(device)
+    params = distiller.trainable_parameters()
+    optimizer = _optimizer(params, optim)
+    loader = Batches(data.train, batch_size, shuffle=True, seed=train.seed, drop_last=False)
+    steps_per_epoch = len(loader)
+    use_amp = train.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    start_epoch, history = 0, []
+    best_val, best_epoch, best_state = -1.0, -1, None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        tensors, state = load_checkpoint(ckpt_path)
+        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+        missing = set(distiller.trainable_state_dict()) - set(model_state)
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt_path} lacks weights {sorted(missing)[:5]}")
+        distiller.load_state_dict(model_state, strict=False)
+        unpack_optimizer(optimizer, tensors, state["optimizer"])
+        set_rng_state(tensors, state["rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]
+        best_tensors, _ = load_checkpoint(out / BEST)
+        best_state = {k: v.to(device) for k, v in best_tensors.items()}
+
+    writer = _tensorboard(out)
+    show = train.progress
+    total = train.epochs
+    for epoch in range(start_epoch, total):
+        distiller.train()
+        distiller.on_epoch_start(epoch, total)
+        loader.epoch = epoch
+        sums: dict[str, float] = {}
+        seen, step_time = 0, 0.0
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{total}",
+            leave=False,
+            disable=not show,
+            dynamic_ncols=True,
+        )
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            factor = lr_factor(optim, epoch * steps_per_epoch + i, steps_per_epoch, total)
+            for group in optimizer.param_groups:
+                group["lr"] = optim.lr * factor
+            t0 = time.perf_counter()
+            autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
+            with autocast:
+                terms = distiller(x, y)
+            loss = terms["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                bad = {k: float(v.detach()) for k, v in terms.items()}
+                kept = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path else ""
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch + 1}, step {i + 1}: {bad}{kept}. "
+                    "Lower the learning rate or check the inputs"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if train.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time += time.perf_counter() - t0
+            seen += len(y)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+            if show:
+                post = {k: f"{s / seen:.4f}" for k, s in sums.items()}
+                post["img/s"] = f"{seen / max(step_time, 1e-9):.0f}"
+                bar.set_postfix(post, refresh=False)
+        bar.close()
+        val_acc, val_loss = evaluate(distiller, data.val, device=device)
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{f"train_{k}": s / max(seen, 1) for k, s in sums.items()},
+            "val_acc": val_acc,
+            "val_loss": val_loss,
+            "step_seconds": step_time / max(steps_per_epoch, 1),
+            "samples_per_second": seen / max(step_time, 1e-9),
+            **distiller.diagnostics(),
+        }
+        history.append(row)
+        if writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch + 1)
+        if val_acc > best_val:
+            best_val, best_epoch = val_acc, epoch + 1
+            best_state = {
+                k: v.detach().clone() for k, v in distiller.trainable_state_dict().items()
+            }
+            if out is not None:
+                save_checkpoint(out / BEST, best_state, {"epoch": epoch + 1, "val_acc": val_acc})
+        if out is not None:
+            model_t = {f"model/{k}": v for k, v in distiller.trainable_state_dict().items()}
+            optim_t, optim_meta = pack_optimizer(optimizer)
+            rng_t, rng_meta = rng_state()
+            save_checkpoint(
+                ckpt_path,
+                {**model_t, **optim_t, **rng_t},
+                {
+                    "epoch": epoch,
+                    "optimizer": optim_meta,
+                    "scheduler": {"step": (epoch + 1) * steps_per_epoch},
+                    "rng": rng_meta,
+                    "history": history,
+                    "best_val_acc": best_val,
+                    "best_val_epoch": best_epoch,
+                    "meta": meta or {},
+                },
+            )
+            _write_metrics(out, history)
+    if writer is not None:
+        writer.close()
+
+    test_last, _ = evaluate(distiller, data.test, device=device)
+    last_state = {k: v.detach().clone() for k, v in distiller.trainable_state_dict().items()}
+    distiller.load_state_dict(best_state, strict=False)
+    test_best, _ = evaluate(distiller, data.test, device=device)
+    distiller.load_state_dict(last_state, strict=False)
+    steps = [r["step_seconds"] for r in history]
+    result = FitResult(
+        test_acc_last=test_last,
+        test_acc_best_val=test_best,
+        best_val_acc=best_val,
+        best_val_epoch=best_epoch,
+        mean_step_seconds=float(np.mean(steps)) if steps else float("nan"),
+        extra_params=distiller.num_extra_params(),
+        epochs=total,
+        history=history,
+    )
+    if out is not None:
+        save_checkpoint(out / "model.safetensors", last_state, {"epoch": total})
+        atomic_write_text(
+            out / "result.json", json.dumps({**result.to_dict(), **(meta or {})}, indent=1)
+        )
+    return result

@@ -1,0 +1,8 @@
+"""Model zoo: ``create_model(name, **kwargs)``; user models as ``package.module:function``."""
+
+from __future__ import annotations
+
+from . import small  # noqa: F401  (registers the small models)
+from .registry import MODELS, build_model, create_model, list_models, register_model
+
+__all__ = ["MODELS", "build_model", "create_model", "list_models", "register_model"]

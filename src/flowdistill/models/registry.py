@@ -1,0 +1,70 @@
+"""Model registry and user factories given as ``package.module:function``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["MODELS", "build_model", "create_model", "list_models", "register_model"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Decorator registering a model factory under ``name``."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """A model of the project's zoo by name."""
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ConfigError(
+            f"unknown model {name!r}{hint}; known models: {', '.join(list_models())}; "
+            "or give your own factory as 'package.module:function'"
+        )
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model {name!r} rejected its arguments {kwargs}: {err}") from None
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """A zoo model (``"digits_teacher"``) or a user factory (``"mypkg.nets:make_net"``)."""
+    if ":" not in name:
+        return create_model(name, **kwargs)
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            f"cannot import module {module_name!r} for model {name!r}: {err}"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"module {module_name!r} has no callable {attr!r} (model {name!r})")
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise ConfigError(
+            f"model factory {name!r} rejected its arguments {kwargs}: {err}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not nn.Module")
+    return model

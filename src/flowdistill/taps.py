@@ -1,0 +1,147 @@
+"""Feature taps: intermediate outputs of any ``nn.Module``, named by module path.
+
+A tap is a dotted module path as printed by ``model.named_modules()`` (``"layer3"``,
+``"blocks.5.mlp"``, ``"encoder.layers.1"``), optionally followed by an index in brackets
+to pick one element of a module that returns a tuple (``"rnn[0]"``). The special name
+``"logits"`` is the model's own output (the first tensor when the model returns a tuple or
+a dict-like object). Outputs are captured with forward hooks; the model is never rewritten.
+
+>>> import torch
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+>>> taps = FeatureTaps(net, ["1", "logits"])
+>>> taps.probe(torch.zeros(2, 4))
+{'1': (8,), 'logits': (3,)}
+>>> out, feats = taps(torch.zeros(5, 4))
+>>> feats["1"].shape
+torch.Size([5, 8])
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TapError
+
+__all__ = ["LOGITS", "FeatureTaps", "first_tensor", "module_paths", "resolve_module"]
+
+LOGITS = "logits"
+_INDEX = re.compile(r"^(?P<path>[^\[\]]*?)(?:\[(?P<index>-?\d+)\])?$")
+
+
+def module_paths(model: nn.Module) -> list[str]:
+    """All tappable module paths of ``model`` (the root, named ``""``, excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """The sub-module at ``path``; a wrong path raises :class:`TapError` with suggestions."""
+    modules = dict(model.named_modules())
+    if path in modules and path:
+        return modules[path]
+    valid = module_paths(model)
+    close = difflib.get_close_matches(path, valid, n=5, cutoff=0.4)
+    if not close:  # fall back to paths sharing the first component
+        head = path.split(".")[0]
+        close = [p for p in valid if p.split(".")[0] == head][:5] or valid[:5]
+    raise TapError(
+        f"no module at path {path!r} in {type(model).__name__}; closest valid paths: "
+        + ", ".join(repr(c) for c in close)
+    )
+
+
+def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
+    """The tensor inside a module output: ``value[index]`` or the first tensor found."""
+    if isinstance(value, torch.Tensor):
+        if index is not None:
+            raise TapError(f"output is a single tensor, it cannot be indexed with [{index}]")
+        return value
+    if isinstance(value, Mapping):
+        if index is None and "logits" in value:
+            return value["logits"]
+        value = list(value.values())
+    if isinstance(value, Sequence):
+        if index is not None:
+            if not -len(value) <= index < len(value):
+                raise TapError(f"output has {len(value)} elements; index [{index}] is out of range")
+            return first_tensor(value[index])
+        for item in value:
+            try:
+                return first_tensor(item)
+            except TapError:
+                continue
+    raise TapError(f"module output of type {type(value).__name__} holds no tensor")
+
+
+class FeatureTaps:
+    """Forward hooks that capture named intermediate outputs of ``model``.
+
+    Calling the taps runs the model and returns ``(output, features)``, where ``features``
+    maps each tap name to its tensor (``"logits"`` to the model output). ``probe`` runs one
+    forward pass on an example batch and records each tap's shape without the batch
+    dimension, so that adapters can be sized before training.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str] = (LOGITS,)) -> None:
+        self.model = model
+        self.names = list(dict.fromkeys(names))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._store: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for name in self.names:
+            if name == LOGITS:
+                continue
+            match = _INDEX.match(name)
+            if match is None:
+                raise TapError(f"cannot parse tap {name!r}; expected 'module.path' or 'path[i]'")
+            path, index = match["path"], match["index"]
+            module = resolve_module(model, path)
+            hook = self._make_hook(name, None if index is None else int(index))
+            self._handles.append(module.register_forward_hook(hook))
+
+    def _make_hook(self, name: str, index: int | None):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self._store[name] = first_tensor(output, index)
+
+        return hook
+
+    def __call__(self, *inputs: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        self._store = {}
+        output = self.model(*inputs, **kwargs)
+        features = dict(self._store)
+        if LOGITS in self.names:
+            features[LOGITS] = first_tensor(output)
+        missing = [n for n in self.names if n not in features]
+        if missing:
+            raise TapError(f"taps {missing} were not reached by the forward pass")
+        self._store = {}
+        return output, features
+
+    @torch.no_grad()
+    def probe(self, *example: Any, **kwargs: Any) -> dict[str, tuple[int, ...]]:
+        """Run one forward pass in eval mode and record every tap's per-sample shape."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            _, features = self(*example, **kwargs)
+        finally:
+            self.model.train(was_training)
+        self.shapes = {name: tuple(features[name].shape[1:]) for name in self.names}
+        return dict(self.shapes)
+
+    def remove(self) -> None:
+        """Detach every hook from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.remove()
+        except Exception:
+            pass

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models and data so every test runs in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowdistill.data.datasets import Split, Splits
+from flowdistill.models.small import SmallCNN
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_data() -> Splits:
+    """A 4-class problem on 1×8×8 inputs: class k brightens rows 2k, 2k+1 (fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> Split:
+        y = torch.randint(0, 4, (n,), generator=g)
+        x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+        for k in range(4):
+            x[y == k, 0, 2 * k : 2 * k + 2, :] += 1.5
+        return Split(x, y)
+
+    return Splits(make(96), make(48), make(48), num_classes=4)
+
+
+@pytest.fixture
+def pair():
+    """A tiny CNN teacher and student (4 classes) and an example batch."""
+    torch.manual_seed(0)
+    teacher = SmallCNN(1, 4, (8, 8, 16))
+    student = SmallCNN(1, 4, (4, 4, 8))
+    return teacher, student, torch.randn(4, 1, 8, 8)
+
+
+@pytest.fixture
+def shared_file():
+    """``shared_file(*parts)``: a file of the shared data folder beside the repository;
+    the calling test is skipped when it is absent."""
+
+    def get(*parts: str) -> Path:
+        path = SHARED_DATA.joinpath(*parts)
+        if not path.is_file():
+            pytest.skip(f"shared data file {'/'.join(parts)} is absent")
+        return path
+
+    return get

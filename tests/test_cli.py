@@ -1,0 +1,170 @@
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from flowdistill.cli import main
+from flowdistill.distillers import REGISTRY
+
+
+def test_methods_lists_name_then_description(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(REGISTRY)
+    for line in lines:
+        name, description = line.split(maxsplit=1)
+        assert description == REGISTRY[name].__doc__.strip().splitlines()[0]
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "flowdistill", "methods"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split()[0] == sorted(REGISTRY)[0]
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A model module the project has never seen, importable as ``usernets``."""
+    (tmp_path / "usernets.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class Net(torch.nn.Module):
+                def __init__(self, width, classes=10):
+                    super().__init__()
+                    flat = torch.nn.Flatten()
+                    lin = torch.nn.Linear(64, width)
+                    self.body = torch.nn.Sequential(flat, lin, torch.nn.ReLU())
+                    self.head = torch.nn.Linear(width, classes)
+
+                def forward(self, x):
+                    return self.head(self.body(x))
+
+            def make(width=32):
+                return Net(width)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_train_teacher_then_distill_user_models(tmp_path, user_package, capsys):
+    teacher_cfg = tmp_path / "teacher.yaml"
+    teacher_cfg.write_text(
+        f"teacher: {{name: 'usernets:make', kwargs: {{width: 64}}}}\n"
+        f"train: {{epochs: 2, progress: false}}\nout_dir: {tmp_path / 't'}\n"
+    )
+    assert main(["train-teacher", "--config", str(teacher_cfg)]) == 0
+    assert (tmp_path / "t" / "best.safetensors").is_file()
+    capsys.readouterr()
+    distill_cfg = tmp_path / "distill.yaml"
+    ckpt = tmp_path / "t" / "best.safetensors"
+    distill_cfg.write_text(
+        textwrap.dedent(
+            f"""
+            method: kd
+            method_options: {{temperature: 2.0}}
+            teacher: {{name: 'usernets:make', kwargs: {{width: 64}}, checkpoint: {ckpt}}}
+            student: {{name: 'usernets:make', kwargs: {{width: 8}}}}
+            train: {{epochs: 2, progress: false}}
+            out_dir: {tmp_path / "s"}
+            """
+        )
+    )
+    assert main(["distill", "--config", str(distill_cfg), "optim.lr=0.1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["test_acc_last"] <= 1.0 and report["extra_params"] == 0
+    result = json.loads((tmp_path / "s" / "result.json").read_text())
+    assert result["config"]["optim"]["lr"] == 0.1
+    # resume a finished run: continues to the new epoch count
+    assert main(["distill", "--config", str(distill_cfg), "--resume", "train.epochs=3"]) == 0
+    assert len(json.loads((tmp_path / "s" / "metrics.json").read_text())) == 3
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["distill", "--config", "absent.yaml"], "config file not found"),
+        (["bench", "--suite", "digits", "--methods", "kd,nope"], "unknown method 'nope'"),
+        (["bench", "--suite", "digitz"], "unknown suite 'digitz'"),
+    ],
+)
+def test_bad_input_exits_with_a_message(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowdistill: error:") and message in err
+
+
+def test_bad_config_and_corrupt_teacher_checkpoint(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: kd\ntrain: {epochs: 1, progres: false}\n")
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "unknown key 'train.progres'" in capsys.readouterr().err
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    cfg.write_text(
+        f"method: kd\nteacher: {{name: digits_teacher, checkpoint: {bad}}}\n"
+        f"train: {{epochs: 1, progress: false}}\nout_dir: {tmp_path / 'o'}\n"
+    )
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "corrupted" in capsys.readouterr().err
+    cfg.write_text("method: kd\ntrain: {epochs: 1, progress: false}\n")
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "needs a trained teacher" in capsys.readouterr().err
+
+
+def test_bench_writes_results_and_reuses_finished_runs(tmp_path, capsys):
+    args = [
+        "bench",
+        "--suite",
+        "digits",
+        "--methods",
+        "kd",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "b"),
+        "--teacher-cache",
+        str(tmp_path / "cache"),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| kd |" in out and "| student |" in out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["suite"] == "digits" and results["metric"] == "test_acc"
+    assert results["higher_is_better"] is True
+    assert {"name", "params", "metric"} <= set(results["teacher"])
+    assert results["teacher"]["params"] == 8254 and results["teacher"]["metric"] > 0.95
+    assert results["student"]["params"] == 745
+    assert len(results["runs"]) == 4
+    row = results["runs"][0]
+    assert {"method", "seed", "metric", "best_val_metric", "mean_step_seconds"} <= set(row)
+    s = results["summary"]
+    assert set(s) == {"student", "kd"} and s["student"]["n"] == 2
+    assert s["student"]["gap_closed"] == 0.0 and s["student"]["step_time_ratio"] == pytest.approx(
+        1.0
+    )
+    kd = [r["metric"] for r in results["runs"] if r["method"] == "kd"]
+    assert s["kd"]["mean"] == pytest.approx(sum(kd) / 2)
+    expected_gap = (s["kd"]["mean"] - s["student"]["mean"]) / (
+        results["teacher"]["metric"] - s["student"]["mean"]
+    )
+    assert s["kd"]["gap_closed"] == pytest.approx(expected_gap)
+    prov = results["provenance"]
+    assert {"command", "commit", "config", "machine", "torch_version", "date"} <= set(prov)
+    assert prov["command"].startswith("flowdistill bench --suite digits")
+    for name in ("results.md", "val_curves.png", "summary.png"):
+        assert (tmp_path / "b" / name).stat().st_size > 0
+    assert main(args) == 0  # a second run reuses the finished runs and the cached teacher
+    again = capsys.readouterr().out
+    assert "reusing the cached teacher" in again
+    assert len(re.findall(r"seed \d: reusing", again)) == 4

@@ -1,0 +1,96 @@
+"""Registry behaviour, and one training step of every registered method."""
+
+import pytest
+import torch
+
+import flowdistill
+from flowdistill.distillers import REGISTRY, method_options
+from flowdistill.errors import ConfigError, ShapeMismatchError, UnknownMethodError
+from flowdistill.models.small import SmallCNN
+
+FEATURE_TAPS = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
+
+
+def test_list_methods_has_the_foundation_methods():
+    methods = flowdistill.list_methods()
+    assert {"student", "kd"} <= set(methods)
+    assert methods == sorted(methods)
+
+
+def test_unknown_method_is_named_with_suggestions():
+    with pytest.raises(UnknownMethodError) as err:
+        flowdistill.make_distiller("kdd", None, torch.nn.Linear(2, 2))
+    assert "'kdd'" in str(err.value) and "'kd'" in str(err.value)
+
+
+def test_unknown_option_lists_valid_ones(pair):
+    teacher, student, _ = pair
+    with pytest.raises(ConfigError, match="temprature"):
+        flowdistill.make_distiller("kd", teacher, student, temprature=2.0)
+    assert "temperature" in method_options("kd")
+
+
+def test_mismatched_classes_are_reported(pair):
+    teacher, _, x = pair
+    student = SmallCNN(1, 7, (4, 4, 8))
+    with pytest.raises(ShapeMismatchError, match=r"\(7,\).*\(4,\)"):
+        flowdistill.make_distiller("kd", teacher, student, example_input=x)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_trains_one_step(name, pair):
+    teacher, student, x = pair
+    options = FEATURE_TAPS if REGISTRY[name].needs_shapes else {}
+    distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distiller.train()
+    if distiller.teacher is not None:
+        assert not distiller.teacher.training
+        assert not any(p.requires_grad for p in distiller.teacher.parameters())
+    y = torch.tensor([0, 1, 2, 3])
+    terms = distiller(x, y)
+    assert "loss" in terms and len(terms) >= 2
+    parts = sum(v for k, v in terms.items() if k != "loss")
+    torch.testing.assert_close(terms["loss"], parts)
+    assert torch.isfinite(terms["loss"])
+    opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
+    before = [p.detach().clone() for p in student.parameters()]
+    terms["loss"].backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, student.parameters(), strict=True))
+    for k, v in teacher.state_dict().items():  # the teacher never changes, BN stats included
+        torch.testing.assert_close(v, teacher_before[k])
+    extra = sum(p.numel() for p in distiller.extra_parameters())
+    assert distiller.num_extra_params() == extra
+    assert distiller.predict(x).shape == (4, 4)
+
+
+def test_kd_terms_follow_its_formula(pair):
+    teacher, student, x = pair
+    d = flowdistill.make_distiller(
+        "kd", teacher, student, temperature=2.0, kd_weight=0.7, ce_weight=0.3
+    )
+    y = torch.tensor([0, 1, 2, 3])
+    terms = d(x, y)
+    with torch.no_grad():
+        t, s = teacher.eval()(x), student(x)
+    p_t = torch.softmax(t / 2, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    torch.testing.assert_close(terms["kd"].detach(), 0.7 * kl)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(terms["ce"].detach(), 0.3 * ce)
+
+
+def test_distiller_in_a_users_own_loop(pair):
+    """The API works without the engine: a plain loop lowers the loss."""
+    teacher, student, x = pair
+    d = flowdistill.make_distiller("kd", teacher, student)
+    opt = torch.optim.Adam(d.trainable_parameters(), lr=1e-2)
+    y = torch.tensor([0, 1, 2, 3])
+    first = d(x, y)["loss"].item()
+    for _ in range(30):
+        loss = d(x, y)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert d(x, y)["loss"].item() < first

@@ -1,0 +1,34 @@
+"""The README's opening commands and its Python example are part of the contract."""
+
+import doctest
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_setup_commands():
+    head = "\n".join(README.splitlines()[:40])
+    assert re.search(r"^make demo\b", head, re.M) and re.search(r"^make test\b", head, re.M)
+
+
+def test_python_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    assert blocks, "the README has no python example"
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    last, best = re.fullmatch(r"last (\S+), at best val (\S+)", out[0]).groups()
+    assert 0.5 < float(last) <= 1.0 and 0.5 < float(best) <= 1.0  # 3 epochs already learn digits
+    assert out[1] == "{'2': (128,), 'logits': (10,)}"
+
+
+@pytest.mark.parametrize(
+    "module", ["flowdistill", "flowdistill.taps", "flowdistill.adapters", "flowdistill.config"]
+)
+def test_docstring_examples(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.failed == 0

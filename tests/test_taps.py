@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+from flowdistill.errors import TapError
+from flowdistill.taps import FeatureTaps, module_paths
+
+
+def test_sequential_taps_match_manual_forward():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x = torch.randn(4, 5)
+    out, feats = FeatureTaps(net, ["1", "logits"])(x)
+    # oracle: the layers applied by hand
+    hidden = torch.tanh(net[0](x))
+    torch.testing.assert_close(feats["1"], hidden)
+    torch.testing.assert_close(feats["logits"], net[2](hidden))
+    torch.testing.assert_close(out, net[2](hidden))
+
+
+def test_transformer_encoder_layer_paths_and_probe():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    taps = FeatureTaps(enc, ["layers.1", "layers.2.linear1", "logits"])
+    shapes = taps.probe(torch.randn(2, 5, 16))
+    assert shapes == {"layers.1": (5, 16), "layers.2.linear1": (5, 32), "logits": (5, 16)}
+    enc.eval()
+    x = torch.randn(3, 5, 16)
+    _, feats = taps(x)
+    with torch.no_grad():
+        manual = enc.layers[1](enc.layers[0](x))
+    torch.testing.assert_close(feats["layers.1"], manual)
+
+
+class TupleNet(nn.Module):
+    """Returns (logits, embedding), like many detection/retrieval models."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.rnn = nn.GRU(8, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.body(x)  # (B, T, 8)
+        seq, last = self.rnn(h)  # GRU returns a tuple
+        return self.head(seq[:, -1]), seq
+
+
+def test_tuple_outputs_first_tensor_and_index():
+    torch.manual_seed(0)
+    net = TupleNet()
+    x = torch.randn(2, 4, 6)
+    out, feats = FeatureTaps(net, ["rnn", "rnn[1]", "logits"])(x)
+    seq, last = net.rnn(net.body(x))
+    torch.testing.assert_close(feats["rnn"], seq)
+    torch.testing.assert_close(feats["rnn[1]"], last)
+    torch.testing.assert_close(feats["logits"], out[0])
+
+
+def test_wrong_path_lists_closest_valid_paths():
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=True)
+    enc = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    with pytest.raises(TapError) as err:
+        FeatureTaps(enc, ["layer.1"])
+    message = str(err.value)
+    assert "'layer.1'" in message and "'layers.1'" in message
+
+
+def test_wrong_index_and_unreached_tap():
+    net = TupleNet()
+    with pytest.raises(TapError, match="out of range"):
+        FeatureTaps(net, ["rnn[5]"])(torch.randn(1, 2, 6))
+    assert "body" in module_paths(net)
+
+
+def test_probe_restores_training_mode_and_leaves_batchnorm_stats():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    net.train()
+    before = net[1].running_mean.clone()
+    shapes = FeatureTaps(net, ["0"]).probe(torch.randn(2, 1, 6, 6) + 5)
+    assert shapes["0"] == (2, 4, 4)
+    assert net.training
+    torch.testing.assert_close(net[1].running_mean, before)
+
+
+def test_remove_detaches_hooks():
+    net = nn.Sequential(nn.Linear(2, 2))
+    taps = FeatureTaps(net, ["0"])
+    assert len(net[0]._forward_hooks) == 1
+    taps.remove()
+    assert len(net[0]._forward_hooks) == 0

@@ -30,6 +30,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    if methods == ["all"]:
+        methods = None
     results = run_bench(
         args.suite,
         methods=methods,
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark suite side by side")
     p.add_argument("--suite", required=True)
-    p.add_argument("--methods", default=None, help="comma-separated (default: every method)")
+    p.add_argument("--methods", default=None, help="comma-separated, or 'all' (default)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="override the suite's epochs")
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")

@@ -1,9 +1,5 @@
-"""Distillation losses as plain functions on tensors.
-
-Each registered distiller calls the function of the same name here, so a user's own
-training loop gets exactly the numbers the engine gets. Logits may have any number of
-leading dimensions (``(B, V)`` or ``(B, T, V)``); the class dimension is the last one.
-"""
+"""Losses on logits. Logits may have any number of leading dimensions (``(B, V)`` or
+``(B, T, V)``); the class dimension is the last one."""
 
 from __future__ import annotations
 

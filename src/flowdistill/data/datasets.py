@@ -153,6 +153,8 @@ class Batches:
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        #: dataset indices of the batch last yielded (for methods keyed by sample, e.g. CRD)
+        self.last_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -167,4 +169,5 @@ class Batches:
             order = torch.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            self.last_index = idx
             yield self.data.x[idx], self.data.y[idx]

@@ -36,6 +36,9 @@ class Distiller(nn.Module):
     uses_teacher: ClassVar[bool] = True
     #: whether the method needs probed feature shapes (and thus ``example_input``)
     needs_shapes: ClassVar[bool] = False
+    #: whether the method needs each sample's dataset index (``self.batch_index``), e.g. a
+    #: memory bank keyed by sample; the engine sets it before every training step
+    uses_indices: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -62,6 +65,7 @@ class Distiller(nn.Module):
             self.teacher.requires_grad_(False)
             self.teacher.eval()
         self.ce_weight = float(ce_weight)
+        self.batch_index: torch.Tensor | None = None
         self.student_tap_names = list(dict.fromkeys([*student_taps, LOGITS]))
         self.teacher_tap_names = list(dict.fromkeys([*teacher_taps, LOGITS]))
         self.student_taps = FeatureTaps(student, self.student_tap_names)
@@ -132,6 +136,10 @@ class Distiller(nn.Module):
     def predict(self, inputs: Any) -> torch.Tensor:
         """Logits used for evaluation: the student alone unless a method says otherwise."""
         return self.student_taps(inputs)[1][LOGITS]
+
+    def on_fit_start(self, num_train_samples: int) -> None:  # noqa: B027
+        """Called once by the engine before the optimizer is built (and before a resumed
+        run's weights are loaded); sample-keyed state such as a memory bank is sized here."""
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:  # noqa: B027
         """Called by the engine before each epoch (0-based); schedules live here."""

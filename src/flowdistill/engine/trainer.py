@@ -176,6 +176,7 @@ def fit(
         )
     device = resolve_device(train.device)
     seed_everything(train.seed, train.deterministic)
+    distiller.on_fit_start(len(data.train))
     distiller.to(device)
     params = distiller.trainable_parameters()
     optimizer = _optimizer(params, optim)
@@ -219,6 +220,8 @@ def fit(
         )
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if distiller.uses_indices:
+                distiller.batch_index = loader.last_index.to(device)
             factor = lr_factor(optim, epoch * steps_per_epoch + i, steps_per_epoch, total)
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * factor

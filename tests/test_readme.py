@@ -26,6 +26,15 @@ def test_python_example_runs(capsys):
     assert out[1] == "{'2': (128,), 'logits': (10,)}"
 
 
+@pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_docs_examples_run(doc):
+    """The python blocks of a docs page run in order, as one script."""
+    text = (ROOT / "docs" / doc).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, f"docs/{doc} has no python example"
+    exec(compile("\n".join(blocks), f"docs/{doc}", "exec"), {})
+
+
 @pytest.mark.parametrize(
     "module", ["flowdistill", "flowdistill.taps", "flowdistill.adapters", "flowdistill.config"]
 )

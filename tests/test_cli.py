@@ -7,14 +7,14 @@ import textwrap
 import pytest
 
 from flowdistill.cli import main
-from flowdistill.distillers import REGISTRY
+from flowdistill.distillers import REGISTRY, VARIANTS
 
 
 def test_methods_lists_name_then_description(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == sorted(REGISTRY)
-    for line in lines:
+    assert [line.split()[0] for line in lines] == sorted(REGISTRY) + sorted(VARIANTS)
+    for line in lines[: len(REGISTRY)]:
         name, description = line.split(maxsplit=1)
         assert description == REGISTRY[name].__doc__.strip().splitlines()[0]
 

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import flowdistill
-from flowdistill.distillers import REGISTRY, method_options
+from flowdistill.distillers import REGISTRY, VARIANTS, get_method, method_options
 from flowdistill.errors import ConfigError, ShapeMismatchError, UnknownMethodError
 from flowdistill.models.small import SmallCNN
 
+#: every registered method and every variant (ablation) of one
+ALL = sorted(REGISTRY) + sorted(VARIANTS)
 FEATURE_TAPS = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
 
 
@@ -37,10 +39,10 @@ def test_mismatched_classes_are_reported(pair):
         flowdistill.make_distiller("kd", teacher, student, example_input=x)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", ALL)
 def test_every_method_trains_one_step(name, pair):
     teacher, student, x = pair
-    options = FEATURE_TAPS if REGISTRY[name].needs_shapes else {}
+    options = FEATURE_TAPS if get_method(name).needs_shapes else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     distiller.on_fit_start(16)
     distiller.batch_index = torch.tensor([3, 0, 7, 12])
@@ -98,11 +100,11 @@ def test_distiller_in_a_users_own_loop(pair):
     assert d(x, y)["loss"].item() < first
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", ALL)
 def test_every_method_fits_checkpoints_and_resumes(name, pair, tiny_data, tmp_path):
     """The engine drives every method: an epoch, a checkpoint, and an exact resume."""
     teacher, student, x = pair
-    options = FEATURE_TAPS if REGISTRY[name].needs_shapes else {}
+    options = FEATURE_TAPS if get_method(name).needs_shapes else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     quiet = {"progress": False, "deterministic": True}
     optim = flowdistill.OptimConfig(lr=0.02)
@@ -127,3 +129,17 @@ def test_every_method_fits_checkpoints_and_resumes(name, pair, tiny_data, tmp_pa
     assert len(resumed.history) == 2 and resumed.history[0] == first.history[0] | {
         k: resumed.history[0][k] for k in ("step_seconds", "samples_per_second")
     }
+
+
+def test_variants_preset_options_and_explicit_options_win(pair):
+    teacher, student, x = pair
+    assert method_options("flowdistill-noinv")["flow"] is False
+    assert method_options("flowdistill")["flow"] is True
+    d = flowdistill.make_distiller("flowdistill-noinv", teacher, student, example_input=x)
+    assert type(d) is get_method("flowdistill") and not d.use_flow and len(d.velocities) == 0
+    d = flowdistill.make_distiller(
+        "flowdistill-noinv", teacher, student, example_input=x, flow=True
+    )
+    assert d.use_flow
+    with pytest.raises(UnknownMethodError, match="flowdistill-noinv"):
+        flowdistill.make_distiller("flowdistill-noin", teacher, student)

@@ -18,11 +18,15 @@ def _describe(cls) -> str:
 
 
 def cmd_methods(_args: argparse.Namespace) -> int:
-    from .distillers import REGISTRY
+    from .distillers import REGISTRY, VARIANTS
 
-    width = max(map(len, REGISTRY))
+    width = max(map(len, [*REGISTRY, *VARIANTS]))
     for name in sorted(REGISTRY):
         print(f"{name:<{width}}  {_describe(REGISTRY[name])}")
+    for name in sorted(VARIANTS):
+        method, options, description = VARIANTS[name]
+        preset = ", ".join(f"{k}={v}" for k, v in options.items())
+        print(f"{name:<{width}}  {method} variant: {description} ({preset})")
     return 0
 
 

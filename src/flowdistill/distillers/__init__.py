@@ -10,16 +10,31 @@ import importlib
 import pkgutil
 
 from .base import Distiller
-from .registry import REGISTRY, get_method, list_methods, make_distiller, method_options, register
+from .registry import (
+    REGISTRY,
+    VARIANTS,
+    get_method,
+    list_methods,
+    list_variants,
+    make_distiller,
+    method_options,
+    register,
+    register_variant,
+    resolve,
+)
 
 __all__ = [
     "REGISTRY",
+    "VARIANTS",
     "Distiller",
     "get_method",
     "list_methods",
+    "list_variants",
     "make_distiller",
     "method_options",
     "register",
+    "register_variant",
+    "resolve",
 ]
 
 for _info in pkgutil.iter_modules(__path__):

@@ -58,7 +58,7 @@ from ..errors import ConfigError
 from ..flows import ConvVelocity, FlowMap, MLPVelocity, TokenVelocity, odeint
 from ..taps import LOGITS
 from .base import Distiller
-from .registry import register
+from .registry import register, register_variant
 
 __all__ = ["FlowDistill"]
 
@@ -111,8 +111,10 @@ def _velocity(shape: tuple[int, ...], hidden: int, depth: int, cond_dim: int | N
 
 @register("flowdistill")
 class FlowDistill(Distiller):
-    """FlowDistill: student features transported into the teacher's space by a conditional
-    flow trained by flow matching (invertible mapping, progressive transfer, conditioning)."""
+    """FlowDistill: a conditional flow, trained by flow matching, carries student to teacher.
+
+    Invertible knowledge mapping, flow-guided progressive transfer and a conditional velocity
+    field, as described in this module's documentation; every part is an option."""
 
     needs_shapes = True
 
@@ -389,3 +391,18 @@ class FlowDistill(Distiller):
         with torch.no_grad():
             logp = flow.log_prob(t, base, estimator="hutchinson", generator=gen, context=context)
         return float(-logp.mean() / t[0].numel())
+
+
+# ablations: FlowDistill without each of its three parts
+register_variant(
+    "flowdistill-noinv", "flowdistill", "without the invertible flow (adapter regression)",
+    flow=False,
+)  # fmt: skip
+register_variant(
+    "flowdistill-noprog", "flowdistill", "without progressive transfer",
+    progressive_target=False, progressive_steps=False, progressive_stages=False,
+)  # fmt: skip
+register_variant(
+    "flowdistill-nocond", "flowdistill", "without the conditional velocity field",
+    conditional=False,
+)  # fmt: skip

@@ -13,9 +13,21 @@ if TYPE_CHECKING:
 
     from .base import Distiller
 
-__all__ = ["REGISTRY", "get_method", "list_methods", "make_distiller", "register"]
+__all__ = [
+    "REGISTRY",
+    "VARIANTS",
+    "get_method",
+    "list_methods",
+    "list_variants",
+    "make_distiller",
+    "register",
+    "register_variant",
+    "resolve",
+]
 
 REGISTRY: dict[str, type[Distiller]] = {}
+#: named presets of a registered method (ablations): name -> (method, options, description)
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {}
 
 
 def register(name: str):
@@ -33,6 +45,28 @@ def register(name: str):
     return wrap
 
 
+def register_variant(name: str, method: str, description: str, **options: Any) -> None:
+    """Register ``name`` as ``method`` with preset ``options`` (an ablation, say); it can
+    be used wherever a method name can, and explicit options still override the preset."""
+    if name in REGISTRY or (name in VARIANTS and VARIANTS[name][:2] != (method, options)):
+        raise ValueError(f"{name!r} is already registered")
+    VARIANTS[name] = (method, dict(options), description)
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    """``(method, preset options)`` for a method or variant name."""
+    if name in VARIANTS:
+        method, options, _ = VARIANTS[name]
+        return method, dict(options)
+    get_method(name)
+    return name, {}
+
+
+def list_variants() -> list[str]:
+    """Names of every registered variant, sorted."""
+    return sorted(VARIANTS)
+
+
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
     return sorted(REGISTRY)
@@ -40,10 +74,12 @@ def list_methods() -> list[str]:
 
 def get_method(name: str) -> type[Distiller]:
     """The class registered as ``name``; unknown names raise :class:`UnknownMethodError`."""
+    if name in VARIANTS:
+        return REGISTRY[VARIANTS[name][0]]
     try:
         return REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
+        close = difflib.get_close_matches(name, [*REGISTRY, *VARIANTS], n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise UnknownMethodError(
             f"unknown method {name!r}{hint}; registered methods: {', '.join(list_methods())}"
@@ -53,6 +89,7 @@ def get_method(name: str) -> type[Distiller]:
 def method_options(name: str) -> dict[str, Any]:
     """The keyword options a method accepts, with their defaults."""
     cls = get_method(name)
+    _, preset = resolve(name)
     options: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         if "__init__" not in vars(klass):
@@ -60,7 +97,7 @@ def method_options(name: str) -> dict[str, Any]:
         for p in inspect.signature(vars(klass)["__init__"]).parameters.values():
             if p.kind is p.KEYWORD_ONLY:
                 options[p.name] = p.default
-    return options
+    return {**options, **preset}
 
 
 def make_distiller(
@@ -73,6 +110,7 @@ def make_distiller(
     """
     cls = get_method(name)
     accepted = method_options(name)
+    options = {**resolve(name)[1], **options}
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ConfigError(

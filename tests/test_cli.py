@@ -148,6 +148,7 @@ def test_bench_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     assert len(results["runs"]) == 4
     row = results["runs"][0]
     assert {"method", "seed", "metric", "best_val_metric", "mean_step_seconds"} <= set(row)
+    assert row["inference_seconds"] > 0
     s = results["summary"]
     assert set(s) == {"student", "kd"} and s["student"]["n"] == 2
     assert s["student"]["gap_closed"] == 0.0 and s["student"]["step_time_ratio"] == pytest.approx(
@@ -155,6 +156,7 @@ def test_bench_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     )
     kd = [r["metric"] for r in results["runs"] if r["method"] == "kd"]
     assert s["kd"]["mean"] == pytest.approx(sum(kd) / 2)
+    assert s["kd"]["deployed_params"] == 745 and s["kd"]["inference_time_ratio"] > 0
     expected_gap = (s["kd"]["mean"] - s["student"]["mean"]) / (
         results["teacher"]["metric"] - s["student"]["mean"]
     )

@@ -49,9 +49,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "bench" / args.suite)
     print()
     print((out / "results.md").read_text())
-    print(
-        f"results: {out / 'results.json'}; plots: {out / 'val_curves.png'}, {out / 'summary.png'}"
-    )
+    plots = ", ".join(str(p) for p in sorted(out.glob("*.png")))
+    print(f"results: {out / 'results.json'}; plots: {plots}")
     return 0 if results else 1
 
 

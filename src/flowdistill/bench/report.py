@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["markdown_table", "plot_results"]
+__all__ = ["markdown_table", "plot_diagnostics", "plot_results"]
 
 
 def _pct(x: float) -> str:
@@ -25,8 +25,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"Student `{s['name']}` ({s['params']:,} params).",
         "",
         "| method | last epoch | at best-val epoch | gap closed | step time ÷ student | "
-        "extra params |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "extra params | deployed params | inference ÷ student |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = sorted(
         results["summary"].items(),
@@ -37,13 +37,15 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {_pct(row['mean'])} ± {_pct(row['std'])} | "
             f"{_pct(row['best_val_mean'])} ± {_pct(row['best_val_std'])} | "
-            f"{row['gap_closed']:+.2f} | {row['step_time_ratio']:.2f} | {row['extra_params']:,} |"
+            f"{row['gap_closed']:+.2f} | {row['step_time_ratio']:.2f} | {row['extra_params']:,} | "
+            f"{row['deployed_params']:,} | {row['inference_time_ratio']:.2f} |"
         )
     lines += [
         "",
         "*gap closed* = (method − student) / (teacher − student) on the last-epoch mean; "
         "*step time ÷ student* = mean training-step time over the student-alone step time "
-        "of the same run.",
+        "of the same run; *deployed params* and *inference ÷ student* describe the model "
+        "that predicts after training (one test batch, median time).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -91,3 +93,31 @@ def plot_results(
     plt.close(fig)
     written.append("summary.png")
     return written
+
+
+def plot_diagnostics(diags: dict[str, dict[str, list[float]]], out: Path) -> str:
+    """``diagnostics.png``: per-epoch flow diagnostics (mean over seeds), one panel per kind
+    (``transport_error``, ``roundtrip_error``, ...), one line per method and tap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({name.rsplit("/", 1)[1] for d in diags.values() for name in d})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for method, d in sorted(diags.items()):
+            for name, values in sorted(d.items()):
+                if name.endswith("/" + kind):
+                    tap = name.rsplit("/", 1)[0]
+                    ax.plot(range(1, len(values) + 1), values, label=f"{method} {tap}")
+        ax.set_title(kind.replace("_", " "))
+        ax.set_xlabel("epoch")
+        if kind == "roundtrip_error":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "diagnostics.png", dpi=110)
+    plt.close(fig)
+    return "diagnostics.png"

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..engine.trainer import BEST, fit
 from ..errors import ConfigError
 from ..models import build_model
 from .provenance import provenance
-from .report import markdown_table, plot_results
+from .report import markdown_table, plot_diagnostics, plot_results
 from .suites import Suite, get_suite
 
 __all__ = ["method_config", "run_bench"]
@@ -130,7 +131,7 @@ def run_bench(
     teacher, teacher_info = _teacher(suite, data, cache, progress, log)
     example = data.train.x[:8]
 
-    rows, curves, extra = [], {}, {}
+    rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
     student_params = 0
     for method in methods:
         options = method_config(suite, method)
@@ -152,11 +153,14 @@ def run_bench(
             torch.manual_seed(seed)
             student = _build(suite.student, data)
             student_params = _params(student)
-            if cached is not None and cached.get("key_hash") == _hash(key):
+            cost_file = run_dir / "inference.json"
+            same = cached is not None and cached.get("key_hash") == _hash(key)
+            if same and cost_file.exists():
                 log(f"{method} seed {seed}: reusing {run_dir}")
                 result = cached
+                cost = json.loads(cost_file.read_text())
             else:
-                if cached is not None:  # same folder, other configuration: keep it aside
+                if cached is not None and not same:  # another configuration: keep it aside
                     raise ConfigError(
                         f"{run_dir} holds a run of another configuration; "
                         "choose another --out directory"
@@ -176,11 +180,18 @@ def run_bench(
                     meta={"key_hash": _hash(key), "key": key},
                 )
                 result = fit_result.to_dict()
+                cost = inference_cost(distiller, data.test.x[: suite.batch_size])
+                atomic_write_text(cost_file, json.dumps(cost))
                 log(
                     f"{method} seed {seed}: test acc {100 * result['test_acc_last']:.2f} "
                     f"(at best val {100 * result['test_acc_best_val']:.2f})"
                 )
             extra[method] = result["extra_params"]
+            deployed.setdefault(method, []).append(cost)
+            for row in result["history"]:
+                for name, value in row.items():
+                    if "/" in name:  # per-epoch flow diagnostics, e.g. stage2/transport_error
+                        diags.setdefault(method, {}).setdefault(name, []).append(value)
             curves.setdefault(method, []).append([r["val_acc"] for r in result["history"]])
             rows.append(
                 {
@@ -190,6 +201,7 @@ def run_bench(
                     "best_val_metric": result["test_acc_best_val"],
                     "best_val_epoch": result["best_val_epoch"],
                     "mean_step_seconds": result["mean_step_seconds"],
+                    "inference_seconds": cost["seconds"],
                 }
             )
 
@@ -200,6 +212,7 @@ def run_bench(
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
     student_mean, _ = stats([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
+    student_infer = float(np.mean([r["inference_seconds"] for r in by_method["student"]]))
     gap = teacher_info["metric"] - student_mean
     summary = {}
     for m, rs in by_method.items():
@@ -214,6 +227,9 @@ def run_bench(
             "gap_closed": (mean - student_mean) / gap if gap != 0 else float("nan"),
             "step_time_ratio": float(np.mean([r["mean_step_seconds"] for r in rs])) / student_step,
             "extra_params": extra[m],
+            "deployed_params": deployed[m][0]["params"],
+            "inference_time_ratio": float(np.mean([r["inference_seconds"] for r in rs]))
+            / student_infer,
         }
     config = {
         "suite": suite.name,
@@ -246,4 +262,34 @@ def run_bench(
     table = markdown_table(results)
     atomic_write_text(out / "results.md", table)
     plot_results(results, curves, out)
+    if diags:
+        epochs_of = {m: len(curves[m][0]) for m in diags}
+        plot_diagnostics(
+            {
+                m: {
+                    k: np.asarray(v).reshape(-1, epochs_of[m]).mean(0).tolist()
+                    for k, v in d.items()
+                }
+                for m, d in diags.items()
+            },
+            out,
+        )
     return results
+
+
+def inference_cost(distiller: torch.nn.Module, batch: torch.Tensor, repeats: int = 20) -> dict:
+    """Deployed parameters and the median seconds of one ``predict`` on ``batch``."""
+    distiller.eval()
+    device = next(distiller.student.parameters()).device
+    batch = batch.to(device)
+    times = []
+    for i in range(repeats + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        distiller.predict(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:  # warm-up calls are not counted
+            times.append(time.perf_counter() - t0)
+    return {"params": distiller.num_deployed_params(), "seconds": float(np.median(times))}

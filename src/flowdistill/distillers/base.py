@@ -108,6 +108,16 @@ class Distiller(nn.Module):
         """Number of scalar parameters in the method's extra modules."""
         return sum(p.numel() for p in self.extra_parameters())
 
+    def deployed_modules(self) -> list[nn.Module]:
+        """Modules :meth:`predict` runs at inference: the student alone unless a method
+        keeps some of its modules in the deployed model (serial insertion, say)."""
+        return [self.student]
+
+    def num_deployed_params(self) -> int:
+        """Scalar parameters of the deployed predictor (each shared tensor counted once)."""
+        seen = {id(p): p for m in self.deployed_modules() for p in m.parameters()}
+        return sum(p.numel() for p in seen.values())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student parameters plus the method's extra parameters (never the teacher's)."""
         return [p for p in self.parameters() if p.requires_grad]

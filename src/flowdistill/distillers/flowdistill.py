@@ -334,6 +334,11 @@ class FlowDistill(Distiller):
         return F.mse_loss(v, t1 - a0)
 
     # ------------------------------------------------------------------ inference
+    def deployed_modules(self) -> list[nn.Module]:
+        if self.inference == "student":
+            return [self.student]
+        return [self.student, self.velocities[f"p{len(self.pairs) - 1}"]]
+
     @torch.no_grad()
     def predict(self, inputs: Any) -> torch.Tensor:
         s_out = self.student_forward(inputs)

@@ -131,3 +131,47 @@ def test_shared_mnist_test_images(shared_file):
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert abs(images.mean() / 255 - 0.1325) < 1e-3
+
+
+def _tiny_npz(path, n_train=60, n_test=20):
+    rng = np.random.default_rng(0)
+    np.savez_compressed(
+        path,
+        x_train=rng.integers(0, 256, (n_train, 4, 4, 3), dtype=np.uint8),
+        y_train=np.arange(n_train) % 3,
+        x_test=rng.integers(0, 256, (n_test, 4, 4, 3), dtype=np.uint8),
+        y_test=np.arange(n_test) % 3,
+    )
+
+
+def test_npz_subset_splits_sizes_strata_and_cache(tmp_path):
+    from flowdistill.data.datasets import npz_subset_splits
+
+    _tiny_npz(tmp_path / "d.npz")
+    cache = tmp_path / "cache"
+    s = npz_subset_splits(str(tmp_path / "d.npz"), train_size=30, val_size=15, cache_dir=cache)
+    assert (len(s.train), len(s.val), len(s.test)) == (30, 15, 20)
+    assert s.train.x.shape[1:] == (3, 4, 4) and s.num_classes == 3
+    assert torch.bincount(s.train.y).tolist() == [10, 10, 10]  # stratified
+    assert torch.bincount(s.val.y).tolist() == [5, 5, 5]
+    cached = sorted(p.name for p in next(cache.iterdir()).iterdir())
+    assert cached == ["x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    again = npz_subset_splits(str(tmp_path / "d.npz"), train_size=30, val_size=15, cache_dir=cache)
+    assert torch.equal(again.train.x, s.train.x) and torch.equal(again.val.y, s.val.y)
+    # train and validation never share an image (the raw training images are all distinct)
+    full = npz_subset_splits(str(tmp_path / "d.npz"), val_size=15)
+    assert len(full.train) == 45
+    rows = {tuple(r.tolist()) for r in full.train.x.flatten(1)}
+    assert not rows & {tuple(r.tolist()) for r in full.val.x.flatten(1)}
+    with pytest.raises(DataError, match="train_size"):
+        npz_subset_splits(str(tmp_path / "d.npz"), train_size=50, val_size=15)
+    with pytest.raises(DataError, match="absent|not found|no such"):
+        npz_subset_splits(str(tmp_path / "missing.npz"))
+
+
+def test_cifar10_cpu_suite_names_its_missing_file(tmp_path, monkeypatch):
+    from flowdistill.bench.suites import get_suite
+
+    monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="cifar10.npz"):
+        get_suite("cifar10-cpu").load_data()

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelConfig, OptimConfig
-from ..data.datasets import Splits, digits_splits
-from ..errors import ConfigError
+from ..data.datasets import Splits, digits_splits, npz_subset_splits
+from ..errors import ConfigError, DataError
 
-__all__ = ["SUITES", "Suite", "get_suite", "register_suite"]
+__all__ = ["SUITES", "Suite", "data_dir", "get_suite", "register_suite"]
+
+
+def data_dir() -> str:
+    """Folder of the shared datasets: ``$FLOWDISTILL_DATA``, else ``../shared/data``."""
+    return os.environ.get("FLOWDISTILL_DATA", os.path.join("..", "shared", "data"))
+
+
+def _cifar10_cpu() -> Splits:
+    path = os.path.join(data_dir(), "cifar10.npz")
+    if not os.path.isfile(path):
+        raise DataError(
+            f"the cifar10-cpu suite reads {path}, which is absent; set FLOWDISTILL_DATA to "
+            "the folder holding cifar10.npz"
+        )
+    cache = os.path.join("runs", "cache", "data")
+    return npz_subset_splits(path, train_size=20000, val_size=5000, seed=0, cache_dir=cache)
 
 
 @dataclass
@@ -64,6 +81,26 @@ register_suite(
         optim=OptimConfig(lr=0.05, schedule="cosine"),
         epochs=20,
         batch_size=64,
+        method_options={
+            "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
+        },
+    )
+)
+
+register_suite(
+    Suite(
+        name="cifar10-cpu",
+        description="CIFAR-10 (JPEG-decoded copy): a stratified 20,000-image training subset, "
+        "5,000 validation images, the full 10,000-image test split; CNN teacher (94.8k "
+        "params) → CNN student (6.4k params); sized for 2 CPU cores",
+        load_data=_cifar10_cpu,
+        teacher=ModelConfig("small_cnn", kwargs={"widths": [32, 64, 128]}),
+        student=ModelConfig("small_cnn", kwargs={"widths": [8, 16, 32]}),
+        teacher_optim=OptimConfig(lr=0.1, schedule="cosine"),
+        teacher_epochs=15,
+        optim=OptimConfig(lr=0.1, schedule="cosine"),
+        epochs=10,
+        batch_size=128,
         method_options={
             "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
         },

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .readers import read_idx, read_npz
+from .readers import cached_npz, read_idx, read_npz
 
 __all__ = ["Batches", "Split", "Splits", "digits_splits", "idx_splits", "npz_splits", "split"]
 
@@ -120,6 +120,35 @@ def npz_splits(path: str, val_fraction: float = 0.1, seed: int = 0) -> Splits:
         val_fraction,
         seed,
     )
+
+
+def npz_subset_splits(
+    path: str,
+    train_size: int | None = None,
+    val_size: int = 5000,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> Splits:
+    """A ``.npz`` (``x_train, y_train, x_test, y_test``) with a stratified, seeded validation
+    split of ``val_size`` images carved from the training images and, optionally, a stratified
+    training subset of ``train_size`` images from the rest; the full test split is kept."""
+    d = cached_npz(path, ("x_train", "y_train", "x_test", "y_test"), cache_dir)
+    x, y = d["x_train"], d["y_train"]
+    n = len(y)
+    if val_size <= 0 or val_size >= n:
+        raise DataError(f"val_size must be in (0, {n}), got {val_size}")
+    rest = n - val_size
+    size = rest if train_size is None else train_size
+    if not 0 < size <= rest:
+        raise DataError(f"train_size must be in (0, {rest}], got {train_size}")
+    fractions = (size, val_size) if size == rest else (size, val_size, rest - size)
+    parts = split(x, y, fractions, seed)
+    train, val = parts[0], parts[1]
+    return _standardize(
+        [(_images(train[0]), train[1]), (_images(val[0]), val[1]),
+         (_images(d["x_test"]), d["y_test"])],
+        channel_axis=1,
+    )  # fmt: skip
 
 
 def idx_splits(

@@ -84,3 +84,32 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x_train", "y_tra
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error) as err:
         raise DataError(f"cannot read {path}: truncated or corrupted archive ({err})") from None
+
+
+def cached_npz(
+    path: str | os.PathLike,
+    keys: tuple[str, ...] = ("x_train", "y_train"),
+    cache_dir: str | os.PathLike | None = None,
+) -> dict:
+    """:func:`read_npz`, keeping the decoded arrays as plain ``.npy`` files in ``cache_dir``
+    (keyed by the archive's name, size and modification time), so that a compressed
+    archive is decompressed once rather than on every run."""
+    path = _require(path)
+    if cache_dir is None:
+        return read_npz(path, keys)
+    stat = os.stat(path)
+    folder = Path(cache_dir) / f"{Path(path).stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    files = {k: folder / f"{k}.npy" for k in keys}
+    if all(f.is_file() for f in files.values()):
+        try:
+            return {k: np.load(f, allow_pickle=False) for k, f in files.items()}
+        except (ValueError, OSError):
+            pass  # a damaged cache is rebuilt below
+    arrays = read_npz(path, keys)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in keys:
+        tmp = folder / f".{k}.npy.tmp"
+        with open(tmp, "wb") as fh:
+            np.save(fh, arrays[k], allow_pickle=False)
+        os.replace(tmp, files[k])
+    return {k: arrays[k] for k in keys}

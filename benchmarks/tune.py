@@ -1,0 +1,111 @@
+"""Choose a method's options on the validation split of a suite (never the test split).
+
+    python benchmarks/tune.py --suite digits --method flowdistill \\
+        --grid steps=1,2,4 kd_weight=0,1 --seeds 3 --out benchmarks/digits/tune_flowdistill.json
+
+Every grid point is trained with the suite's recipe for each seed; the score is the final
+validation accuracy (mean over seeds), reported with the best-validation-epoch accuracy. The
+JSON written to ``--out`` holds every point, its scores, the chosen point and provenance; test
+accuracy is neither recorded nor looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from flowdistill.bench.provenance import provenance
+from flowdistill.bench.runner import DEFAULT_CACHE, _build, _teacher, method_config
+from flowdistill.bench.suites import get_suite
+from flowdistill.config import TrainConfig
+from flowdistill.distillers import make_distiller
+from flowdistill.engine import fit
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        if not values:
+            raise SystemExit(f"grid entries look like key=v1,v2; got {item!r}")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", required=True)
+    parser.add_argument("--method", required=True)
+    parser.add_argument("--grid", nargs="+", required=True)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    suite = get_suite(args.suite)
+    grid = parse_grid(args.grid)
+    data = suite.load_data()
+    teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
+    epochs = args.epochs or suite.epochs
+    base = method_config(suite, args.method)
+    points = []
+    for values in itertools.product(*grid.values()):
+        options = dict(zip(grid, values, strict=True))
+        finals, bests, seconds = [], [], []
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            student = _build(suite.student, data)
+            distiller = make_distiller(
+                args.method, teacher, student, example_input=data.train.x[:8], **base, **options
+            )
+            t0 = time.perf_counter()
+            result = fit(
+                distiller,
+                data,
+                suite.optim,
+                TrainConfig(epochs=epochs, seed=seed, progress=False),
+                batch_size=suite.batch_size,
+            )
+            seconds.append(time.perf_counter() - t0)
+            finals.append(result.history[-1]["val_acc"])
+            bests.append(result.best_val_acc)
+        point = {
+            "options": options,
+            "val_acc_last": finals,
+            "val_acc_best": bests,
+            "score": float(np.mean(finals)),
+            "score_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+            "seconds": float(np.mean(seconds)),
+        }
+        points.append(point)
+        print(f"{options}: val {100 * point['score']:.2f} ± {100 * point['score_std']:.2f}")
+    chosen = max(points, key=lambda p: p["score"])
+    command = shlex.join(["python", "benchmarks/tune.py", *(argv or sys.argv[1:])])
+    config = {"suite": suite.name, "method": args.method, "grid": grid, "epochs": epochs,
+              "base_options": base, "teacher": teacher_info["checkpoint"]}  # fmt: skip
+    record = {
+        "suite": suite.name,
+        "method": args.method,
+        "metric": "val_acc_last (mean over seeds)",
+        "points": points,
+        "chosen": chosen["options"],
+        "provenance": {**provenance(command, config), "seeds": list(range(args.seeds))},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"chosen on validation: {chosen['options']} ({100 * chosen['score']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

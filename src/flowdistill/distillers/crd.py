@@ -1,0 +1,185 @@
+"""Tian et al., "Contrastive Representation Distillation" (ICLR 2020)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import losses
+from ..errors import ConfigError
+from .fitnet import FeatureDistiller
+from .registry import register
+
+__all__ = ["CRD"]
+
+_MODES = ("memory", "batch")
+
+
+class _Embed(nn.Module):
+    """CRD's embedding head: flatten, linear, L2-normalise."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x.flatten(1)).float(), p=2, dim=1)
+
+
+@register("crd")
+class CRD(FeatureDistiller):
+    """CRD (Tian et al., ICLR 2020): contrastive NCE between student and teacher embeddings.
+
+    Linear heads embed the student and teacher features (flattened) into ``feat_dim = 128``
+    L2-normalised dimensions. With ``mode="memory"`` (the paper's), a memory bank holds a
+    momentum-updated (``nce_m = 0.5``) embedding of every training sample for each network,
+    keyed by dataset index (``batch_index``, set by the engine); each sample is contrasted
+    with its own memory entry against ``nce_k = 16384`` negatives (capped at the number of
+    other training samples) through the NCE loss :func:`flowdistill.losses.crd_nce` at
+    ``nce_t = 0.07``, in both directions (student anchor on teacher memory and teacher
+    anchor on student memory); the normalising constant ``Z`` is estimated once on the
+    first batch and kept, as in the authors' code. ``mode="batch"`` drops the memory bank
+    and uses the in-batch InfoNCE :func:`flowdistill.losses.info_nce` (no dataset indices,
+    no memory: for large data). Weight ``crd_weight = 0.8``, cross-entropy weight 1, as in
+    RepDistiller. Negatives are drawn uniformly (with replacement) from the other training
+    samples; the authors' CIFAR loader draws them from other classes.
+    """
+
+    uses_indices = True
+    max_pairs = 1
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        *,
+        mode: str = "memory",
+        feat_dim: int = 128,
+        nce_k: int = 16384,
+        nce_t: float = 0.07,
+        nce_m: float = 0.5,
+        crd_weight: float = 0.8,
+        **base: Any,
+    ) -> None:
+        super().__init__(teacher, student, **base)
+        if mode not in _MODES:
+            raise ConfigError(f"crd: mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        if feat_dim < 1 or nce_k < 1:
+            raise ConfigError(f"crd: feat_dim and nce_k must be positive, got {feat_dim}, {nce_k}")
+        if nce_t <= 0 or not 0.0 <= nce_m < 1.0:
+            raise ConfigError(f"crd: need nce_t > 0 and 0 <= nce_m < 1, got {nce_t}, {nce_m}")
+        self.mode = mode
+        self.feat_dim = int(feat_dim)
+        self.nce_k = int(nce_k)
+        self.nce_t = float(nce_t)
+        self.nce_m = float(nce_m)
+        self.crd_weight = float(crd_weight)
+        (s_shape, t_shape) = self.pair_shapes[0]
+        self.embed_s = _Embed(math.prod(s_shape), self.feat_dim)
+        self.embed_t = _Embed(math.prod(t_shape), self.feat_dim)
+        self.num_data = 0
+        # sized by on_fit_start; None buffers are not part of the state dict until then
+        self.register_buffer("memory_student", None)
+        self.register_buffer("memory_teacher", None)
+        self.register_buffer("normalizer", None)
+
+    @property
+    def num_negatives(self) -> int:
+        """Negatives per positive: ``nce_k`` capped at the number of other samples."""
+        return min(self.nce_k, self.num_data - 1)
+
+    def on_fit_start(self, num_train_samples: int) -> None:
+        """Size the memory bank (uniform in ±1/sqrt(feat_dim/3), as the authors' code)."""
+        if self.mode != "memory":
+            return
+        if num_train_samples < 2:
+            raise ConfigError(
+                f"crd: the memory bank needs at least 2 training samples, got {num_train_samples}"
+            )
+        self.num_data = int(num_train_samples)
+        device = self.embed_s.linear.weight.device
+        stdv = 1.0 / math.sqrt(self.feat_dim / 3)
+        shape = (self.num_data, self.feat_dim)
+        self.memory_student = torch.rand(shape, device=device).mul_(2 * stdv).sub_(stdv)
+        self.memory_teacher = torch.rand(shape, device=device).mul_(2 * stdv).sub_(stdv)
+        self.normalizer = torch.full((2,), -1.0, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint's memory sizes the bank when on_fit_start was not called first
+        for name in ("memory_student", "memory_teacher", "normalizer"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+                if name == "memory_student":
+                    self.num_data = state_dict[key].shape[0]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _indices(self, batch: int) -> torch.Tensor:
+        if self.memory_student is None:
+            raise ConfigError(
+                "crd: the memory bank is not sized; call on_fit_start(num_train_samples) "
+                "before training (the engine does), or use mode='batch'"
+            )
+        idx = self.batch_index
+        if idx is None:
+            raise ConfigError(
+                "crd: mode='memory' needs each sample's dataset index in distiller.batch_index "
+                "(the engine sets it); set it in your own loop or use mode='batch'"
+            )
+        idx = idx.to(self.memory_student.device).long().flatten()
+        if idx.numel() != batch:
+            raise ConfigError(
+                f"crd: batch_index holds {idx.numel()} indices for a batch of {batch} samples"
+            )
+        if int(idx.min()) < 0 or int(idx.max()) >= self.num_data:
+            raise ConfigError(
+                f"crd: batch_index must lie in [0, {self.num_data}), the training set size "
+                "given to on_fit_start"
+            )
+        return idx
+
+    def sample_keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """``(B, K+1)`` memory rows: each sample's own index, then ``K`` uniform negatives
+        drawn from the other samples (with replacement)."""
+        neg = torch.randint(
+            0, self.num_data - 1, (idx.shape[0], self.num_negatives), device=idx.device
+        )
+        neg = neg + (neg >= idx[:, None]).long()  # skip the positive's own index
+        return torch.cat([idx[:, None], neg], dim=1)
+
+    @torch.no_grad()
+    def update_memory(self, idx: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:
+        """Momentum update of the rows ``idx``: ``normalize(m·memory + (1 − m)·v)``."""
+        for memory, v in ((self.memory_student, v_s), (self.memory_teacher, v_t)):
+            rows = memory.index_select(0, idx) * self.nce_m + v.detach().to(memory) * (
+                1 - self.nce_m
+            )
+            memory.index_copy_(0, idx, F.normalize(rows, p=2, dim=1))
+
+    def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        s_feats, t_feats, s_logits, t_logits = self.features(inputs)
+        v_s, v_t = self.embed_s(s_feats[0]), self.embed_t(t_feats[0])
+        if self.mode == "batch":
+            loss = losses.info_nce(v_s, v_t, self.nce_t)
+        else:
+            idx = self._indices(v_s.shape[0])
+            keys = self.sample_keys(idx)
+            w_t = self.memory_teacher[keys]  # (B, K+1, D), no gradient
+            w_s = self.memory_student[keys]
+            n = self.num_data
+            if self.normalizer[0] < 0:
+                self.normalizer[0] = losses.crd_normalizer(v_s, w_t, n, self.nce_t)
+                self.normalizer[1] = losses.crd_normalizer(v_t, w_s, n, self.nce_t)
+            z_s, z_t = self.normalizer.clone().unbind()
+            loss = losses.crd_nce(v_s, w_t, n, self.nce_t, z_s) + losses.crd_nce(
+                v_t, w_s, n, self.nce_t, z_t
+            )
+            if self.training:
+                self.update_memory(idx, v_s, v_t)
+        terms = self.logit_terms(s_logits, t_logits, targets)
+        terms["crd"] = self.crd_weight * loss
+        return self.total(terms)

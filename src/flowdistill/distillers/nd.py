@@ -1,0 +1,262 @@
+"""Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and
+Direction" (arXiv:2305.17007, 2023; KD++: KD plus the ND loss).
+
+This module also holds :func:`find_classifier`, which locates a network's classifier (the
+last ``nn.Linear`` producing the logits), shared with ``ofa``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import losses
+from ..errors import ConfigError, ShapeMismatchError, TapError
+from ..taps import LOGITS, resolve_module
+from .base import Distiller
+from .dkd import check_warmup, warmup_length
+from .registry import register
+
+__all__ = ["ND", "find_classifier"]
+
+_CENTERS = ("running", "classifier")
+
+
+def find_classifier(
+    model: nn.Module, num_classes: int, path: str | None = None, who: str = "model"
+) -> tuple[str, nn.Module]:
+    """``(path, module)`` of ``model``'s classifier: the module at ``path`` if given, else
+    the last ``nn.Linear`` (in ``named_modules`` order) with ``num_classes`` outputs."""
+    if path is not None:
+        return path, resolve_module(model, path)
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == num_classes
+    ]
+    if not found:
+        raise ConfigError(
+            f"no nn.Linear with {num_classes} outputs (the classifier) in the {who} "
+            f"{type(model).__name__}; name its classifier module explicitly"
+        )
+    return found[-1]
+
+
+class InputCapture:
+    """A forward pre-hook that keeps the first positional input of a module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.value = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+    def take(self, what: str) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None:
+            raise TapError(f"the {what} was not called with a tensor in this forward")
+        return value
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.handle.remove()
+        except Exception:
+            pass
+
+
+class EmbeddingProjector(nn.Module):
+    """The authors' embedding transform for a student whose embedding width differs from
+    the teacher's: BatchNorm1d, Dropout(0.5), Linear (BN weight 1, biases 0). A training
+    batch of one sample is normalised with the running statistics."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim_in)
+        self.drop = nn.Dropout(0.5)
+        self.linear = nn.Linear(dim_in, dim_out)
+        nn.init.ones_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        use_batch = self.training and x.shape[0] > 1
+        if use_batch and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        x = F.batch_norm(
+            x,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            training=use_batch,
+            momentum=bn.momentum,
+            eps=bn.eps,
+        )
+        return self.linear(self.drop(x))
+
+
+@register("nd")
+class ND(Distiller):
+    """KD++ (Wang et al., arXiv 2023): KD plus the ND loss on the penultimate embedding.
+
+    Paper: "Improving Knowledge Distillation via Regularizing Feature Norm and Direction"
+    (arXiv:2305.17007): cross-entropy, KD, and the norm-and-direction (ND) loss.
+
+    The embedding is the input of each network's classifier, captured by a forward
+    pre-hook: the last ``nn.Linear`` with as many outputs as classes, or the module named
+    by ``student_classifier``/``teacher_classifier``; it must be ``(batch, dim)``. The
+    generic ``student_taps``/``teacher_taps`` are not used (the paper fixes the feature);
+    ``example_input`` is needed to size the modules. A student embedding of another width
+    than the teacher's goes through the authors' projector (BatchNorm1d, Dropout 0.5,
+    Linear), an extra module. The ND loss (:func:`flowdistill.losses.nd`) pulls the
+    student's embedding towards the direction of the teacher's mean embedding of the
+    sample's class and enlarges its norm up to the teacher's.
+
+    The authors compute the teacher's class means over the training set before training.
+    Here, with ``centers="running"`` (default), they are the running per-class means of
+    the teacher's embeddings over every training batch seen so far (the current batch
+    included; saved in checkpoints): partial during the first epoch, equal to the
+    training-set means at every epoch end when the data are not augmented.
+    ``centers="classifier"`` uses the rows of the teacher's classifier weight as class
+    directions instead; :meth:`set_class_means` fixes precomputed means (the authors'
+    recipe).
+
+    Defaults are the authors' code: ``nd_weight = 1``, ``kd_weight = 1`` at
+    ``temperature = 4``, cross-entropy weight 1, and the KD term warmed up linearly as
+    ``min(e / W, 1)`` in 0-based epoch ``e`` with ``W = warmup_epochs = 20`` epochs of a
+    ``reference_epochs = 240`` run, shortened in proportion for a shorter run (see
+    ``dkd``).
+    """
+
+    needs_shapes = True
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        *,
+        nd_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        temperature: float = 4.0,
+        centers: str = "running",
+        student_classifier: str | None = None,
+        teacher_classifier: str | None = None,
+        warmup_epochs: float = 20.0,
+        reference_epochs: int | None = 240,
+        ce_weight: float = 1.0,
+        **base: Any,
+    ) -> None:
+        super().__init__(teacher, student, ce_weight=ce_weight, **base)
+        if temperature <= 0:
+            raise ConfigError(f"nd: temperature must be positive, got {temperature}")
+        if centers not in _CENTERS:
+            raise ConfigError(f"nd: centers must be one of {', '.join(_CENTERS)}, got {centers!r}")
+        check_warmup("nd", warmup_epochs, reference_epochs)
+        self.nd_weight = float(nd_weight)
+        self.kd_weight = float(kd_weight)
+        self.temperature = float(temperature)
+        self.centers = centers
+        self.warmup_epochs = float(warmup_epochs)
+        self.reference_epochs = reference_epochs
+        self.warmup = 1.0
+        self.num_classes = self.student_shapes[LOGITS][-1]
+        _, s_cls = find_classifier(student, self.num_classes, student_classifier, "student")
+        _, t_cls = find_classifier(teacher, self.num_classes, teacher_classifier, "teacher")
+        self._teacher_classifier = [t_cls]  # a list keeps it out of this module's children
+        self._capture = {"student": InputCapture(s_cls), "teacher": InputCapture(t_cls)}
+        d_s = self._probe(student, "student", base["example_input"])
+        d_t = self._probe(teacher, "teacher", base["example_input"])
+        if centers == "classifier":
+            weight = getattr(t_cls, "weight", None)
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (
+                self.num_classes,
+                d_t,
+            ):
+                raise ShapeMismatchError(
+                    f"nd: centers='classifier' needs a teacher classifier weight of shape "
+                    f"({self.num_classes}, {d_t}), got "
+                    f"{None if weight is None else tuple(weight.shape)}"
+                )
+        self.projector = EmbeddingProjector(d_s, d_t) if d_s != d_t else nn.Identity()
+        self.register_buffer("class_sum", torch.zeros(self.num_classes, d_t))
+        self.register_buffer("class_count", torch.zeros(self.num_classes))
+        self.register_buffer("class_fixed", torch.zeros(()))
+
+    def _probe(self, model: nn.Module, who: str, example: torch.Tensor) -> int:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            model.train(was_training)
+        captured = self._capture[who].value
+        self._capture[who].value = None
+        if captured is None:
+            raise ConfigError(
+                f"nd: the {who}'s classifier was not called with a tensor; name it with "
+                f"{who}_classifier=<module path>"
+            )
+        if captured.ndim != 2:
+            raise ShapeMismatchError(
+                f"nd: the {who}'s embedding (its classifier's input) has per-sample shape "
+                f"{tuple(captured.shape[1:])}; ND needs a (batch, dim) embedding"
+            )
+        return int(captured.shape[1])
+
+    # ------------------------------------------------------------------ class means
+    @torch.no_grad()
+    def set_class_means(self, means: torch.Tensor) -> None:
+        """Fix the teacher's class means (``(classes, dim)``), e.g. computed over the
+        training set before training as the authors do; running updates stop."""
+        if tuple(means.shape) != tuple(self.class_sum.shape):
+            raise ShapeMismatchError(
+                f"nd: class means must have shape {tuple(self.class_sum.shape)}, "
+                f"got {tuple(means.shape)}"
+            )
+        self.class_sum.copy_(means)
+        self.class_count.fill_(1.0)
+        self.class_fixed.fill_(1.0)
+
+    def class_means(self) -> torch.Tensor:
+        """The ``(classes, dim)`` class centres the ND loss uses now."""
+        if self.centers == "classifier" and not bool(self.class_fixed):
+            return self._teacher_classifier[0].weight.detach().float()
+        return self.class_sum / self.class_count.clamp_min(1.0)[:, None]
+
+    @torch.no_grad()
+    def _accumulate(self, t_emb: torch.Tensor, targets: torch.Tensor) -> None:
+        y = targets.reshape(-1).long()
+        self.class_sum.index_add_(0, y, t_emb.float())
+        self.class_count.index_add_(0, y, torch.ones_like(y, dtype=self.class_count.dtype))
+
+    # ------------------------------------------------------------------ schedule
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        length = warmup_length(epochs, self.warmup_epochs, self.reference_epochs)
+        self.warmup = 1.0 if length <= 0 else min(epoch / length, 1.0)
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"kd_warmup": self.warmup}
+
+    # ------------------------------------------------------------------ training
+    def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        t_logits = self.teacher_forward(inputs)[LOGITS]
+        t_emb = self._capture["teacher"].take("teacher's classifier").detach()
+        s_logits = self.student_forward(inputs)[LOGITS]
+        s_emb = self.projector(self._capture["student"].take("student's classifier"))
+        if self.training and self.centers == "running" and not bool(self.class_fixed):
+            self._accumulate(t_emb, targets)
+        kd = losses.kd(s_logits, t_logits, self.temperature)
+        nd = losses.nd(s_emb, t_emb, self.class_means(), targets)
+        return self.total(
+            {
+                "ce": self.ce_weight * self.cross_entropy(s_logits, targets),
+                "kd": self.warmup * self.kd_weight * kd,
+                "nd": self.nd_weight * nd,
+            }
+        )

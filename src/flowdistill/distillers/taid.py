@@ -1,0 +1,132 @@
+"""Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for Efficient
+Knowledge Transfer in Language Models" (ICLR 2025)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import losses
+from ..errors import ConfigError
+from ..taps import LOGITS
+from .base import Distiller
+from .registry import register
+
+__all__ = ["TAID"]
+
+
+@register("taid")
+class TAID(Distiller):
+    """TAID (Shing et al., ICLR 2025): KL to an adaptive student→teacher interpolation.
+
+    The interpolation weight ``t`` grows adaptively from ``t_start`` to ``t_end``.
+
+    The loss is :func:`flowdistill.losses.taid`, the KL from
+    ``p_t = softmax((1 - t)·stopgrad(z_s) + t·z_t)`` to the student. After every training
+    step, ``t`` is updated as in the authors' code: with ``L`` the step's distillation
+    cross-entropy (``-Σ p_t log q``, the value their code monitors), the relative change
+    ``r = (L_prev - L) / L_prev`` feeds a momentum ``m ← beta·m + (1 - beta)·r``, and
+
+    ``t ← min(t_end, max(t_start + (t_end - t_start)·progress, t + alpha·sigmoid(m)·(1 - t)))``
+
+    where ``progress`` is the fraction of the run's training samples seen so far (from
+    ``on_fit_start``/``on_epoch_start``; 0 outside the engine). ``t`` never decreases and
+    stays in ``[t_start, t_end]``; it, ``m`` and ``L_prev`` are saved in checkpoints.
+    Defaults are the authors': ``t_start = 0.4``, ``t_end = 1``, ``alpha = 5e-4``,
+    ``beta = 0.99``, ``adaptive = True`` (``False``: the linear schedule alone), and
+    distillation weight 1 with cross-entropy weight 0 (their ``distil_ratio = 1``).
+    """
+
+    def __init__(
+        self,
+        teacher,
+        student,
+        *,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        alpha: float = 5e-4,
+        beta: float = 0.99,
+        adaptive: bool = True,
+        taid_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        **base: Any,
+    ) -> None:
+        super().__init__(teacher, student, ce_weight=ce_weight, **base)
+        if not (0.0 <= t_start < 1.0 and 0.0 < t_end <= 1.0 and t_start <= t_end):
+            raise ConfigError(
+                f"taid: need 0 <= t_start < 1, 0 < t_end <= 1 and t_start <= t_end, "
+                f"got t_start={t_start}, t_end={t_end}"
+            )
+        if not 0.0 <= alpha <= 1.0 or not 0.0 <= beta < 1.0:
+            raise ConfigError(f"taid: need 0 <= alpha <= 1 and 0 <= beta < 1, got {alpha}, {beta}")
+        self.t_start = float(t_start)
+        self.t_end = float(t_end)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.adaptive = bool(adaptive)
+        self.taid_weight = float(taid_weight)
+        self.register_buffer("t", torch.tensor(self.t_start, dtype=torch.float32))
+        self.register_buffer("prev_loss", torch.tensor(math.inf, dtype=torch.float32))
+        self.register_buffer("momentum", torch.tensor(0.0, dtype=torch.float32))
+        self._num_samples: int | None = None
+        self._epoch, self._epochs, self._seen = 0, None, 0
+
+    # ------------------------------------------------------------------ schedule
+    def on_fit_start(self, num_train_samples: int) -> None:
+        self._num_samples = int(num_train_samples)
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self._epoch, self._epochs, self._seen = int(epoch), int(epochs), 0
+
+    def progress(self) -> float:
+        """Fraction of the run's training samples seen before the current step."""
+        if not self._num_samples or not self._epochs:
+            return 0.0
+        done = self._epoch * self._num_samples + self._seen
+        return min(done / (self._epochs * self._num_samples), 1.0)
+
+    @torch.no_grad()
+    def update_t(self, loss: float | torch.Tensor, progress: float) -> float:
+        """One step of the authors' adaptive update from this step's loss ``loss`` at run
+        fraction ``progress``; returns the new ``t``."""
+        loss = float(loss)
+        if math.isinf(float(self.prev_loss)):
+            self.prev_loss.fill_(loss)
+            return float(self.t)
+        relative = (float(self.prev_loss) - loss) / (float(self.prev_loss) + 1e-15)
+        momentum = self.beta * float(self.momentum) + (1.0 - self.beta) * relative
+        t = float(self.t)
+        target = self.t_start + (self.t_end - self.t_start) * min(max(progress, 0.0), 1.0)
+        if self.adaptive:
+            step = self.alpha * (1.0 / (1.0 + math.exp(-momentum))) * (1.0 - t)
+            t = min(self.t_end, max(target, t + step))
+        else:
+            t = target
+        self.momentum.fill_(momentum)
+        self.t.fill_(t)
+        self.prev_loss.fill_(loss)
+        return t
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"taid_t": float(self.t)}
+
+    # ------------------------------------------------------------------ training
+    def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        t_logits = self.teacher_forward(inputs)[LOGITS]
+        s_logits = self.student_forward(inputs)[LOGITS]
+        t = float(self.t)
+        kl = losses.taid(s_logits, t_logits, t)
+        if self.training:
+            with torch.no_grad():
+                p_t = losses.taid_target(s_logits, t_logits, t)
+                entropy = -torch.xlogy(p_t, p_t).sum(dim=-1).mean()
+            self.update_t(kl.detach() + entropy, self.progress())
+            self._seen += int(targets.shape[0])
+        return self.total(
+            {
+                "ce": self.ce_weight * self.cross_entropy(s_logits, targets),
+                "taid": self.taid_weight * kl,
+            }
+        )

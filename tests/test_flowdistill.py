@@ -166,6 +166,7 @@ def test_context_conditions_the_transport(pair):
         {"distill_logits": False},
         {"inference": "flow"},
         {"sigma": 0.1, "flow_grad": "all"},
+        {"field": "spatial"},
     ],
 )
 def test_options_train_a_step(options, pair):
@@ -248,3 +249,21 @@ def test_bad_configuration_is_named(pair):
         )
     with pytest.raises(ConfigError, match="example_input"):
         flowdistill.make_distiller("flowdistill", teacher, student)
+
+
+def test_pointwise_field_acts_on_each_position_alone(pair):
+    teacher, student, x = pair
+    d = flowdistill.make_distiller("flowdistill", teacher, student, example_input=x, **TAPS)
+    net = d.velocities["p0"]  # teacher stage2 maps: (8, 2, 2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z, t = torch.randn(3, 8, 2, 2), torch.rand(3)
+    ctx = torch.rand(3, net.embed.cond_dim)
+    out = net(z, t, context=ctx)
+    perm = torch.randperm(4)
+    shuffled = z.flatten(2)[:, :, perm].reshape(3, 8, 2, 2)
+    torch.testing.assert_close(net(shuffled, t, context=ctx).flatten(2), out.flatten(2)[:, :, perm])
+    # and each position equals the vector field on that position's channels
+    direct = net.field(z[:, :, 1, 0], t, context=ctx)
+    torch.testing.assert_close(out[:, :, 1, 0], direct)

@@ -166,7 +166,7 @@ def test_context_conditions_the_transport(pair):
         {"distill_logits": False},
         {"inference": "flow"},
         {"sigma": 0.1, "flow_grad": "all"},
-        {"field": "spatial"},
+        {"field": "pointwise"},
     ],
 )
 def test_options_train_a_step(options, pair):
@@ -253,7 +253,9 @@ def test_bad_configuration_is_named(pair):
 
 def test_pointwise_field_acts_on_each_position_alone(pair):
     teacher, student, x = pair
-    d = flowdistill.make_distiller("flowdistill", teacher, student, example_input=x, **TAPS)
+    d = flowdistill.make_distiller(
+        "flowdistill", teacher, student, example_input=x, field="pointwise", **TAPS
+    )
     net = d.velocities["p0"]  # teacher stage2 maps: (8, 2, 2)
     with torch.no_grad():
         for p in net.parameters():

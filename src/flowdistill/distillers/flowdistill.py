@@ -313,7 +313,7 @@ class FlowDistill(Distiller):
 
         return odeint(func, a, times, method=self.solver)[-1]
 
-    def _endpoints(self, x, s_out, t_out):
+    def _endpoints(self, s_out, t_out):
         """Adapter outputs ``a`` and (standardised) teacher targets ``t`` per pair."""
         out = []
         for i, (s_name, t_name) in enumerate(self.pairs):
@@ -344,7 +344,7 @@ class FlowDistill(Distiller):
             kd = losses.kd(s_out[LOGITS], t_out[LOGITS], self.temperature)
             terms["kd"] = self.kd_weight * kd
         fm_terms, feat_terms, logit_terms = [], [], []
-        for i, (key, s_name, a, t) in enumerate(self._endpoints(inputs, s_out, t_out)):
+        for i, (key, s_name, a, t) in enumerate(self._endpoints(s_out, t_out)):
             is_logits = s_name == LOGITS
             if self.use_flow:
                 fm_terms.append(self._flow_matching(key, a.detach(), t, context))
@@ -408,7 +408,7 @@ class FlowDistill(Distiller):
         with torch.no_grad():
             t_out, s_out = self.teacher_forward(x), self.student_forward(x)
             context = self._context(s_out)
-            pairs = self._endpoints(x, s_out, t_out)
+            pairs = self._endpoints(s_out, t_out)
         for key, s_name, a, t in pairs:
             name = "logits" if s_name == LOGITS else s_name
             with torch.no_grad():

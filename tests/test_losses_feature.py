@@ -285,6 +285,21 @@ def test_crd_nce_is_lower_when_the_positive_matches_the_anchor():
     assert losses.info_nce(anchor, anchor) < losses.info_nce(anchor, other)
 
 
+@pytest.mark.parametrize("k", [3, 40])  # few negatives: rows gathered; many: whole-bank scores
+def test_crd_nce_bank_equals_crd_nce_on_gathered_keys(k):
+    b, d, n = 6, 8, 30
+    memory = torch.nn.functional.normalize(rand(n, d, seed=50), dim=1)
+    index = torch.randint(0, n, (b, k + 1), generator=torch.Generator().manual_seed(51))
+    anchor = torch.nn.functional.normalize(rand(b, d, seed=52), dim=1).requires_grad_()
+    z = losses.crd_normalizer(anchor, memory[index], n)
+    loss_bank = losses.crd_nce_bank(anchor, memory, index, n, normalizer=z)
+    (grad_bank,) = torch.autograd.grad(loss_bank, anchor)
+    loss_keys = losses.crd_nce(anchor, memory[index], n, normalizer=z)
+    (grad_keys,) = torch.autograd.grad(loss_keys, anchor)
+    torch.testing.assert_close(loss_bank, loss_keys, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_bank, grad_keys, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------- helpers, errors
 def test_map_views():
     assert map_shape((16,)) == (16, 1, 1)

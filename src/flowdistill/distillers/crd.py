@@ -168,15 +168,13 @@ class CRD(FeatureDistiller):
         else:
             idx = self._indices(v_s.shape[0])
             keys = self.sample_keys(idx)
-            w_t = self.memory_teacher[keys]  # (B, K+1, D), no gradient
-            w_s = self.memory_student[keys]
-            n = self.num_data
+            m_t, m_s, n = self.memory_teacher, self.memory_student, self.num_data
             if self.normalizer[0] < 0:
-                self.normalizer[0] = losses.crd_normalizer(v_s, w_t, n, self.nce_t)
-                self.normalizer[1] = losses.crd_normalizer(v_t, w_s, n, self.nce_t)
+                self.normalizer[0] = losses.crd_normalizer(v_s, m_t[keys], n, self.nce_t)
+                self.normalizer[1] = losses.crd_normalizer(v_t, m_s[keys], n, self.nce_t)
             z_s, z_t = self.normalizer.clone().unbind()
-            loss = losses.crd_nce(v_s, w_t, n, self.nce_t, z_s) + losses.crd_nce(
-                v_t, w_s, n, self.nce_t, z_t
+            loss = losses.crd_nce_bank(v_s, m_t, keys, n, self.nce_t, z_s) + losses.crd_nce_bank(
+                v_t, m_s, keys, n, self.nce_t, z_t
             )
             if self.training:
                 self.update_memory(idx, v_s, v_t)

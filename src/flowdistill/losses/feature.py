@@ -25,6 +25,7 @@ __all__ = [
     "at",
     "attention_map",
     "crd_nce",
+    "crd_nce_bank",
     "crd_normalizer",
     "hcl",
     "hint",
@@ -351,15 +352,47 @@ def crd_nce(
             f"of the anchor's dimension {anchor.shape[-1]}"
         )
     a, k = _wide(anchor, keys)
-    scores = torch.exp(torch.bmm(k, a.unsqueeze(-1)).squeeze(-1) / temperature)
     if normalizer is None:
         normalizer = crd_normalizer(a, k, num_data, temperature)
-    p = scores / normalizer
-    m = keys.shape[1] - 1
-    noise = m / float(num_data)
+    return _crd_nce_from_dots(
+        torch.bmm(k, a.unsqueeze(-1)).squeeze(-1), num_data, temperature, normalizer, eps
+    )
+
+
+def crd_nce_bank(
+    anchor: torch.Tensor,
+    memory: torch.Tensor,
+    index: torch.Tensor,
+    num_data: int,
+    temperature: float = 0.07,
+    normalizer: torch.Tensor | float | None = None,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """:func:`crd_nce` with ``keys = memory[index]`` (``memory`` ``(N, D)``, ``index``
+    ``(B, K+1)``, positive first), without materialising the ``(B, K+1, D)`` keys when
+    scoring the anchor against the whole bank is cheaper (many negatives for a small bank).
+    Same value and gradient as ``crd_nce(anchor, memory[index], ...)``."""
+    if memory.ndim != 2 or index.ndim != 2 or index.shape[0] != anchor.shape[0]:
+        raise ShapeMismatchError(
+            f"crd_nce_bank: memory {tuple(memory.shape)} must be (N, D) and index "
+            f"{tuple(index.shape)} (B, K+1) for an anchor of {tuple(anchor.shape)}"
+        )
+    if index.shape[1] < 2 * memory.shape[0] // anchor.shape[0]:
+        return crd_nce(anchor, memory[index], num_data, temperature, normalizer, eps)
+    a, m = _wide(anchor, memory)
+    m = m.clone()  # cheaper than the gathered keys; the caller may update its bank in place
+    if normalizer is None:
+        normalizer = crd_normalizer(a, m[index], num_data, temperature)
+    dots = (a @ m.T).gather(1, index)
+    return _crd_nce_from_dots(dots, num_data, temperature, normalizer, eps)
+
+
+def _crd_nce_from_dots(dots, num_data, temperature, normalizer, eps):
+    p = torch.exp(dots / temperature) / normalizer
+    noise = (dots.shape[1] - 1) / float(num_data)
     log_d1 = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
     log_d0 = torch.log(noise / (p[:, 1:] + noise + eps))
-    return -(log_d1.sum() + log_d0.sum()) / a.shape[0]
+    return -(log_d1.sum() + log_d0.sum()) / dots.shape[0]
 
 
 def info_nce(

@@ -453,3 +453,8 @@ register_variant(
     "flowdistill-nocond", "flowdistill", "without the conditional velocity field",
     conditional=False,
 )  # fmt: skip
+register_variant(
+    "flowdistill-lite", "flowdistill",
+    "a cheaper flow: pointwise velocity field, hidden 32, features only (logits by KD)",
+    field="pointwise", hidden=32, distill_logits=False,
+)  # fmt: skip

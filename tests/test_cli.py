@@ -170,3 +170,20 @@ def test_bench_writes_results_and_reuses_finished_runs(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "reusing the cached teacher" in again
     assert len(re.findall(r"seed \d: reusing", again)) == 4
+    # the compact README table of those results: rows in order, module cost by hand
+    assert main(["table", "--compact", str(tmp_path / "b" / "results.json")]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    ranked = sorted(s, key=lambda m: -s[m]["mean"])
+    assert [r[0].strip("| ") for r in rows] == ranked
+    by_name = {r[0].strip("| "): r for r in rows}
+    assert by_name["kd"][1] == f"{100 * s['kd']['mean']:.2f} ± {100 * s['kd']['std']:.2f}"
+    assert len(by_name["kd"]) == 5  # no diffkd row: no module-cost column
+
+
+def test_table_of_a_missing_or_foreign_file(tmp_path, capsys):
+    assert main(["table", str(tmp_path / "absent.json")]) == 2
+    assert "no benchmark results at" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    other.write_text('{"x": 1}')
+    assert main(["table", "--compact", str(other)]) == 2
+    assert "is not a flowdistill bench results.json" in capsys.readouterr().err

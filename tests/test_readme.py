@@ -41,3 +41,26 @@ def test_docs_examples_run(doc):
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0
+
+
+TABLES = re.findall(r"<!-- table: (\S+) -->\n(.*?)<!-- end table -->", README, re.S)
+
+
+def test_readme_has_results_tables():
+    assert any(path.startswith("benchmarks/digits/") for path, _ in TABLES)
+
+
+@pytest.mark.parametrize("path,table", TABLES, ids=[p for p, _ in TABLES])
+def test_readme_tables_are_the_committed_results(path, table):
+    """Every README results table is exactly what `flowdistill table --compact` prints for the
+    committed results.json it names, and that file records the command that made it."""
+    import json
+
+    from flowdistill.bench import compact_table
+
+    results = json.loads((ROOT / path).read_text())
+    assert table == compact_table(results)
+    prov = results["provenance"]
+    assert prov["command"].startswith("flowdistill bench") and prov["commit"]
+    assert f"--out {Path(path).parent}" in prov["command"]
+    assert prov["command"] in README

@@ -17,6 +17,23 @@ def _describe(cls) -> str:
     return (cls.__doc__ or "").strip().splitlines()[0]
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import compact_table, markdown_table
+    from .errors import DataError
+
+    try:
+        results = json.loads(open(args.results, encoding="utf-8").read())
+        table = (compact_table if args.compact else markdown_table)(results)
+    except FileNotFoundError as err:
+        raise DataError(f"no benchmark results at {args.results}") from err
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DataError(f"{args.results} is not a flowdistill bench results.json ({err})") from err
+    print(table, end="")
+    return 0
+
+
 def cmd_methods(_args: argparse.Namespace) -> int:
     from .distillers import REGISTRY, VARIANTS
 
@@ -165,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
         p.set_defaults(func=lambda a, t=teacher_mode: _run(a, t))
+
+    p = sub.add_parser("table", help="print the Markdown table of a bench results.json")
+    p.add_argument("results", help="path to a results.json written by bench")
+    p.add_argument("--compact", action="store_true", help="the short table of the README")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("bench", help="run a benchmark suite side by side")
     p.add_argument("--suite", required=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .report import markdown_table, plot_results
+from .report import compact_table, markdown_table, plot_results
 from .runner import method_config, run_bench
 from .suites import SUITES, Suite, get_suite, register_suite
 
 __all__ = [
     "SUITES",
     "Suite",
+    "compact_table",
     "get_suite",
     "markdown_table",
     "method_config",

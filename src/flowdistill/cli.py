@@ -63,6 +63,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cache=args.teacher_cache,
         command=shlex.join(["flowdistill", *args.argv]),
     )
+    from .engine import distributed
+
+    if not distributed.is_main():
+        return 0 if results else 1
     out = Path(args.out or Path("runs") / "bench" / args.suite)
     print()
     print((out / "results.md").read_text())

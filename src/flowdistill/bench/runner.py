@@ -17,6 +17,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Splits
 from ..distillers import get_method, list_methods, make_distiller
+from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
 from ..errors import ConfigError
@@ -114,6 +115,9 @@ def run_bench(
     loses nothing.
     """
     suite = get_suite(suite_name)
+    if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
+        log = _quiet
+        progress = False
     methods = list(methods) if methods else list_methods()
     for m in methods:
         get_method(m)
@@ -181,7 +185,9 @@ def run_bench(
                 )
                 result = fit_result.to_dict()
                 cost = inference_cost(distiller, data.test.x[: suite.batch_size])
-                atomic_write_text(cost_file, json.dumps(cost))
+                if distributed.is_main():
+                    atomic_write_text(cost_file, json.dumps(cost))
+                distributed.barrier()
                 log(
                     f"{method} seed {seed}: test acc {100 * result['test_acc_last']:.2f} "
                     f"(at best val {100 * result['test_acc_best_val']:.2f})"
@@ -257,6 +263,9 @@ def run_bench(
         "summary": summary,
         "provenance": provenance(command or shlex.join(["flowdistill", *sys.argv[1:]]), config),
     }
+    if not distributed.is_main():
+        distributed.barrier()
+        return results
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     table = markdown_table(results)
@@ -274,7 +283,12 @@ def run_bench(
             },
             out,
         )
+    distributed.barrier()
     return results
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    pass
 
 
 def inference_cost(distiller: torch.nn.Module, batch: torch.Tensor, repeats: int = 20) -> dict:

@@ -174,20 +174,38 @@ class Batches:
     """Mini-batches of a :class:`Split`; the shuffle order depends only on (seed, epoch).
 
     This makes a resumed run see exactly the batches an uninterrupted run would.
+
+    With ``world > 1`` (data-parallel training) ``batch_size`` is the global batch: process
+    ``rank`` gets the samples ``rank, rank + world, ...`` of each global batch, so that the
+    processes together see exactly the batches of a single-process run; a last global batch
+    smaller than ``world`` is dropped.
     """
 
     def __init__(
-        self, data: Split, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False
+        self,
+        data: Split,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"Batches: need 0 <= rank < world, got rank {rank}, world {world}")
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world = rank, world
         self.epoch = 0
         #: dataset indices of the batch last yielded (for methods keyed by sample, e.g. CRD)
         self.last_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         n = len(self.data)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full = n // self.batch_size
+        if self.drop_last or n % self.batch_size < self.world:
+            return full
+        return full + 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)
@@ -197,6 +215,6 @@ class Batches:
         else:
             order = torch.arange(n)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
             self.last_index = idx
             yield self.data.x[idx], self.data.y[idx]

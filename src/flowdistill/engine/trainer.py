@@ -23,6 +23,7 @@ from ..config import OptimConfig, TrainConfig
 from ..data.datasets import Batches, Split, Splits
 from ..distillers.base import Distiller
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from . import distributed
 from .checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -174,13 +175,24 @@ def fit(
             f"{out} already holds a run; pass resume=True (--resume) to continue it "
             "or choose another output directory"
         )
-    device = resolve_device(train.device)
-    seed_everything(train.seed, train.deterministic)
+    device = distributed.setup(resolve_device(train.device))
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    distributed.barrier()  # every process has checked out_dir before rank 0 writes to it
+    if world > 1 and distiller.uses_indices:
+        raise ConfigError(
+            f"method {distiller.name!r} keeps per-sample state (a memory bank) that "
+            "data-parallel training does not synchronise; run it in one process"
+        )
+    seed_everything(train.seed + rank, train.deterministic)
     distiller.on_fit_start(len(data.train))
     distiller.to(device)
     params = distiller.trainable_parameters()
     optimizer = _optimizer(params, optim)
-    loader = Batches(data.train, batch_size, shuffle=True, seed=train.seed, drop_last=False)
+    loader = Batches(
+        data.train, batch_size, shuffle=True, seed=train.seed, drop_last=False, rank=rank,
+        world=world,
+    )  # fmt: skip
     steps_per_epoch = len(loader)
     use_amp = train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -197,13 +209,22 @@ def fit(
         distiller.load_state_dict(model_state, strict=False)
         unpack_optimizer(optimizer, tensors, state["optimizer"])
         set_rng_state(tensors, state["rng"])
+        if rank:  # rank 0's generator state, moved on to a stream of this rank's own
+            torch.manual_seed(torch.randint(2**62, ()).item() + rank)
         start_epoch, history = state["epoch"] + 1, state["history"]
         best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]
         best_tensors, _ = load_checkpoint(out / BEST)
         best_state = {k: v.to(device) for k, v in best_tensors.items()}
 
-    writer = _tensorboard(out)
-    show = train.progress
+    # gradients averaged across processes; flow methods leave some parameters unused on
+    # some steps (progressive stages), hence find_unused_parameters
+    model = (
+        torch.nn.parallel.DistributedDataParallel(distiller, find_unused_parameters=True)
+        if world > 1
+        else distiller
+    )
+    writer = _tensorboard(out) if main else None
+    show = train.progress and main
     total = train.epochs
     for epoch in range(start_epoch, total):
         distiller.train()
@@ -228,9 +249,12 @@ def fit(
             t0 = time.perf_counter()
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
             with autocast:
-                terms = distiller(x, y)
+                terms = model(x, y)
             loss = terms["loss"]
-            if not torch.isfinite(loss.detach()).all():
+            finite = torch.isfinite(loss.detach()).all()
+            if world > 1:  # every process stops together
+                finite = distributed.all_reduce_sum((~finite).float().reshape(1)) == 0
+            if not finite:
                 bad = {k: float(v.detach()) for k, v in terms.items()}
                 kept = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path else ""
                 raise NonFiniteLossError(
@@ -255,6 +279,13 @@ def fit(
                 post["img/s"] = f"{seen / max(step_time, 1e-9):.0f}"
                 bar.set_postfix(post, refresh=False)
         bar.close()
+        if world > 1:  # epoch sums over processes; rank 0's buffers for everyone
+            names = sorted(sums)
+            total_ = distributed.all_reduce_sum(
+                torch.tensor([seen] + [sums[k] for k in names], dtype=torch.float64)
+            ).tolist()
+            seen, sums = int(total_[0]), dict(zip(names, total_[1:], strict=True))
+            distributed.broadcast_buffers(distiller)
         val_acc, val_loss = evaluate(distiller, data.val, device=device)
         row = {
             "epoch": epoch + 1,
@@ -276,9 +307,9 @@ def fit(
             best_state = {
                 k: v.detach().clone() for k, v in distiller.trainable_state_dict().items()
             }
-            if out is not None:
+            if out is not None and main:
                 save_checkpoint(out / BEST, best_state, {"epoch": epoch + 1, "val_acc": val_acc})
-        if out is not None:
+        if out is not None and main:
             model_t = {f"model/{k}": v for k, v in distiller.trainable_state_dict().items()}
             optim_t, optim_meta = pack_optimizer(optimizer)
             rng_t, rng_meta = rng_state()
@@ -297,6 +328,7 @@ def fit(
                 },
             )
             _write_metrics(out, history)
+        distributed.barrier()
     if writer is not None:
         writer.close()
 
@@ -316,9 +348,10 @@ def fit(
         epochs=total,
         history=history,
     )
-    if out is not None:
+    if out is not None and main:
         save_checkpoint(out / "model.safetensors", last_state, {"epoch": total})
         atomic_write_text(
             out / "result.json", json.dumps({**result.to_dict(), **(meta or {})}, indent=1)
         )
+    distributed.barrier()
     return result

@@ -1,0 +1,139 @@
+"""Data-parallel training: two CPU processes (gloo), launched the way torchrun does (the
+``RANK``/``WORLD_SIZE``/``MASTER_*`` environment), against a single-process oracle."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import flowdistill
+from flowdistill.config import OptimConfig, TrainConfig
+from flowdistill.data.datasets import Batches, Split, Splits
+from flowdistill.engine import fit
+from flowdistill.errors import ConfigError
+
+
+def _data() -> Splits:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 12, generator=g)
+    y = (x[:, :4].argmax(1) + 3 * (x[:, 5] > 0)).long() % 5
+
+    def split(a, b):
+        return Split(x[a:b].clone(), y[a:b].clone())
+
+    return Splits(split(0, 128), split(128, 144), split(144, 160), num_classes=5)
+
+
+def _models():
+    torch.manual_seed(1)
+    teacher = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+    student = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+    return teacher, student
+
+
+def _run(out_dir, epochs, resume=False):
+    teacher, student = _models()
+    distiller = flowdistill.make_distiller("kd", teacher, student)
+    train = TrainConfig(epochs=epochs, seed=0, progress=False, device="cpu")
+    optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.0)
+    result = fit(distiller, _data(), optim, train, out_dir=out_dir, resume=resume, batch_size=32)
+    return student, result
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    _run(os.path.join(tmp, "run"), epochs=2)
+    student, result = _run(os.path.join(tmp, "run"), epochs=3, resume=True)
+    torch.save(
+        {"state": student.state_dict(), "result": result.to_dict()},
+        os.path.join(tmp, f"rank{rank}.pt"),
+    )
+    teacher, other = _models()
+    crd = flowdistill.make_distiller(
+        "crd", teacher, other, example_input=torch.zeros(2, 12), student_taps=["1"],
+        teacher_taps=["1"],
+    )  # fmt: skip
+    try:
+        fit(crd, _data(), train=TrainConfig(epochs=1, progress=False, device="cpu"))
+    except ConfigError as err:
+        message = str(err)
+    else:
+        message = ""
+    with open(os.path.join(tmp, f"crd{rank}.txt"), "w") as f:
+        f.write(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_batches_shard_each_global_batch_across_processes():
+    data = Split(torch.arange(70.0)[:, None], torch.zeros(70, dtype=torch.long))
+    single = Batches(data, 16, shuffle=True, seed=3)
+    parts = [Batches(data, 16, shuffle=True, seed=3, rank=r, world=3) for r in range(3)]
+    assert len(single) == 5 and all(len(p) == 5 for p in parts)  # last global batch: 6 ≥ 3
+    for whole, *shards in zip(single, *parts, strict=True):
+        merged = torch.cat([s[0] for s in shards]).flatten().sort().values
+        assert torch.equal(merged, whole[0].flatten().sort().values)
+    # a last global batch smaller than the number of processes is dropped by all of them
+    assert len(Batches(data, 17, shuffle=False, rank=1, world=3)) == 4
+    with pytest.raises(ValueError, match="rank"):
+        Batches(data, 16, shuffle=False, rank=2, world=2)
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    """Two gloo processes, each on half of every batch, with the gradients averaged by DDP:
+    both end with the same weights, equal to a single-process run on whole batches (the
+    model has no batch statistics, so the two are the same computation); rank 0 alone writes
+    the run, which resumes under DDP as well."""
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
+    _run(tmp_path / "single", epochs=2)  # the same interrupted-and-resumed schedule
+    single, result = _run(tmp_path / "single", epochs=3, resume=True)
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-6)
+    assert r0["result"]["test_acc_last"] == result.test_acc_last
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    for mine, theirs in zip(history, result.history, strict=True):  # metrics summed over ranks
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+    for rank in (0, 1):
+        assert "data-parallel" in (tmp_path / f"crd{rank}.txt").read_text()
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+    reason="torchrun is not installed next to this interpreter",
+)
+def test_torchrun_bench(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun, "--standalone", "--nproc_per_node", "2", "-m", "flowdistill", "bench",
+        "--suite", "digits", "--methods", "kd", "--seeds", "1", "--epochs", "1",
+        "--out", str(tmp_path / "b"), "--teacher-cache", str(tmp_path / "cache"),
+        "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("| kd |") == 1  # one table: rank 0 alone prints
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert set(results["summary"]) == {"student", "kd"}

@@ -72,6 +72,11 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         message = ""
     with open(os.path.join(tmp, f"crd{rank}.txt"), "w") as f:
         f.write(message)
+    batch = flowdistill.make_distiller(
+        "crd", teacher, other, example_input=torch.zeros(2, 12), student_taps=["1"],
+        teacher_taps=["1"], mode="batch",
+    )  # fmt: skip
+    fit(batch, _data(), train=TrainConfig(epochs=1, progress=False, device="cpu"))
 
 
 def _free_port() -> int:

@@ -73,6 +73,7 @@ class CRD(FeatureDistiller):
         if nce_t <= 0 or not 0.0 <= nce_m < 1.0:
             raise ConfigError(f"crd: need nce_t > 0 and 0 <= nce_m < 1, got {nce_t}, {nce_m}")
         self.mode = mode
+        self.uses_indices = mode == "memory"  # in-batch mode needs no dataset indices
         self.feat_dim = int(feat_dim)
         self.nce_k = int(nce_k)
         self.nce_t = float(nce_t)

@@ -43,15 +43,15 @@ def test_docstring_examples(module):
     assert result.failed == 0
 
 
-TABLES = re.findall(r"<!-- table: (\S+) -->\n(.*?)<!-- end table -->", README, re.S)
+TABLES = re.findall(r"<!-- table: (\S+)( no-timing)? -->\n(.*?)<!-- end table -->", README, re.S)
 
 
 def test_readme_has_results_tables():
-    assert any(path.startswith("benchmarks/digits/") for path, _ in TABLES)
+    assert any(path.startswith("benchmarks/digits/") for path, _, _ in TABLES)
 
 
-@pytest.mark.parametrize("path,table", TABLES, ids=[p for p, _ in TABLES])
-def test_readme_tables_are_the_committed_results(path, table):
+@pytest.mark.parametrize("path,no_timing,table", TABLES, ids=[p for p, _, _ in TABLES])
+def test_readme_tables_are_the_committed_results(path, no_timing, table):
     """Every README results table is exactly what `flowdistill table --compact` prints for the
     committed results.json it names, and that file records the command that made it."""
     import json
@@ -59,8 +59,34 @@ def test_readme_tables_are_the_committed_results(path, table):
     from flowdistill.bench import compact_table
 
     results = json.loads((ROOT / path).read_text())
-    assert table == compact_table(results)
+    assert table == compact_table(results, timing=not no_timing)
     prov = results["provenance"]
     assert prov["command"].startswith("flowdistill bench") and prov["commit"]
     assert f"--out {Path(path).parent}" in prov["command"]
     assert prov["command"] in README
+
+
+COSTS = re.findall(r"<!-- cost: (\S+) -->\n(.*?)<!-- end cost -->", README, re.S)
+
+
+@pytest.mark.parametrize("path,table", COSTS, ids=[p for p, _ in COSTS])
+def test_readme_cost_tables_are_the_committed_measurements(path, table):
+    """Each row of a README cost table restates the committed cost.json, and the module
+    cost is (method − kd) / (diffkd − kd) of its step-time ratios."""
+    import json
+
+    record = json.loads((ROOT / path).read_text())
+    rows = record["methods"]
+    kd, diff = rows["kd"]["step_time_ratio"], rows["diffkd"]["step_time_ratio"]
+    lines = table.strip().splitlines()[2:]
+    assert len(lines) == len(rows)
+    for line, (method, row) in zip(lines, rows.items(), strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == method
+        assert float(cells[1]) == pytest.approx(row["step_time_ratio"], abs=0.005)
+        assert float(cells[2]) == pytest.approx(
+            (row["step_time_ratio"] - kd) / (diff - kd), abs=0.005
+        )
+        assert int(cells[3].replace(",", "")) == row["extra_params"]
+        assert int(cells[4].replace(",", "")) == row["deployed_params"]
+    assert record["provenance"]["command"] in README

@@ -25,7 +25,10 @@ def cmd_table(args: argparse.Namespace) -> int:
 
     try:
         results = json.loads(open(args.results, encoding="utf-8").read())
-        table = (compact_table if args.compact else markdown_table)(results)
+        if args.compact:
+            table = compact_table(results, timing=not args.no_timing)
+        else:
+            table = markdown_table(results)
     except FileNotFoundError as err:
         raise DataError(f"no benchmark results at {args.results}") from err
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="print the Markdown table of a bench results.json")
     p.add_argument("results", help="path to a results.json written by bench")
     p.add_argument("--compact", action="store_true", help="the short table of the README")
+    p.add_argument(
+        "--no-timing", action="store_true", help="leave the step-time columns out (--compact)"
+    )
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("bench", help="run a benchmark suite side by side")

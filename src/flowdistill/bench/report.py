@@ -14,25 +14,30 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def compact_table(results: dict[str, Any]) -> str:
+def compact_table(results: dict[str, Any], timing: bool = True) -> str:
     """The summary as a short Markdown table for a README: accuracy (%, mean ± std over
     seeds) at the last and at the best-validation epoch, gap closed, training-step time over
     the student's and, when ``kd`` and ``diffkd`` ran, the *module cost* (method − kd) ÷
-    (diffkd − kd) in step time."""
+    (diffkd − kd) in step time. ``timing=False`` leaves the two timing columns out (for runs
+    timed under uneven machine load, whose step times do not compare)."""
     summary = results["summary"]
     kd, diff = summary.get("kd"), summary.get("diffkd")
     cost = kd is not None and diff is not None and diff["step_time_ratio"] > kd["step_time_ratio"]
-    head = "| method | last epoch | at best-val epoch | gap closed | step ÷ student |"
+    cost = cost and timing
+    head = "| method | last epoch | at best-val epoch | gap closed |"
+    head += " step ÷ student |" if timing else ""
     lines = [head + (" module cost ÷ DiffKD |" if cost else ""),
-             "| --- " * (5 + cost) + "|"]  # fmt: skip
+             "| --- " * (3 + timing + cost + 1) + "|"]  # fmt: skip
     order = sorted(summary.items(), key=lambda kv: kv[1]["mean"],
                    reverse=results["higher_is_better"])  # fmt: skip
     for method, row in order:
         line = (
             f"| {method} | {_pct(row['mean'])} ± {_pct(row['std'])} | "
             f"{_pct(row['best_val_mean'])} ± {_pct(row['best_val_std'])} | "
-            f"{row['gap_closed']:+.2f} | {row['step_time_ratio']:.2f} |"
+            f"{row['gap_closed']:+.2f} |"
         )
+        if timing:
+            line += f" {row['step_time_ratio']:.2f} |"
         if cost:
             base, span = kd["step_time_ratio"], diff["step_time_ratio"] - kd["step_time_ratio"]
             line += f" {(row['step_time_ratio'] - base) / span:.2f} |"

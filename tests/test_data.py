@@ -175,3 +175,89 @@ def test_cifar10_cpu_suite_names_its_missing_file(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path))
     with pytest.raises(DataError, match="cifar10.npz"):
         get_suite("cifar10-cpu").load_data()
+
+
+# ---------------------------------------------------------------------------- CIFAR pickles
+def _write_cifar(folder, n_per_batch, hundred=False, seed=0):
+    """Tiny files in the official layout: uint8 pixels (N, 3072) channel-major, labels."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = b"fine_labels" if hundred else b"labels"
+    names = (
+        ["train", "test"] if hundred else [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    )
+    written = {}
+    for name in names:
+        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 100 if hundred else 10, n_per_batch).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": b"x", key: labels, b"data": data}, f, protocol=2)
+        written[name] = (data, labels)
+    return written
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_read_cifar_official_layouts(tmp_path, hundred):
+    from flowdistill.data import cifar_splits, read_cifar
+
+    written = _write_cifar(tmp_path / "c", 6, hundred)
+    d = read_cifar(tmp_path / "c")
+    train_names = ["train"] if hundred else [f"data_batch_{i}" for i in range(1, 6)]
+    assert d["x_train"].shape == (6 * len(train_names), 3, 32, 32)
+    data, labels = written[train_names[-1]]
+    # channel-major rows: pixel (c, i, j) of image k is data[k, 1024 c + 32 i + j]
+    k, c, i, j = 2, 1, 5, 30
+    assert d["x_train"][-6 + k, c, i, j] == data[k, 1024 * c + 32 * i + j]
+    assert d["y_train"][-6:].tolist() == labels
+    test_name = "test" if hundred else "test_batch"
+    assert d["y_test"].tolist() == written[test_name][1]
+    if hundred:  # six images cannot be split across 100 classes
+        return
+    splits = cifar_splits(str(tmp_path / "c"), val_fraction=0.2, seed=0)
+    assert len(splits.train) + len(splits.val) == len(d["y_train"])
+    assert splits.input_shape == (3, 32, 32)
+
+
+def test_read_cifar_errors_name_the_file(tmp_path):
+    import pickle
+
+    from flowdistill.data import read_cifar
+
+    with pytest.raises(DataError, match="CIFAR folder not found"):
+        read_cifar(tmp_path / "absent")
+    _write_cifar(tmp_path / "c", 4)
+    (tmp_path / "c" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3"):
+        read_cifar(tmp_path / "c")
+    _write_cifar(tmp_path / "c", 4)
+    raw = (tmp_path / "c" / "test_batch").read_bytes()
+    (tmp_path / "c" / "test_batch").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="test_batch"):
+        read_cifar(tmp_path / "c")
+    # a pickle that would call a function is refused, not run
+    (tmp_path / "c" / "test_batch").write_bytes(pickle.dumps(print, protocol=2))
+    with pytest.raises(DataError, match="not allowed"):
+        read_cifar(tmp_path / "c")
+
+
+def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
+    from flowdistill.data import random_crop_flip
+
+    x = torch.arange(2 * 3 * 6 * 5, dtype=torch.float32).reshape(2, 3, 6, 5) + 1
+    out = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n in range(2):  # some crop offset and flip reproduce each image exactly
+        windows = [
+            w
+            for dy in range(5)
+            for dx in range(5)
+            for w in (padded[n, :, dy : dy + 6, dx : dx + 5],)
+            for w in (w, w.flip(-1))
+        ]
+        assert any(torch.equal(out[n], w) for w in windows)
+    # over many draws both orientations and several offsets occur
+    many = random_crop_flip(x[:1].expand(64, -1, -1, -1), 2, torch.Generator().manual_seed(1))
+    assert len({tuple(m.flatten().tolist()) for m in many}) > 10

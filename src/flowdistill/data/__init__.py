@@ -1,17 +1,31 @@
-"""Datasets: the embedded digits data, IDX and ``.npz`` readers, seeded splits."""
+"""Datasets: the embedded digits data, IDX, ``.npz`` and CIFAR readers, seeded splits,
+augmentation."""
 
 from __future__ import annotations
 
-from .datasets import Batches, Split, Splits, digits_splits, idx_splits, npz_splits, split
-from .readers import read_idx, read_npz
+from .datasets import (
+    Batches,
+    Split,
+    Splits,
+    cifar_splits,
+    digits_splits,
+    idx_splits,
+    npz_splits,
+    random_crop_flip,
+    split,
+)
+from .readers import read_cifar, read_idx, read_npz
 
 __all__ = [
     "Batches",
     "Split",
     "Splits",
+    "cifar_splits",
     "digits_splits",
     "idx_splits",
     "npz_splits",
+    "random_crop_flip",
+    "read_cifar",
     "read_idx",
     "read_npz",
     "split",

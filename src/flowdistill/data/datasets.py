@@ -122,6 +122,42 @@ def npz_splits(path: str, val_fraction: float = 0.1, seed: int = 0) -> Splits:
     )
 
 
+def cifar_splits(folder: str, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """CIFAR-10/100 from the official python-pickle folder (see
+    :func:`~flowdistill.data.readers.read_cifar`); validation carved from train, per-channel
+    standardisation from the training split."""
+    from .readers import read_cifar
+
+    d = read_cifar(folder)
+    to_float = lambda x: x.astype(np.float32) / 255.0  # noqa: E731  (already N, C, H, W)
+    return _with_val(
+        to_float(d["x_train"]), d["y_train"], to_float(d["x_test"]), d["y_test"],
+        val_fraction, seed,
+    )  # fmt: skip
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The standard CIFAR augmentation on a batch ``(N, C, H, W)``, on the batch's device:
+    a random ``H×W`` crop of the zero-padded image and a horizontal flip with probability
+    1/2, drawn per image. Vectorised (one gather), so GPU-resident data stays on the GPU."""
+    if x.ndim != 4:
+        raise ValueError(f"random_crop_flip: expected (N, C, H, W), got {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    dev = x.device
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    gen_dev = generator.device if generator is not None else dev
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gen_dev).to(dev)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=gen_dev).to(dev)
+    flip = torch.rand(n, generator=generator, device=gen_dev).to(dev) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=dev)  # (N, H)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (N, W)
+    out = padded.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, padded.shape[3]))
+    return out.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], h, -1))
+
+
 def npz_subset_splits(
     path: str,
     train_size: int | None = None,

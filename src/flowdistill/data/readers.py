@@ -1,4 +1,5 @@
-"""Readers for local data files: IDX (MNIST-style) and ``.npz`` archives.
+"""Readers for local data files: IDX (MNIST-style), ``.npz`` archives and the official
+CIFAR-10/100 python-pickle folders.
 
 Every reader fails with :class:`~flowdistill.errors.DataError` naming the file and what is
 wrong with it (missing, truncated, bad header, missing arrays); nothing is downloaded.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 import zipfile
 import zlib
@@ -17,7 +19,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["read_idx", "read_npz"]
+__all__ = ["read_cifar", "read_idx", "read_npz"]
 
 # IDX type codes → numpy dtypes (big-endian as stored)
 _IDX_TYPES = {
@@ -113,3 +115,61 @@ def cached_npz(
             np.save(fh, arrays[k], allow_pickle=False)
         os.replace(tmp, files[k])
     return {k: arrays[k] for k in keys}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the official CIFAR batches (dicts of bytes, lists and numpy arrays) and
+    refuses every other global, so a tampered file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise DataError(f"{path} is not a readable CIFAR batch (corrupt?): {err}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        raise DataError(f"{path} lacks the CIFAR keys b'data' and {label_key!r}")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(
+            f"{path}: expected (N, 3072) pixels and N labels, got {data.shape} and {labels.shape}"
+        )
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The official python version of CIFAR-10 (``cifar-10-batches-py``: ``data_batch_1..5``
+    and ``test_batch``) or CIFAR-100 (``cifar-100-python``: ``train`` and ``test``, fine
+    labels), as uint8 ``x_train`` (N, 3, 32, 32), int64 ``y_train``, ``x_test``, ``y_test``.
+    The layout is recognised from the files present."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"CIFAR folder not found: {folder}")
+    if (folder / "train").is_file():  # cifar-100-python
+        train_files, test_file, key = [folder / "train"], folder / "test", b"fine_labels"
+    else:
+        train_files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        test_file, key = folder / "test_batch", b"labels"
+    parts = [_cifar_batch(_require(p), key) for p in train_files]
+    x_test, y_test = _cifar_batch(_require(test_file), key)
+    return {
+        "x_train": np.concatenate([x for x, _ in parts]),
+        "y_train": np.concatenate([y for _, y in parts]),
+        "x_test": x_test,
+        "y_test": y_test,
+    }

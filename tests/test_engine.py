@@ -195,3 +195,38 @@ def test_adamw_and_deterministic_mode(tiny_data):
         }
         for i, r in enumerate(runs[1].history)
     ]
+
+
+def test_augmentation_crops_and_flips_training_batches_only(tiny_data):
+    from flowdistill.data import Batches
+    from flowdistill.errors import ConfigError
+
+    seen = []
+    student = _student()
+    student.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().clone()) if m.training else None
+    )
+    d = flowdistill.make_distiller("student", None, student)
+    train = TrainConfig(epochs=1, augment_padding=2, **QUIET)
+    fit(d, tiny_data, OptimConfig(lr=0.01), train, batch_size=32)
+    batches = list(Batches(tiny_data.train, 32, shuffle=True, seed=0))
+    assert len(seen) == len(batches)
+    changed = 0
+    for got, (x, _) in zip(seen, batches, strict=True):
+        padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+        for n in range(len(x)):  # each image is a 8×8 window of its padded self, maybe flipped
+            windows = [padded[n, :, a : a + 8, b : b + 8] for a in range(5) for b in range(5)]
+            assert any(torch.equal(got[n], w) or torch.equal(got[n], w.flip(-1)) for w in windows)
+            changed += not torch.equal(got[n], x[n])
+    assert changed > len(tiny_data.train) // 2
+    with pytest.raises(ConfigError, match="augment_padding must be >= 0"):
+        TrainConfig(augment_padding=-1).validate()
+    flat = flowdistill.make_distiller(
+        "student", None, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    )
+    flat_data = type(tiny_data)(
+        *(type(s)(s.x.flatten(1), s.y) for s in (tiny_data.train, tiny_data.val, tiny_data.test)),
+        num_classes=4,
+    )
+    with pytest.raises(ConfigError, match="crops and flips images"):
+        fit(flat, flat_data, OptimConfig(lr=0.01), train, batch_size=32)

@@ -110,7 +110,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Epochs, seed, determinism, mixed precision (CUDA only), device, progress bar."""
+    """Epochs, seed, determinism, mixed precision (CUDA only), device, progress bar, and
+    ``augment_padding``: when > 0, every training batch of images gets the standard random
+    crop (zero padding of that many pixels) and horizontal flip, on its device."""
 
     epochs: int = 20
     seed: int = 0
@@ -119,10 +121,13 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     grad_clip: float | None = None
+    augment_padding: int = 0
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.augment_padding < 0:
+            raise ConfigError(f"train.augment_padding must be >= 0, got {self.augment_padding}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ConfigError(
                 f"train.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import OptimConfig, TrainConfig
-from ..data.datasets import Batches, Split, Splits
+from ..data.datasets import Batches, Split, Splits, random_crop_flip
 from ..distillers.base import Distiller
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from . import distributed
@@ -241,6 +241,13 @@ def fit(
         )
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if train.augment_padding:
+                if x.ndim != 4:
+                    raise ConfigError(
+                        "train.augment_padding crops and flips images (N, C, H, W); the "
+                        f"training inputs are {tuple(x.shape)}"
+                    )
+                x = random_crop_flip(x, train.augment_padding)
             if distiller.uses_indices:
                 distiller.batch_index = loader.last_index.to(device)
             factor = lr_factor(optim, epoch * steps_per_epoch + i, steps_per_epoch, total)

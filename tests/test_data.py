@@ -261,3 +261,57 @@ def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
     # over many draws both orientations and several offsets occur
     many = random_crop_flip(x[:1].expand(64, -1, -1, -1), 2, torch.Generator().manual_seed(1))
     assert len({tuple(m.flatten().tolist()) for m in many}) > 10
+
+
+# ---------------------------------------------------------------------------- image folders, text
+def test_read_image_folder(tmp_path):
+    from PIL import Image
+
+    from flowdistill.data import read_image_folder
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for cls in ("zebra", "ant"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for k in range(3):
+            arr = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{k}.png")  # lossless
+            written[(cls, k)] = arr
+    (tmp_path / "imgs" / "ant" / "notes.txt").write_text("not an image")
+    x, y, classes = read_image_folder(tmp_path / "imgs")
+    assert classes == ["ant", "zebra"] and x.shape == (6, 5, 7, 3) and x.dtype == np.uint8
+    assert y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(x[4], written[("zebra", 1)])
+    small, _, _ = read_image_folder(tmp_path / "imgs", size=(4, 4), mode="L")
+    assert small.shape == (6, 4, 4, 1)
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "imgs" / "ant" / "9.png")
+    with pytest.raises(DataError, match="pass size"):
+        read_image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "ant" / "9.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="9.png"):
+        read_image_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match="not found"):
+        read_image_folder(tmp_path / "absent")
+
+
+def test_read_chars_round_trips(tmp_path):
+    from flowdistill.data import read_chars
+
+    text = "To be, or not to be:\nthat is the question."
+    (tmp_path / "t.txt").write_text(text)
+    ids, vocab = read_chars(tmp_path / "t.txt")
+    assert "".join(vocab[i] for i in ids) == text
+    assert vocab == sorted(set(text)) and len(ids) == len(text)
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        read_chars(tmp_path / "e.txt")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(DataError, match="not utf-8"):
+        read_chars(tmp_path / "b.txt")
+
+
+def test_read_chars_tiny_shakespeare(shared_file):
+    from flowdistill.data import read_chars
+
+    ids, vocab = read_chars(shared_file("tinyshakespeare", "input.txt"))
+    assert len(ids) == 1_115_394 and len(vocab) == 65  # the figures its README measured

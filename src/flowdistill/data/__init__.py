@@ -1,5 +1,5 @@
-"""Datasets: the embedded digits data, IDX, ``.npz`` and CIFAR readers, seeded splits,
-augmentation."""
+"""Datasets: the embedded digits data; IDX, ``.npz``, CIFAR, image-folder and text
+readers; seeded splits; augmentation."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .datasets import (
     random_crop_flip,
     split,
 )
-from .readers import read_cifar, read_idx, read_npz
+from .readers import read_chars, read_cifar, read_idx, read_image_folder, read_npz
 
 __all__ = [
     "Batches",
@@ -25,8 +25,10 @@ __all__ = [
     "idx_splits",
     "npz_splits",
     "random_crop_flip",
+    "read_chars",
     "read_cifar",
     "read_idx",
+    "read_image_folder",
     "read_npz",
     "split",
 ]

@@ -1,5 +1,5 @@
-"""Readers for local data files: IDX (MNIST-style), ``.npz`` archives and the official
-CIFAR-10/100 python-pickle folders.
+"""Readers for local data files: IDX (MNIST-style), ``.npz`` archives, the official
+CIFAR-10/100 python-pickle folders, ImageFolder-style trees and plain text (characters).
 
 Every reader fails with :class:`~flowdistill.errors.DataError` naming the file and what is
 wrong with it (missing, truncated, bad header, missing arrays); nothing is downloaded.
@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["read_cifar", "read_idx", "read_npz"]
+__all__ = ["read_chars", "read_cifar", "read_idx", "read_image_folder", "read_npz"]
 
 # IDX type codes → numpy dtypes (big-endian as stored)
 _IDX_TYPES = {
@@ -173,3 +173,73 @@ def read_cifar(folder: str | os.PathLike) -> dict[str, np.ndarray]:
         "x_test": x_test,
         "y_test": y_test,
     }
+
+
+_IMAGE_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".tif",
+    ".tiff",
+}
+
+
+def read_image_folder(
+    root: str | os.PathLike, size: tuple[int, int] | None = None, mode: str = "RGB"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An ImageFolder-style tree ``root/<class>/<image>``: uint8 images ``(N, H, W, C)``,
+    int64 labels and the class names (sorted folder names; label ``k`` is ``classes[k]``).
+    Images are converted to ``mode`` and, when ``size = (H, W)`` is given, resized
+    (bilinear); without it every image must already have the same size."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root} holds no class folders (expected root/<class>/<image>)")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as im:
+                    im = im.convert(mode)
+                    if size is not None:
+                        im = im.resize((size[1], size[0]), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as err:
+                raise DataError(f"cannot read image {path}: {err}") from None
+            if images and arr.shape != images[0].shape:
+                raise DataError(
+                    f"{path} is {arr.shape[:2]} but earlier images are {images[0].shape[:2]}; "
+                    "pass size=(H, W) to resize"
+                )
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root} holds no images with a known suffix")
+    x = np.stack(images)
+    return (x if x.ndim == 4 else x[..., None]), np.asarray(labels, dtype=np.int64), classes
+
+
+def read_chars(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
+    """A plain-text file as character ids (int64) and its sorted vocabulary: the text is
+    ``"".join(vocab[i] for i in ids)``."""
+    path = _require(path)
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not {encoding} text: {err}") from None
+    if not text:
+        raise DataError(f"{path} is empty")
+    vocab = sorted(set(text))
+    index = {c: i for i, c in enumerate(vocab)}
+    return np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text)), vocab

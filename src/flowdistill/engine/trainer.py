@@ -289,7 +289,9 @@ def fit(
         if world > 1:  # epoch sums over processes; rank 0's buffers for everyone
             names = sorted(sums)
             total_ = distributed.all_reduce_sum(
-                torch.tensor([seen] + [sums[k] for k in names], dtype=torch.float64)
+                torch.tensor(  # on the device: NCCL reduces CUDA tensors only
+                    [seen] + [sums[k] for k in names], dtype=torch.float64, device=device
+                )
             ).tolist()
             seen, sums = int(total_[0]), dict(zip(names, total_[1:], strict=True))
             distributed.broadcast_buffers(distiller)

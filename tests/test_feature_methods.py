@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TinyViT
 from torch import nn
 
 import flowdistill
@@ -18,23 +19,6 @@ METHODS = ["fitnet", "at", "sp", "rkd", "pkt", "vid", "crd", "reviewkd", "pkd"]
 #: the name of each method's own loss term
 TERM = {m: m for m in METHODS} | {"rkd": "rkd_distance"}
 Y = torch.tensor([0, 1, 2, 3])
-
-
-class TinyViT(nn.Module):
-    """2×2 patches of an 8×8 image as 16 tokens plus a class token; taps ``blocks``
-    ``(17, dim)``."""
-
-    def __init__(self, dim: int, num_classes: int = 4) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, dim)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
-        self.head = nn.Linear(dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches = x.unfold(2, 2, 2).unfold(3, 2, 2).reshape(x.shape[0], 16, 4)
-        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(patches)], dim=1)
-        return self.head(self.blocks(tokens)[:, 0])
 
 
 def make(name, teacher, student, x, s_taps, t_taps, **options):

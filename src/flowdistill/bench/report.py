@@ -20,6 +20,10 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
     the student's and, when ``kd`` and ``diffkd`` ran, the *module cost* (method − kd) ÷
     (diffkd − kd) in step time. ``timing=False`` leaves the two timing columns out (for runs
     timed under uneven machine load, whose step times do not compare)."""
+    if results.get("kind") == "nf":
+        from ..nf.bench import compact_nf_table
+
+        return compact_nf_table(results)
     summary = results["summary"]
     kd, diff = summary.get("kd"), summary.get("diffkd")
     cost = kd is not None and diff is not None and diff["step_time_ratio"] > kd["step_time_ratio"]
@@ -47,6 +51,10 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The summary as a Markdown table (accuracy in %, mean ± std over seeds)."""
+    if results.get("kind") == "nf":
+        from ..nf.bench import markdown_nf_table
+
+        return markdown_nf_table(results)
     t, s = results["teacher"], results["student"]
     lines = [
         f"## {results['suite']}: {results['metric']} (%), mean ± std over "

@@ -115,6 +115,10 @@ def run_bench(
     loses nothing.
     """
     suite = get_suite(suite_name)
+    if getattr(suite, "kind", None) == "nf":  # a normalizing flow distilled into a smaller one
+        from ..nf.bench import run_nf_bench
+
+        return run_nf_bench(suite, methods, seeds, epochs, out, progress, cache, command, log)
     if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
         log = _quiet
         progress = False

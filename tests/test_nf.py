@@ -1,0 +1,238 @@
+"""Flow distillation end to end: data, training, resume, failures, the bench suites."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from flowdistill.bench import compact_table, get_suite, markdown_table, run_bench
+from flowdistill.engine.checkpoint import load_checkpoint
+from flowdistill.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from flowdistill.nf import (
+    FlowDistiller,
+    FlowKDConfig,
+    FlowTrainConfig,
+    ImageData,
+    MultiScaleFlow,
+    digits_images,
+    evaluate_bpd,
+    fit_flow,
+    mnist_test_images,
+)
+from flowdistill.nf.bench import NF_METHODS, NFSuite, nf_method_config, run_nf_bench
+
+
+@pytest.fixture
+def tiny_images() -> ImageData:
+    """Stripes on 1x4x4 images with 5 levels: a learnable, clearly non-uniform density."""
+    g = torch.Generator().manual_seed(0)
+
+    def make(n: int) -> torch.Tensor:
+        rows = torch.randint(0, 4, (n,), generator=g)
+        x = torch.randint(0, 2, (n, 1, 4, 4), generator=g)
+        x[torch.arange(n), 0, rows] = 4
+        return x.to(torch.uint8)
+
+    return ImageData(make(128), make(64), make(64), n_bins=5)
+
+
+def _flow(data: ImageData, steps: int = 2, hidden: int = 8) -> MultiScaleFlow:
+    return MultiScaleFlow(data.image_shape, levels=2, steps=steps, hidden=hidden)
+
+
+FAST = FlowTrainConfig(epochs=2, lr=3e-3, batch_size=32, warmup_steps=2, progress=False)
+
+
+def test_training_lowers_validation_bits_per_dim(tiny_images):
+    torch.manual_seed(0)
+    model = _flow(tiny_images)
+    model.encode(torch.rand(64, 1, 4, 4))  # initialise ActNorm as training would
+    before = evaluate_bpd(model, tiny_images.val, 5)
+    torch.manual_seed(0)
+    model = _flow(tiny_images)
+    train = FlowTrainConfig(**{**FAST.__dict__, "epochs": 4})
+    result = fit_flow(FlowDistiller(model, n_bins=5), tiny_images, train)
+    assert result.history[-1]["val_bpd"] < before - 0.1
+    assert result.best_val_bpd == min(r["val_bpd"] for r in result.history)
+    assert 1 <= result.best_val_epoch <= 4
+    # uniform over the 5 levels is log2(5) bits/dim: a fitted model does better
+    assert result.test_bpd_last < math.log2(5)
+
+
+@pytest.mark.parametrize("method", sorted(NF_METHODS))
+def test_every_method_trains_one_epoch(method, tiny_images, tmp_path):
+    torch.manual_seed(0)
+    teacher = _flow(tiny_images, steps=3, hidden=12)
+    teacher.encode(torch.rand(64, 1, 4, 4))
+    kd = FlowKDConfig(**NF_METHODS[method], synth_batch=8)
+    student = _flow(tiny_images, steps=1, hidden=4)
+    before = copy.deepcopy(student.state_dict())
+    distiller = FlowDistiller(student, teacher, kd, n_bins=5)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    train = FlowTrainConfig(**{**FAST.__dict__, "epochs": 1})
+    result = fit_flow(distiller, tiny_images, train, tmp_path / method)
+    assert math.isfinite(result.test_bpd_last)
+    terms = set(result.history[0]) - {"epoch", "lr", "val_bpd", "step_seconds"}
+    expected = {"train_nll", "train_loss"} | {f"train_{k}" for k, w in NF_METHODS[method].items()
+                                               if w > 0}  # fmt: skip
+    assert terms == expected
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_images, tmp_path):
+    class StopsInEpoch2(FlowDistiller):
+        calls = 0
+
+        def forward(self, y):
+            StopsInEpoch2.calls += 1
+            if StopsInEpoch2.calls == 6:  # 4 steps per epoch: mid epoch 2
+                raise _Interrupted
+            return super().forward(y)
+
+    def run(out, cls=FlowDistiller, resume: bool = False) -> MultiScaleFlow:
+        torch.manual_seed(0)
+        model = _flow(tiny_images)
+        train = FlowTrainConfig(**{**FAST.__dict__, "epochs": 3})
+        fit_flow(cls(model, n_bins=5), tiny_images, train, out, resume=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(_Interrupted):
+        run(tmp_path / "split", StopsInEpoch2)
+    resumed = run(tmp_path / "split", resume=True)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    history = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        run(tmp_path / "split")
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tiny_images, tmp_path):
+    class Poisoned(FlowDistiller):
+        calls = 0
+
+        def forward(self, y):
+            Poisoned.calls += 1
+            terms = super().forward(y)
+            if Poisoned.calls > 4:  # during epoch 2 (4 steps per epoch)
+                terms["loss"] = terms["loss"] * float("nan")
+            return terms
+
+    train = FlowTrainConfig(**{**FAST.__dict__, "epochs": 3})
+    with pytest.raises(NonFiniteLossError, match="epoch 2.*last good checkpoint"):
+        fit_flow(Poisoned(_flow(tiny_images), n_bins=5), tiny_images, train, tmp_path)
+    _, meta = load_checkpoint(tmp_path / "last.safetensors")
+    assert meta["epoch"] == 0  # epoch 1 finished and saved
+
+
+def test_bad_configurations_are_refused(tiny_images):
+    with pytest.raises(ConfigError, match="kd.final"):
+        FlowKDConfig(final=-1.0).validate()
+    with pytest.raises(ConfigError, match="synth_target"):
+        FlowKDConfig(synth_target="pixels").validate()
+    with pytest.raises(ConfigError, match="need a teacher"):
+        FlowDistiller(_flow(tiny_images), None, FlowKDConfig(final=1.0))
+    with pytest.raises(ConfigError, match="epochs"):
+        FlowTrainConfig(epochs=0).validate()
+    with pytest.raises(ConfigError, match="intensity levels"):
+        fit_flow(FlowDistiller(_flow(tiny_images), n_bins=256), tiny_images, FAST)
+    with pytest.raises(DataError, match="not below n_bins"):
+        ImageData(*(torch.full((2, 1, 4, 4), 9, dtype=torch.uint8),) * 3, n_bins=5)
+    with pytest.raises(DataError, match="uint8"):
+        ImageData(*(torch.zeros(2, 1, 4, 4),) * 3, n_bins=5)
+
+
+def test_digits_images_are_integer_levels():
+    data = digits_images()
+    assert data.n_bins == 17 and data.image_shape == (1, 8, 8)
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert int(data.train.max()) == 16
+
+
+def test_mnist_test_images(shared_file):
+    folder = shared_file("mnist", "t10k-images-idx3-ubyte.gz").parent
+    data = mnist_test_images(folder, pad_to=32)
+    assert data.n_bins == 256 and data.image_shape == (1, 32, 32)
+    sizes = (len(data.train), len(data.val), len(data.test))
+    assert sum(sizes) == 10000
+    assert all(abs(a - b) <= 5 for a, b in zip(sizes, (8000, 1000, 1000), strict=True))
+    assert int(data.train[:, :, :2].max()) == 0  # the padding
+
+
+def test_mnist_reader_names_a_missing_file(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        mnist_test_images(tmp_path)
+
+
+def test_unknown_method_is_named():
+    suite = get_suite("nf-digits")
+    with pytest.raises(ConfigError, match="did you mean 'final_kd'"):
+        nf_method_config(suite, "finl_kd")
+
+
+def test_bench_runs_a_tiny_suite_and_reuses_runs(tiny_images, tmp_path):
+    suite = NFSuite(
+        name="nf-tiny",
+        description="stripes",
+        load_data=lambda: tiny_images,
+        teacher={"levels": 2, "steps": 3, "hidden": 12},
+        student={"levels": 2, "steps": 1, "hidden": 4},
+        teacher_train=FlowTrainConfig(**{**FAST.__dict__, "epochs": 3}),
+        train=FAST,
+        method_options={"synth_kd": {"synth_batch": 8}},
+    )
+    logs: list[str] = []
+    kw = dict(seeds=2, out=tmp_path / "out", progress=False, cache=tmp_path / "cache")
+    results = run_nf_bench(suite, ["final_kd", "synth_kd"], log=logs.append, **kw)
+    assert results["kind"] == "nf" and results["higher_is_better"] is False
+    summary = results["summary"]
+    assert list(summary) == ["teacher", "student", "final_kd", "synth_kd"]
+    assert summary["student"]["n"] == 2 and summary["teacher"]["n"] == 1
+    for row in summary.values():
+        assert math.isfinite(row["mean"]) and row["samples_per_second"] > 0
+    assert summary["teacher"]["params"] > summary["student"]["params"]
+    runs = [r["metric"] for r in results["runs"] if r["method"] == "final_kd"]
+    assert summary["final_kd"]["mean"] == pytest.approx(sum(runs) / 2)
+    for name in ("results.json", "results.md", "val_curves.png", "samples.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+    table = compact_table(results)
+    assert table.splitlines()[0].startswith("| method | bits/dim")
+    assert len(table.splitlines()) == 2 + 4
+    assert "samples/s" in markdown_table(results)
+    assert results["provenance"]["config"]["method_options"]["synth_kd"]["synth_batch"] == 8
+    logs.clear()
+    again = run_nf_bench(suite, ["final_kd", "synth_kd"], log=logs.append, **kw)
+    assert sum("reusing" in line for line in logs) == 1 + 3 * 2  # teacher + every run
+    assert again["runs"] == results["runs"]
+
+
+def test_bench_cli_dispatches_flow_suites(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path))  # no MNIST there
+    with pytest.raises(DataError, match="nf-mnist suite reads"):
+        run_bench("nf-mnist", out=tmp_path / "x", progress=False)
+
+
+def test_linear_anneal_scales_the_distillation_terms(tiny_images):
+    torch.manual_seed(0)
+    teacher = _flow(tiny_images, steps=3, hidden=12)
+    kd = FlowKDConfig(intermediate=0.5, final=0.25, anneal="linear")
+    distiller = FlowDistiller(_flow(tiny_images), teacher, kd, n_bins=5)
+    y = torch.rand(8, 1, 4, 4)
+    for progress in (0.0, 0.25, 1.0):
+        distiller.progress = progress
+        terms = distiller(y)
+        weighted = 0.5 * terms["intermediate"] + 0.25 * terms["final"]
+        expected = terms["nll"] + (1 - progress) * weighted
+        assert torch.allclose(terms["loss"], expected)
+    with pytest.raises(ConfigError, match="anneal"):
+        FlowKDConfig(anneal="cosine").validate()

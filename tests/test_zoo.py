@@ -15,7 +15,8 @@ from flowdistill.taps import FeatureTaps
 
 SMALL = {"small_cnn", "digits_teacher", "digits_student", "mlp"}
 IMAGENET = {"resnet18", "resnet34", "resnet50"}
-ZOO = [name for name in list_models() if name not in SMALL]
+LANGUAGE = {"gpt"}  # token models: tests/test_gpt.py
+ZOO = [name for name in list_models() if name not in SMALL | LANGUAGE]
 
 # the CIFAR-100 tables of Tian et al. (2020) and torchvision's ImageNet ResNets
 PARAMS = {

@@ -7,9 +7,10 @@ and takes its authors' defaults as keyword defaults.
 
 from __future__ import annotations
 
-from . import feature, logit, logit_space
+from . import feature, lm, logit, logit_space
 from .feature import *  # noqa: F403
+from .lm import *  # noqa: F403
 from .logit import *  # noqa: F403
 from .logit_space import *  # noqa: F403
 
-__all__ = sorted([*logit.__all__, *logit_space.__all__, *feature.__all__])
+__all__ = sorted([*logit.__all__, *logit_space.__all__, *feature.__all__, *lm.__all__])

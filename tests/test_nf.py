@@ -203,7 +203,14 @@ def test_bench_runs_a_tiny_suite_and_reuses_runs(tiny_images, tmp_path):
         assert math.isfinite(row["mean"]) and row["samples_per_second"] > 0
     assert summary["teacher"]["params"] > summary["student"]["params"]
     runs = [r["metric"] for r in results["runs"] if r["method"] == "final_kd"]
+    alone = [r["metric"] for r in results["runs"] if r["method"] == "student"]
     assert summary["final_kd"]["mean"] == pytest.approx(sum(runs) / 2)
+    diffs = [a - b for a, b in zip(runs, alone, strict=True)]
+    assert summary["final_kd"]["paired_delta"] == pytest.approx(sum(diffs) / 2)
+    assert summary["final_kd"]["paired_delta_std"] == pytest.approx(
+        abs(diffs[0] - diffs[1]) / 2**0.5
+    )
+    assert summary["student"]["paired_delta"] == 0
     for name in ("results.json", "results.md", "val_curves.png", "samples.png"):
         assert (tmp_path / "out" / name).is_file(), name
     table = compact_table(results)

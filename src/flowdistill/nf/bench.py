@@ -322,14 +322,18 @@ def run_nf_bench(
             "best_val_mean": teacher_info["metric"],
             "best_val_std": 0.0,
             "gap_closed": 1.0,
+            "paired_delta": float("nan"),
+            "paired_delta_std": float("nan"),
             "params": teacher_info["params"],
             "samples_per_second": speeds["teacher"],
             "sampling_speed_vs_teacher": 1.0,
             "step_time_ratio": float("nan"),
         }
     }
+    student_by_seed = {r["seed"]: r["metric"] for r in by_method["student"]}
     for m, rs in by_method.items():
         mean, std = stats([r["metric"] for r in rs])
+        delta, delta_std = stats([r["metric"] - student_by_seed[r["seed"]] for r in rs])
         bmean, bstd = stats([r["best_val_metric"] for r in rs])
         summary[m] = {
             "mean": mean,
@@ -338,6 +342,8 @@ def run_nf_bench(
             "best_val_mean": bmean,
             "best_val_std": bstd,
             "gap_closed": (student_mean - mean) / gap if gap != 0 else float("nan"),
+            "paired_delta": delta,
+            "paired_delta_std": delta_std,
             "params": params[m],
             "samples_per_second": speeds[m],
             "sampling_speed_vs_teacher": speeds[m] / speeds["teacher"],
@@ -381,18 +387,25 @@ def _order(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                   reverse=results["higher_is_better"])  # fmt: skip
 
 
+def _delta(row: dict[str, Any]) -> str:
+    if "paired_delta" not in row or math.isnan(row["paired_delta"]):
+        return "—"
+    return f"{row['paired_delta']:+.4f} ± {row['paired_delta_std']:.4f}"
+
+
 def compact_nf_table(results: dict[str, Any]) -> str:
     """The README's table: test bits/dim (mean ± std over seeds) at the last and at the
-    best-validation epoch, gap closed, parameters and sampling speed over the teacher's."""
+    best-validation epoch, the paired difference to the student alone (same seed), gap
+    closed, parameters and sampling speed over the teacher's."""
     lines = [
-        "| method | bits/dim, last epoch | at best-val epoch | gap closed | params | "
-        "sampling speed ÷ teacher |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | bits/dim, last epoch | at best-val epoch | − student (paired) | gap closed "
+        "| params | sampling speed ÷ teacher |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, row in _order(results):
         lines.append(
             f"| {method} | {row['mean']:.4f} ± {row['std']:.4f} | "
-            f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | "
+            f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | {_delta(row)} | "
             f"{row['gap_closed']:+.2f} | {row['params']:,} | "
             f"{row['sampling_speed_vs_teacher']:.1f} |"
         )
@@ -409,14 +422,14 @@ def markdown_nf_table(results: dict[str, Any]) -> str:
         f"Teacher flow {t['config']} ({t['params']:,} params, trained once, seed 0): "
         f"{t['metric']:.4f}. Student flow {s['config']} ({s['params']:,} params).",
         "",
-        "| method | last epoch | at best-val epoch | gap closed | params | samples/s | "
-        "sampling speed ÷ teacher | step time ÷ student |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | last epoch | at best-val epoch | − student (paired) | gap closed | params | "
+        "samples/s | sampling speed ÷ teacher | step time ÷ student |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, row in _order(results):
         lines.append(
             f"| {method} | {row['mean']:.4f} ± {row['std']:.4f} | "
-            f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | "
+            f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | {_delta(row)} | "
             f"{row['gap_closed']:+.2f} | {row['params']:,} | {row['samples_per_second']:,.0f} | "
             f"{row['sampling_speed_vs_teacher']:.1f} | "
             + ("—" if math.isnan(row["step_time_ratio"]) else f"{row['step_time_ratio']:.2f}")
@@ -424,10 +437,11 @@ def markdown_nf_table(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "*gap closed* = (student − method) / (student − teacher) in bits/dim on the last-epoch "
-        "mean; *samples/s*: 256 samples per call at the suite's temperature, median over "
-        "rounds interleaved across models (seed-0 models; absolute values depend on the "
-        "machine, the ratio to the teacher much less).",
+        "*− student (paired)* = mean ± std over seeds of (method − student alone of the same "
+        "seed), last epoch; *gap closed* = (student − method) / (student − teacher) in bits/dim "
+        "on the last-epoch mean; *samples/s*: 256 samples per call at the suite's "
+        "temperature, median over rounds interleaved across models (seed-0 models; "
+        "absolute values depend on the machine, the ratio to the teacher much less).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -110,9 +110,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Epochs, seed, determinism, mixed precision (CUDA only), device, progress bar, and
+    """Epochs, seed, determinism, mixed precision (CUDA only), device, progress bar,
     ``augment_padding``: when > 0, every training batch of images gets the standard random
-    crop (zero padding of that many pixels) and horizontal flip, on its device."""
+    crop (zero padding of that many pixels) and horizontal flip, on its device, and
+    ``select_by``: which validation number picks the best epoch (``"val_acc"``, highest, or
+    ``"val_loss"``, lowest: the choice for language models)."""
 
     epochs: int = 20
     seed: int = 0
@@ -122,6 +124,7 @@ class TrainConfig:
     progress: bool = True
     grad_clip: float | None = None
     augment_padding: int = 0
+    select_by: str = "val_acc"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -134,6 +137,10 @@ class TrainConfig:
             )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        if self.select_by not in ("val_acc", "val_loss"):
+            raise ConfigError(
+                f"train.select_by must be 'val_acc' or 'val_loss', got {self.select_by!r}"
+            )
 
 
 @dataclass

@@ -15,11 +15,14 @@ from .datasets import (
     split,
 )
 from .readers import read_chars, read_cifar, read_idx, read_image_folder, read_npz
+from .text import CharTokenizer, char_splits, token_windows
 
 __all__ = [
     "Batches",
+    "CharTokenizer",
     "Split",
     "Splits",
+    "char_splits",
     "cifar_splits",
     "digits_splits",
     "idx_splits",
@@ -31,4 +34,5 @@ __all__ = [
     "read_image_folder",
     "read_npz",
     "split",
+    "token_windows",
 ]

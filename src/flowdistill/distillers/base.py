@@ -12,7 +12,9 @@ from torch import nn
 from ..errors import ConfigError, ShapeMismatchError
 from ..taps import LOGITS, FeatureTaps
 
-__all__ = ["Distiller"]
+__all__ = ["IGNORE_INDEX", "Distiller"]
+
+IGNORE_INDEX = -100  # a target that is not counted (padding), as in F.cross_entropy
 
 
 class Distiller(nn.Module):
@@ -139,8 +141,15 @@ class Distiller(nn.Module):
         return {k: v.detach() for k, v in self.teacher_taps(inputs)[1].items()}
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Task loss on the student's logits (class dimension last)."""
+        """Task loss on the student's logits (class dimension last); targets equal to -100
+        (padding) are not counted."""
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+    @staticmethod
+    def token_mask(targets: torch.Tensor) -> torch.Tensor | None:
+        """``targets != -100`` (the positions that count), or ``None`` when all count."""
+        mask = targets != IGNORE_INDEX
+        return None if bool(mask.all()) else mask
 
     @torch.no_grad()
     def predict(self, inputs: Any) -> torch.Tensor:

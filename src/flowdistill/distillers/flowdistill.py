@@ -243,7 +243,7 @@ class FlowDistill(Distiller):
         cond_dim = None
         if conditional:
             cond_dim = sum(_pool(torch.zeros(1, *self.student_shapes[n])).shape[1] for n in s_feats)
-            cond_dim += self.student_shapes[LOGITS][0]
+            cond_dim += self.student_shapes[LOGITS][-1]
             self.task_embedding = nn.Embedding(num_tasks, 16) if num_tasks else None
             cond_dim += 16 if num_tasks else 0
 
@@ -282,7 +282,8 @@ class FlowDistill(Distiller):
         if not self.conditional:
             return None
         parts = [_pool(s_out[s]).float() for s, _ in self.pairs if s != LOGITS]
-        parts.append(F.softmax(s_out[LOGITS].flatten(1).float() / self.temperature, dim=1))
+        # class probabilities; for token logits (B, T, V), their mean over the tokens
+        parts.append(_pool(F.softmax(s_out[LOGITS].float() / self.temperature, dim=-1)))
         ctx = torch.cat(parts, dim=1).detach()
         if self.task_embedding is not None:
             task = torch.full((ctx.shape[0],), self.task, device=ctx.device, dtype=torch.long)

@@ -38,6 +38,12 @@ class KD(Distiller):
         return self.total(
             {
                 "ce": self.ce_weight * self.cross_entropy(s_logits, targets),
-                "kd": self.kd_weight * losses.kd(s_logits, t_logits, self.temperature),
+                "kd": self.kd_weight * self._kd(s_logits, t_logits, targets),
             }
         )
+
+    def _kd(self, s_logits: torch.Tensor, t_logits: torch.Tensor, targets: torch.Tensor):
+        mask = self.token_mask(targets)
+        if mask is None:
+            return losses.kd(s_logits, t_logits, self.temperature)
+        return losses.forward_kl(s_logits, t_logits, mask, self.temperature)  # padding left out

@@ -117,10 +117,14 @@ class TAID(Distiller):
         t_logits = self.teacher_forward(inputs)[LOGITS]
         s_logits = self.student_forward(inputs)[LOGITS]
         t = float(self.t)
-        kl = losses.taid(s_logits, t_logits, t)
+        s_rows, t_rows = s_logits, t_logits
+        mask = self.token_mask(targets)
+        if mask is not None:  # padding left out: the counted positions as rows
+            s_rows, t_rows = s_logits[mask], t_logits[mask]
+        kl = losses.taid(s_rows, t_rows, t)
         if self.training:
             with torch.no_grad():
-                p_t = losses.taid_target(s_logits, t_logits, t)
+                p_t = losses.taid_target(s_rows, t_rows, t)
                 entropy = -torch.xlogy(p_t, p_t).sum(dim=-1).mean()
             self.update_t(kl.detach() + entropy, self.progress())
             self._seen += int(targets.shape[0])

@@ -74,6 +74,12 @@ def save_checkpoint(
 ) -> None:
     """Atomically write ``tensors`` and the JSON-serialisable ``meta`` to ``path``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    seen: set[tuple[int, int]] = set()
+    for k, v in tensors.items():  # tied weights (a shared embedding/head) are stored apart
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen and v.numel():
+            tensors[k] = v.clone()
+        seen.add(key)
     header = {_META_KEY: json.dumps(meta), "sha256": digest(tensors)}
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
 

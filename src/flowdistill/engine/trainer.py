@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import OptimConfig, TrainConfig
 from ..data.datasets import Batches, Split, Splits, random_crop_flip
-from ..distillers.base import Distiller
+from ..distillers.base import IGNORE_INDEX, Distiller
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from . import distributed
 from .checkpoint import (
@@ -42,8 +42,11 @@ BEST = "best.safetensors"
 
 @dataclass
 class FitResult:
-    """What a run reports. Test accuracy is given at the last epoch and at the epoch of
-    best *validation* accuracy; the test split never chooses anything."""
+    """What a run reports. Test accuracy and test loss (mean cross-entropy, nats per
+    prediction) are given at the last epoch and at the best-*validation* epoch (highest
+    validation accuracy, or lowest validation loss with ``train.select_by="val_loss"``); the
+    test split never chooses anything. For token targets ``(B, T)`` accuracy and loss are per
+    counted token."""
 
     test_acc_last: float
     test_acc_best_val: float
@@ -53,6 +56,9 @@ class FitResult:
     extra_params: int
     epochs: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    test_loss_last: float = float("nan")
+    test_loss_best_val: float = float("nan")
+    best_val_loss: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,17 +114,22 @@ def _optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.op
 def evaluate(
     distiller: Distiller, data: Split, batch_size: int = 256, device: torch.device | None = None
 ) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` of ``distiller.predict`` on ``data``."""
+    """``(accuracy, mean cross-entropy)`` of ``distiller.predict`` on ``data``.
+
+    Targets may be class labels ``(B,)`` or token ids ``(B, T)`` (logits ``(B, T, V)``);
+    targets equal to ``IGNORE_INDEX`` (-100, padding) are not counted."""
     was_training = distiller.training
     distiller.eval()
     device = device or next(distiller.student.parameters()).device
     correct, loss, n = 0, 0.0, 0
     for x, y in Batches(data, batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
-        logits = distiller.predict(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        n += len(y)
+        logits = distiller.predict(x).float().flatten(0, -2)  # (N, V)
+        y = y.flatten()
+        counted = y != IGNORE_INDEX
+        loss += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX).item()
+        correct += ((logits.argmax(-1) == y) & counted).sum().item()
+        n += int(counted.sum())
     distiller.train(was_training)
     return correct / max(n, 1), loss / max(n, 1)
 
@@ -199,7 +210,8 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
-    best_val, best_epoch, best_state = -1.0, -1, None
+    best_score, best_epoch, best_state = -math.inf, -1, None
+    best_val, best_val_loss = -1.0, math.nan
     if resume and ckpt_path is not None and ckpt_path.exists():
         tensors, state = load_checkpoint(ckpt_path)
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
@@ -213,6 +225,8 @@ def fit(
             torch.manual_seed(torch.randint(2**62, ()).item() + rank)
         start_epoch, history = state["epoch"] + 1, state["history"]
         best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]
+        best_val_loss = state.get("best_val_loss", math.nan)
+        best_score = state.get("best_val_score", best_val)
         best_tensors, _ = load_checkpoint(out / BEST)
         best_state = {k: v.to(device) for k, v in best_tensors.items()}
 
@@ -311,8 +325,10 @@ def fit(
             for k, v in row.items():
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch + 1)
-        if val_acc > best_val:
-            best_val, best_epoch = val_acc, epoch + 1
+        score = -val_loss if train.select_by == "val_loss" else val_acc
+        if score > best_score:
+            best_score, best_epoch = score, epoch + 1
+            best_val, best_val_loss = val_acc, val_loss
             best_state = {
                 k: v.detach().clone() for k, v in distiller.trainable_state_dict().items()
             }
@@ -332,6 +348,8 @@ def fit(
                     "rng": rng_meta,
                     "history": history,
                     "best_val_acc": best_val,
+                    "best_val_loss": best_val_loss,
+                    "best_val_score": best_score,
                     "best_val_epoch": best_epoch,
                     "meta": meta or {},
                 },
@@ -341,10 +359,10 @@ def fit(
     if writer is not None:
         writer.close()
 
-    test_last, _ = evaluate(distiller, data.test, device=device)
+    test_last, test_loss_last = evaluate(distiller, data.test, device=device)
     last_state = {k: v.detach().clone() for k, v in distiller.trainable_state_dict().items()}
     distiller.load_state_dict(best_state, strict=False)
-    test_best, _ = evaluate(distiller, data.test, device=device)
+    test_best, test_loss_best = evaluate(distiller, data.test, device=device)
     distiller.load_state_dict(last_state, strict=False)
     steps = [r["step_seconds"] for r in history]
     result = FitResult(
@@ -356,6 +374,9 @@ def fit(
         extra_params=distiller.num_extra_params(),
         epochs=total,
         history=history,
+        test_loss_last=test_loss_last,
+        test_loss_best_val=test_loss_best,
+        best_val_loss=best_val_loss,
     )
     if out is not None and main:
         save_checkpoint(out / "model.safetensors", last_state, {"epoch": total})

@@ -1,0 +1,93 @@
+"""Plain text for causal language models: a character tokenizer and next-token splits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from .datasets import Split, Splits
+
+__all__ = ["CharTokenizer", "char_splits", "token_windows"]
+
+
+class CharTokenizer:
+    """Characters to ids through a fixed vocabulary (sorted characters of a corpus).
+
+    >>> tok = CharTokenizer.from_text("hello world")
+    >>> tok.vocab_size, tok.decode(tok.encode("hello"))
+    (8, 'hello')
+    """
+
+    def __init__(self, vocab: list[str]) -> None:
+        if len(set(vocab)) != len(vocab) or any(len(c) != 1 for c in vocab):
+            raise DataError("a character vocabulary holds distinct single characters")
+        self.vocab = list(vocab)
+        self.index = {c: i for i, c in enumerate(self.vocab)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise DataError("cannot build a vocabulary from empty text")
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Ids of ``text`` (int64); a character outside the vocabulary raises DataError."""
+        try:
+            return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+        except KeyError as err:
+            raise DataError(f"character {err.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return "".join(self.vocab[i] for i in ids)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps({"vocab": self.vocab}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CharTokenizer:
+        try:
+            return cls(json.loads(Path(path).read_text())["vocab"])
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"{path} is not a saved CharTokenizer: {err}") from None
+
+
+def token_windows(ids: torch.Tensor, block_size: int) -> Split:
+    """Non-overlapping windows of ``block_size + 1`` ids as a :class:`Split`: inputs
+    ``x = w[:, :-1]`` and next-token targets ``y = w[:, 1:]``, each ``(N, block_size)``
+    (a tail shorter than a window is dropped)."""
+    if block_size < 1:
+        raise DataError(f"block_size must be >= 1, got {block_size}")
+    n = (len(ids) - 1) // block_size
+    if n < 1:
+        raise DataError(f"{len(ids)} tokens are too few for one window of {block_size + 1}")
+    starts = torch.arange(n) * block_size
+    w = ids[starts[:, None] + torch.arange(block_size + 1)]  # (N, block_size + 1)
+    return Split(w[:, :-1].contiguous(), w[:, 1:].contiguous())
+
+
+def char_splits(
+    text: str,
+    block_size: int,
+    val_fraction: float = 0.1,
+    tokenizer: CharTokenizer | None = None,
+) -> tuple[Splits, CharTokenizer]:
+    """A corpus as next-character splits: the first ``1 - val_fraction`` of the text trains,
+    the rest validates (the usual 90/10 split of Tiny Shakespeare). The test split *is* the
+    validation split (this corpus reports validation bits per character), so nothing may be
+    chosen on it: report the last epoch."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    tokenizer = tokenizer or CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)
+    cut = int(len(ids) * (1.0 - val_fraction))
+    train, val = token_windows(ids[:cut], block_size), token_windows(ids[cut:], block_size)
+    return Splits(train, val, val, num_classes=tokenizer.vocab_size), tokenizer

@@ -1,0 +1,185 @@
+"""The causal-LM path: character data, token targets in the engine, masked distillers,
+flow methods on hidden states."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowdistill import OptimConfig, TrainConfig, fit, make_distiller
+from flowdistill.data import CharTokenizer, Split, char_splits, read_chars, token_windows
+from flowdistill.engine import evaluate
+from flowdistill.errors import DataError
+from flowdistill.losses import forward_kl, reverse_kl, skew_reverse_kl
+from flowdistill.models.gpt import GPT, GPTConfig
+
+TEXT = ("the quick brown fox jumps over the lazy dog. " * 40).strip()
+
+
+def _gpt(width: int, layers: int = 2, vocab: int = 29, block: int = 16) -> GPT:
+    return GPT(GPTConfig(vocab, block, n_layer=layers, n_head=2, n_embd=width))
+
+
+@pytest.fixture
+def lm():
+    data, tok = char_splits(TEXT, block_size=16)
+    torch.manual_seed(0)
+    return data, tok, _gpt(32, vocab=tok.vocab_size), _gpt(16, 1, vocab=tok.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def trained_teacher():
+    """A teacher fitted to the text for a few epochs (it must know something to teach)."""
+    data, tok = char_splits(TEXT, block_size=16)
+    torch.manual_seed(0)
+    teacher = _gpt(32, vocab=tok.vocab_size)
+    train = TrainConfig(epochs=4, progress=False, amp=False)
+    fit(make_distiller("student", None, teacher), data, OptimConfig("adamw", lr=3e-3), train,
+        batch_size=8)  # fmt: skip
+    return teacher.eval()
+
+
+def test_char_tokenizer_round_trip_and_errors(tmp_path):
+    tok = CharTokenizer.from_text(TEXT)
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+    tok.save(tmp_path / "vocab.json")
+    assert CharTokenizer.load(tmp_path / "vocab.json").vocab == tok.vocab
+    with pytest.raises(DataError, match="'Z' is not in the vocabulary"):
+        tok.encode("Zebra")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="not a saved CharTokenizer"):
+        CharTokenizer.load(tmp_path / "bad.json")
+
+
+def test_token_windows_are_shifted_pairs():
+    ids = torch.arange(50)
+    split = token_windows(ids, 8)
+    assert split.x.shape == split.y.shape == (6, 8)  # (50 - 1) // 8 windows
+    assert torch.equal(split.y, split.x + 1)
+    assert torch.equal(split.x[1], torch.arange(8, 16))
+    with pytest.raises(DataError, match="too few"):
+        token_windows(torch.arange(5), 8)
+
+
+def test_char_splits_hold_out_the_last_tenth(lm):
+    data, tok, _, _ = lm
+    cut = int(len(TEXT) * 0.9)
+    assert tok.decode(data.train.x[0]) == TEXT[:16]
+    assert tok.decode(data.val.x[0]) == TEXT[cut : cut + 16]
+    assert data.test is data.val and data.num_classes == tok.vocab_size
+
+
+def test_tiny_shakespeare(shared_file):
+    ids, vocab = read_chars(shared_file("tinyshakespeare", "input.txt"))
+    text = "".join(vocab[i] for i in ids[:2000])
+    data, tok = char_splits(text, block_size=64, tokenizer=CharTokenizer(vocab))
+    assert tok.vocab_size == 65 and data.train.x.shape[1] == 64
+
+
+def test_evaluate_counts_tokens_and_skips_padding(lm):
+    data, _, _, student = lm
+    y = data.val.y.clone()
+    y[:, :5] = -100  # padding
+    split = Split(data.val.x, y)
+    distiller = make_distiller("student", None, student)
+    acc, loss = evaluate(distiller, split)
+    with torch.no_grad():
+        logits = student(data.val.x).double()
+    keep = y != -100
+    nll = -torch.log_softmax(logits, -1).gather(-1, y.clamp_min(0)[..., None])[..., 0]
+    assert loss == pytest.approx(nll[keep].mean().item(), rel=1e-5)
+    hits = (logits.argmax(-1) == y) & keep
+    assert acc == pytest.approx(hits.sum().item() / keep.sum().item())
+
+
+@pytest.mark.parametrize("method", ["student", "kd", "reverse_kl", "skew_kl", "taid"])
+def test_lm_methods_train_and_select_by_validation_loss(method, lm, trained_teacher, tmp_path):
+    data, _, _, student = lm
+    teacher = trained_teacher if method != "student" else None
+    distiller = make_distiller(method, teacher, student)
+    train = TrainConfig(epochs=3, progress=False, select_by="val_loss", amp=False)
+    optim = OptimConfig(name="adamw", lr=3e-3)
+    result = fit(distiller, data, optim, train, tmp_path, batch_size=8)
+    losses = [r["val_loss"] for r in result.history]
+    assert result.best_val_epoch == 1 + losses.index(min(losses))
+    assert result.best_val_loss == min(losses)
+    assert losses[-1] < math.log(data.num_classes)  # better than uniform
+    assert math.isfinite(result.test_loss_last) and math.isfinite(result.test_loss_best_val)
+
+
+@pytest.mark.parametrize(
+    "method,loss", [("kd", forward_kl), ("reverse_kl", reverse_kl), ("skew_kl", skew_reverse_kl)]
+)
+def test_masked_distillers_leave_padding_out(method, loss, lm):
+    data, _, teacher, student = lm
+    x, y = data.train.x[:4], data.train.y[:4].clone()
+    y[:, 10:] = -100
+    options = {"ce_weight": 0.0, "kd_weight": 1.0}
+    if method == "kd":
+        options["temperature"] = 2.0
+    distiller = make_distiller(method, teacher, student, **options)
+    got = distiller(x, y)[method]
+    with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    temperature = options.get("temperature", 1.0)
+    expected = loss(s[:, :10], t[:, :10], temperature=temperature)  # the counted tokens alone
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_taid_leaves_padding_out(lm):
+    data, _, teacher, student = lm
+    x, y = data.train.x[:4], data.train.y[:4].clone()
+    y[:, 12:] = -100
+    distiller = make_distiller("taid", teacher, student).eval()  # eval: t is not updated
+    from flowdistill.losses import taid
+
+    got = distiller(x, y)["taid"]
+    with torch.no_grad():
+        t = teacher(x)
+    expected = taid(student(x)[:, :12], t[:, :12], 0.4)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["flowdistill", "fmkt", "fitnet"])
+def test_feature_methods_on_hidden_states(method, lm):
+    data, _, teacher, student = lm  # widths 32 (teacher) and 16 (student)
+    x, y = data.train.x[:4], data.train.y[:4]
+    distiller = make_distiller(
+        method, teacher, student, example_input=x,
+        student_taps=["blocks.0"], teacher_taps=["blocks.1"],
+    )  # fmt: skip
+    assert distiller.student_shapes["blocks.0"] == (16, 16)
+    assert distiller.teacher_shapes["blocks.1"] == (16, 32)
+    terms = distiller(x, y)
+    assert torch.isfinite(terms["loss"])
+    terms["loss"].backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert distiller.predict(x).shape == (4, 16, data.num_classes)
+
+
+def test_cross_entropy_ignores_padding(lm):
+    data, _, _, student = lm
+    y = data.train.y[:2].clone()
+    y[0] = -100
+    d = make_distiller("student", None, student)
+    logits = student(data.train.x[:2])
+    assert torch.allclose(d.cross_entropy(logits, y), F.cross_entropy(logits[1], y[1]))
+
+
+def test_tied_weights_checkpoint_round_trip(tmp_path):
+    from flowdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = _gpt(16)
+    save_checkpoint(tmp_path / "m.safetensors", model.state_dict(), {})
+    tensors, _ = load_checkpoint(tmp_path / "m.safetensors")
+    fresh = _gpt(16)
+    fresh.load_state_dict(tensors)
+    assert fresh.head.weight is fresh.tok_emb.weight  # still tied after loading
+    x = torch.randint(0, 29, (2, 8))
+    assert torch.equal(model(x), fresh(x))

@@ -14,6 +14,17 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _formatter(results: dict[str, Any]):
+    """Number formatting by unit: accuracy in %, bits per token with 4 decimals."""
+    if results.get("unit", "%") == "%":
+        return _pct
+    return lambda x: f"{x:.4f}"
+
+
+def _cell(fmt, mean, std) -> str:
+    return "—" if mean is None else f"{fmt(mean)} ± {fmt(std)}"
+
+
 def compact_table(results: dict[str, Any], timing: bool = True) -> str:
     """The summary as a short Markdown table for a README: accuracy (%, mean ± std over
     seeds) at the last and at the best-validation epoch, gap closed, training-step time over
@@ -34,10 +45,11 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
              "| --- " * (3 + timing + cost + 1) + "|"]  # fmt: skip
     order = sorted(summary.items(), key=lambda kv: kv[1]["mean"],
                    reverse=results["higher_is_better"])  # fmt: skip
+    fmt = _formatter(results)
     for method, row in order:
         line = (
-            f"| {method} | {_pct(row['mean'])} ± {_pct(row['std'])} | "
-            f"{_pct(row['best_val_mean'])} ± {_pct(row['best_val_std'])} | "
+            f"| {method} | {_cell(fmt, row['mean'], row['std'])} | "
+            f"{_cell(fmt, row['best_val_mean'], row['best_val_std'])} | "
             f"{row['gap_closed']:+.2f} |"
         )
         if timing:
@@ -56,11 +68,12 @@ def markdown_table(results: dict[str, Any]) -> str:
 
         return markdown_nf_table(results)
     t, s = results["teacher"], results["student"]
+    fmt, unit = _formatter(results), results.get("unit", "%")
     lines = [
-        f"## {results['suite']}: {results['metric']} (%), mean ± std over "
+        f"## {results['suite']}: {results['metric']} ({unit}), mean ± std over "
         f"{results['seeds']} seed(s)",
         "",
-        f"Teacher `{t['name']}` ({t['params']:,} params): {_pct(t['metric'])}. "
+        f"Teacher `{t['name']}` ({t['params']:,} params): {fmt(t['metric'])}. "
         f"Student `{s['name']}` ({s['params']:,} params).",
         "",
         "| method | last epoch | at best-val epoch | gap closed | step time ÷ student | "
@@ -74,8 +87,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     )
     for method, row in order:
         lines.append(
-            f"| {method} | {_pct(row['mean'])} ± {_pct(row['std'])} | "
-            f"{_pct(row['best_val_mean'])} ± {_pct(row['best_val_std'])} | "
+            f"| {method} | {_cell(fmt, row['mean'], row['std'])} | "
+            f"{_cell(fmt, row['best_val_mean'], row['best_val_std'])} | "
             f"{row['gap_closed']:+.2f} | {row['step_time_ratio']:.2f} | {row['extra_params']:,} | "
             f"{row['deployed_params']:,} | {row['inference_time_ratio']:.2f} |"
         )
@@ -98,17 +111,20 @@ def plot_results(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    percent = results.get("unit", "%") == "%"
+    scale = 100 if percent else 1
+    what = "accuracy (%)" if percent else f"{results['unit']}"
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, runs in sorted(curves.items()):
         length = min(len(r) for r in runs)
-        arr = np.array([r[:length] for r in runs]) * 100
+        arr = np.array([r[:length] for r in runs]) * scale
         epochs = np.arange(1, length + 1)
         ax.plot(epochs, arr.mean(0), label=method)
         ax.fill_between(epochs, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.15)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{results['suite']}: validation accuracy (mean ± std over seeds)")
+    ax.set_ylabel(f"validation {what}")
+    ax.set_title(f"{results['suite']}: validation {what.split(' ')[0]} (mean ± std over seeds)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -119,13 +135,18 @@ def plot_results(
     summary = results["summary"]
     methods = sorted(summary, key=lambda m: summary[m]["mean"])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(methods) + 1.5))
-    means = [100 * summary[m]["mean"] for m in methods]
-    stds = [100 * summary[m]["std"] for m in methods]
+    means = [scale * summary[m]["mean"] for m in methods]
+    stds = [scale * summary[m]["std"] for m in methods]
     ax.barh(methods, means, xerr=stds, color="tab:blue", alpha=0.8)
-    ax.axvline(100 * results["teacher"]["metric"], color="k", ls="--", label="teacher")
-    lo = min(means) - max(stds + [0.0]) - 1
-    ax.set_xlim(max(lo, 0), min(100, 100 * results["teacher"]["metric"] + 1))
-    ax.set_xlabel("test accuracy, last epoch (%)")
+    teacher = scale * results["teacher"]["metric"]
+    ax.axvline(teacher, color="k", ls="--", label="teacher")
+    if percent:
+        lo = min(means) - max(stds + [0.0]) - 1
+        ax.set_xlim(max(lo, 0), min(100, teacher + 1))
+    else:
+        span = max(means + [teacher]) - min(means + [teacher])
+        ax.set_xlim(min(means + [teacher]) - 0.1 * span, max(means) + 0.1 * span)
+    ax.set_xlabel(f"test {what}, last epoch" if percent else f"held-out {what}, last epoch")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=110)

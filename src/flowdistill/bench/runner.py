@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import sys
 import time
@@ -39,9 +40,28 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _build(spec: ModelConfig, data: Splits) -> torch.nn.Module:
+def _build(spec: ModelConfig, data: Splits, task: str = "classification") -> torch.nn.Module:
+    if task == "lm":  # a causal language model over the data's token vocabulary
+        return build_model(spec.name, **{"vocab_size": data.num_classes, **spec.kwargs})
     kwargs = {"num_classes": data.num_classes, "in_channels": data.input_shape[0], **spec.kwargs}
     return build_model(spec.name, **kwargs)
+
+
+def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
+    if suite.task == "lm":  # the best epoch by validation loss (bits per character)
+        kw.setdefault("select_by", "val_loss")
+    return TrainConfig(**kw)
+
+
+def _bits(loss_nats: float) -> float:
+    return loss_nats / math.log(2.0)
+
+
+def _run_metrics(suite: Suite, result: dict) -> tuple[float, float | None]:
+    """(metric at the last epoch, metric at the best-validation epoch or None)."""
+    if suite.task == "lm":  # the held-out split is the validation split: last epoch only
+        return _bits(result["test_loss_last"]), None
+    return result["test_acc_last"], result["test_acc_best_val"]
 
 
 def method_config(suite: Suite, method: str) -> dict[str, Any]:
@@ -67,14 +87,14 @@ def _teacher(
     }
     folder = cache / f"{suite.name}-{_hash(key)}"
     torch.manual_seed(0)
-    teacher = _build(suite.teacher, data)
+    teacher = _build(suite.teacher, data, suite.task)
     result_file = folder / "result.json"
     if result_file.exists():
         log(f"teacher: reusing the cached teacher in {folder}")
         result = json.loads(result_file.read_text())
     else:
         log(f"teacher: training {suite.teacher.name} for {suite.teacher_epochs} epochs → {folder}")
-        train = TrainConfig(epochs=suite.teacher_epochs, seed=0, progress=progress)
+        train = _train_config(suite, epochs=suite.teacher_epochs, seed=0, progress=progress)
         fit_result = fit(
             make_distiller("student", None, teacher),
             data,
@@ -88,12 +108,15 @@ def _teacher(
         result = fit_result.to_dict()
     load_model_weights(teacher, folder / BEST)
     teacher.eval()
+    last, at_best = _run_metrics(suite, result)
+    if suite.task == "lm":  # the last epoch's weights, like every reported run
+        load_model_weights(teacher, folder / "model.safetensors")
     return teacher, {
         "name": suite.teacher.name,
         "params": _params(teacher),
-        "metric": result["test_acc_best_val"],
-        "metric_last_epoch": result["test_acc_last"],
-        "checkpoint": str(folder / BEST),
+        "metric": last if at_best is None else at_best,
+        "metric_last_epoch": last,
+        "checkpoint": str(folder / ("model.safetensors" if suite.task == "lm" else BEST)),
     }
 
 
@@ -159,7 +182,7 @@ def run_bench(
             result_file = run_dir / "result.json"
             cached = json.loads(result_file.read_text()) if result_file.exists() else None
             torch.manual_seed(seed)
-            student = _build(suite.student, data)
+            student = _build(suite.student, data, suite.task)
             student_params = _params(student)
             cost_file = run_dir / "inference.json"
             same = cached is not None and cached.get("key_hash") == _hash(key)
@@ -176,7 +199,7 @@ def run_bench(
                 distiller = make_distiller(
                     method, teacher, student, example_input=example, **options
                 )
-                train = TrainConfig(epochs=epochs, seed=seed, progress=progress)
+                train = _train_config(suite, epochs=epochs, seed=seed, progress=progress)
                 fit_result = fit(
                     distiller,
                     data,
@@ -192,23 +215,28 @@ def run_bench(
                 if distributed.is_main():
                     atomic_write_text(cost_file, json.dumps(cost))
                 distributed.barrier()
-                log(
-                    f"{method} seed {seed}: test acc {100 * result['test_acc_last']:.2f} "
-                    f"(at best val {100 * result['test_acc_best_val']:.2f})"
-                )
+                last, at_best = _run_metrics(suite, result)
+                if at_best is None:
+                    log(f"{method} seed {seed}: {suite.metric} {last:.4f}")
+                else:
+                    log(f"{method} seed {seed}: test acc {100 * last:.2f} "
+                        f"(at best val {100 * at_best:.2f})")  # fmt: skip
             extra[method] = result["extra_params"]
             deployed.setdefault(method, []).append(cost)
             for row in result["history"]:
                 for name, value in row.items():
                     if "/" in name:  # per-epoch flow diagnostics, e.g. stage2/transport_error
                         diags.setdefault(method, {}).setdefault(name, []).append(value)
-            curves.setdefault(method, []).append([r["val_acc"] for r in result["history"]])
+            curve = [_bits(r["val_loss"]) if suite.task == "lm" else r["val_acc"]
+                     for r in result["history"]]  # fmt: skip
+            curves.setdefault(method, []).append(curve)
+            last, at_best = _run_metrics(suite, result)
             rows.append(
                 {
                     "method": method,
                     "seed": seed,
-                    "metric": result["test_acc_last"],
-                    "best_val_metric": result["test_acc_best_val"],
+                    "metric": last,
+                    "best_val_metric": at_best,
                     "best_val_epoch": result["best_val_epoch"],
                     "mean_step_seconds": result["mean_step_seconds"],
                     "inference_seconds": cost["seconds"],
@@ -227,7 +255,10 @@ def run_bench(
     summary = {}
     for m, rs in by_method.items():
         mean, std = stats([r["metric"] for r in rs])
-        bmean, bstd = stats([r["best_val_metric"] for r in rs])
+        if suite.task == "lm":
+            bmean = bstd = None
+        else:
+            bmean, bstd = stats([r["best_val_metric"] for r in rs])
         summary[m] = {
             "mean": mean,
             "std": std,
@@ -255,6 +286,7 @@ def run_bench(
     results = {
         "suite": suite.name,
         "metric": suite.metric,
+        "unit": "bits/char" if suite.task == "lm" else "%",
         "higher_is_better": suite.higher_is_better,
         "seeds": seeds,
         "teacher": teacher_info,
@@ -267,12 +299,18 @@ def run_bench(
         "summary": summary,
         "provenance": provenance(command or shlex.join(["flowdistill", *sys.argv[1:]]), config),
     }
+    if suite.task == "lm" and suite.decode is not None:
+        results["samples"] = _lm_samples(suite, data, teacher, methods, out)
     if not distributed.is_main():
         distributed.barrier()
         return results
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     table = markdown_table(results)
+    if "samples" in results:
+        table += "\n## Samples (seed 0; temperature 0.8; the prompt is the held-out text's start)\n"
+        for name, text in results["samples"].items():
+            table += f"\n**{name}**\n\n```text\n{text}\n```\n"
     atomic_write_text(out / "results.md", table)
     plot_results(results, curves, out)
     if diags:
@@ -293,6 +331,28 @@ def run_bench(
 
 def _quiet(*_args, **_kwargs) -> None:
     pass
+
+
+@torch.no_grad()
+def _lm_samples(
+    suite: Suite, data: Splits, teacher: torch.nn.Module, methods: list[str], out: Path,
+    prompt_len: int = 32, new_tokens: int = 240,
+) -> dict[str, str]:  # fmt: skip
+    """Text generated by the teacher and by each method's seed-0 student, from the same
+    prompt and random stream."""
+    prompt = data.test.x[:1, :prompt_len]
+    models = {"teacher": teacher}
+    for method in methods:
+        model = _build(suite.student, data, suite.task)
+        load_model_weights(model, out / "runs" / method / "seed0" / "model.safetensors")
+        models[method] = model
+    texts = {}
+    for name, model in models.items():
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        ids = model.generate(prompt.clone(), new_tokens, temperature=0.8, generator=g)
+        texts[name] = suite.decode(ids[0].tolist())
+    return texts
 
 
 def inference_cost(distiller: torch.nn.Module, batch: torch.Tensor, repeats: int = 20) -> dict:

@@ -10,6 +10,8 @@ from typing import Any
 
 from ..config import ModelConfig, OptimConfig
 from ..data.datasets import Splits, digits_splits, npz_subset_splits
+from ..data.readers import read_chars
+from ..data.text import CharTokenizer, char_splits
 from ..errors import ConfigError, DataError
 
 __all__ = ["SUITES", "Suite", "data_dir", "get_suite", "register_suite"]
@@ -18,6 +20,26 @@ __all__ = ["SUITES", "Suite", "data_dir", "get_suite", "register_suite"]
 def data_dir() -> str:
     """Folder of the shared datasets: ``$FLOWDISTILL_DATA``, else ``../shared/data``."""
     return os.environ.get("FLOWDISTILL_DATA", os.path.join("..", "shared", "data"))
+
+
+def _shakespeare_text() -> str:
+    path = os.path.join(data_dir(), "tinyshakespeare", "input.txt")
+    if not os.path.isfile(path):
+        raise DataError(
+            f"the shakespeare-char suite reads {path}, which is absent; set FLOWDISTILL_DATA "
+            "to the folder holding tinyshakespeare/input.txt"
+        )
+    ids, vocab = read_chars(path)
+    return "".join(vocab[i] for i in ids)
+
+
+def _shakespeare() -> Splits:
+    data, _ = char_splits(_shakespeare_text(), block_size=64)
+    return data
+
+
+def _shakespeare_decode(ids: list[int]) -> str:
+    return CharTokenizer.from_text(_shakespeare_text()).decode(ids)
 
 
 def _cifar10_cpu() -> Splits:
@@ -50,6 +72,11 @@ class Suite:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     metric: str = "test_acc"
     higher_is_better: bool = True
+    #: ``"classification"``, or ``"lm"``: causal language models over the data's tokens,
+    #: scored in bits per token on the held-out split at the last epoch
+    task: str = "classification"
+    #: for ``task="lm"``: ids -> text, for the generated samples of ``results.md``
+    decode: Callable[[list[int]], str] | None = None
 
 
 SUITES: dict[str, Suite] = {}
@@ -104,5 +131,34 @@ register_suite(
         method_options={
             "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
         },
+    )
+)
+
+register_suite(
+    Suite(
+        name="shakespeare-char",
+        description="Tiny Shakespeare, characters (65), first 90% trains, last 10% is held out; "
+        "64-character windows; GPT teacher (4 layers, width 128) → GPT student (2 layers, "
+        "width 48), about 13× fewer parameters; sized for 2 CPU cores",
+        load_data=_shakespeare,
+        teacher=ModelConfig(
+            "gpt", kwargs={"block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128}
+        ),
+        student=ModelConfig(
+            "gpt", kwargs={"block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 48}
+        ),
+        teacher_optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, schedule="cosine"),
+        teacher_epochs=4,
+        optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, schedule="cosine"),
+        epochs=2,
+        batch_size=32,
+        method_options={
+            "_features": {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.3"]},
+            "kd": {"temperature": 1.0},
+        },
+        metric="val_bpc",
+        higher_is_better=False,
+        task="lm",
+        decode=_shakespeare_decode,
     )
 )

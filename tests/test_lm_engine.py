@@ -212,3 +212,53 @@ def test_shakespeare_char_bench_on_a_small_corpus(tmp_path, monkeypatch):
     table = compact_table(results)
     assert "| — |" in table  # no best-validation column: the held-out split is the reported one
     assert "**teacher**" in (tmp_path / "out" / "results.md").read_text()
+
+
+# ---------------------------------------------------------------------------- teacher cache
+def test_topk_cache_round_trip_and_checks(lm, trained_teacher, tmp_path):
+    from flowdistill.distillers.cached import TopKCache, build_topk_cache
+    from flowdistill.errors import CheckpointError
+
+    data = lm[0]
+    x = data.train.x
+    cache = build_topk_cache(trained_teacher, x, k=5, dtype="float16", path=tmp_path / "c")
+    with torch.no_grad():
+        top = trained_teacher(x).topk(5, dim=-1)
+    assert torch.equal(cache.indices.long(), top.indices)
+    assert torch.allclose(cache.values.float(), top.values, atol=1e-2)  # float16 storage
+    loaded = TopKCache.load(tmp_path / "c", teacher=trained_teacher, inputs=x)
+    assert torch.equal(loaded.values, cache.values) and loaded.k == 5
+    other = _gpt(32, vocab=data.num_classes)
+    with pytest.raises(CheckpointError, match="another teacher"):
+        TopKCache.load(tmp_path / "c", teacher=other)
+    with pytest.raises(DataError, match="other inputs"):
+        TopKCache.load(tmp_path / "c", inputs=x.flip(0))
+
+
+def test_sparse_kd_with_the_whole_vocabulary_is_the_forward_kl(lm):
+    from flowdistill.distillers.cached import sparse_kd
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 9, generator=g)
+    top = t.topk(9, dim=-1)
+    mask = torch.rand(3, 4, generator=g) > 0.3
+    got = sparse_kd(s, top.values, top.indices, temperature=2.0, mask=mask)
+    assert torch.allclose(got, forward_kl(s, t, mask, temperature=2.0), atol=1e-6)
+
+
+def test_cached_kd_trains_without_the_teacher(lm, trained_teacher, tmp_path):
+    from flowdistill.distillers.cached import CachedKD, build_topk_cache
+
+    data, _, _, student = lm
+    cache = build_topk_cache(trained_teacher, data.train.x, k=8)
+    distiller = CachedKD(cache, student)
+    assert distiller.teacher is None
+    train = TrainConfig(epochs=2, progress=False, select_by="val_loss", amp=False)
+    result = fit(distiller, data, OptimConfig("adamw", lr=3e-3), train, batch_size=8)
+    assert result.history[-1]["val_loss"] < math.log(data.num_classes)
+    wrong = Split(data.train.x[:10], data.train.y[:10])
+    from flowdistill.data import Splits
+
+    with pytest.raises(DataError, match="made for other data"):
+        fit(CachedKD(cache, student), Splits(wrong, data.val, data.test, data.num_classes),
+            OptimConfig("adamw"), train)  # fmt: skip

@@ -36,7 +36,16 @@ def test_docs_examples_run(doc):
 
 
 @pytest.mark.parametrize(
-    "module", ["flowdistill", "flowdistill.taps", "flowdistill.adapters", "flowdistill.config"]
+    "module",
+    [
+        "flowdistill",
+        "flowdistill.taps",
+        "flowdistill.adapters",
+        "flowdistill.config",
+        "flowdistill.nf",
+        "flowdistill.data.text",
+        "flowdistill.distillers.cached",
+    ],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))

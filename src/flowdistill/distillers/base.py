@@ -82,9 +82,13 @@ class Distiller(nn.Module):
                 self.teacher_shapes = self.teacher_taps.probe(example_input)
             s_logits, t_logits = self.student_shapes[LOGITS], self.teacher_shapes.get(LOGITS)
             if t_logits is not None and s_logits != t_logits:
+                what = (
+                    "teacher and student vocabularies differ: they must share one tokenizer"
+                    if len(s_logits) == 2 and s_logits[0] == t_logits[0]
+                    else "teacher and student must predict the same classes"
+                )
                 raise ShapeMismatchError(
-                    f"student logits have shape {s_logits} but teacher logits {t_logits}: "
-                    "teacher and student must predict the same classes"
+                    f"student logits have shape {s_logits} but teacher logits {t_logits}: {what}"
                 )
         elif self.needs_shapes:
             raise ConfigError(

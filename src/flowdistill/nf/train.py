@@ -177,9 +177,6 @@ class FlowDistiller(nn.Module):
         terms["loss"] = loss
         return terms
 
-    def student_state(self) -> dict[str, Tensor]:
-        return self.student.state_dict()
-
 
 @torch.no_grad()
 def evaluate_bpd(

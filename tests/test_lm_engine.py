@@ -262,3 +262,22 @@ def test_cached_kd_trains_without_the_teacher(lm, trained_teacher, tmp_path):
     with pytest.raises(DataError, match="made for other data"):
         fit(CachedKD(cache, student), Splits(wrong, data.val, data.test, data.num_classes),
             OptimConfig("adamw"), train)  # fmt: skip
+
+
+def test_budget_trains_on_a_fraction_and_keeps_runs_apart(tmp_path):
+    from flowdistill.bench import run_bench
+    from flowdistill.bench.runner import budgeted
+    from flowdistill.errors import ConfigError
+
+    data, _ = char_splits(TEXT, block_size=16)
+    small = budgeted(data, 0.25)
+    assert len(small.train) == round(0.25 * len(data.train))
+    assert torch.equal(small.train.x, data.train.x[: len(small.train)])
+    assert small.val is data.val and small.test is data.test
+    with pytest.raises(ConfigError, match="budget"):
+        budgeted(data, 1.5)
+    kw = dict(seeds=1, epochs=1, progress=False, cache=tmp_path / "cache", log=lambda *_: None)
+    quick = run_bench("digits", ["kd"], out=tmp_path / "quick", budget=0.3, **kw)
+    assert quick["provenance"]["config"]["budget"] == 0.3
+    teachers = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(teachers) == 1  # a teacher of its own, cached apart from full-budget ones

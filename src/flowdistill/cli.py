@@ -65,6 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         cache=args.teacher_cache,
         command=shlex.join(["flowdistill", *args.argv]),
+        budget=args.budget,
     )
     from .engine import distributed
 
@@ -80,6 +81,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.suite, args.methods, args.seeds, args.epochs = "digits", None, 3, None
+    args.budget = 1.0
     args.out = args.out or "runs/demo"
     args.teacher_cache = None
     return cmd_bench(args)
@@ -203,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated, or 'all' (default)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=None, help="override the suite's epochs")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=1.0,
+        help="fraction of the training split for quick runs (teacher included; default 1)",
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

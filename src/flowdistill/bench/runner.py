@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from ..data.datasets import Splits
+from ..data.datasets import Split, Splits
 from ..distillers import get_method, list_methods, make_distiller
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
@@ -74,8 +74,19 @@ def method_config(suite: Suite, method: str) -> dict[str, Any]:
     return options
 
 
+def budgeted(data: Splits, budget: float) -> Splits:
+    """``data`` with its training split cut to its first ``budget`` fraction."""
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError(f"--budget must lie in (0, 1], got {budget}")
+    if budget == 1.0:
+        return data
+    n = max(1, int(round(budget * len(data.train))))
+    train = Split(data.train.x[:n], data.train.y[:n])
+    return Splits(train, data.val, data.test, data.num_classes)
+
+
 def _teacher(
-    suite: Suite, data: Splits, cache: Path, progress: bool, log
+    suite: Suite, data: Splits, cache: Path, progress: bool, log, budget: float = 1.0
 ) -> tuple[torch.nn.Module, dict]:
     key = {
         "suite": suite.name,
@@ -85,6 +96,8 @@ def _teacher(
         "batch_size": suite.batch_size,
         "seed": 0,
     }
+    if budget < 1.0:  # (keys of full runs stay as they were)
+        key["budget"] = budget
     folder = cache / f"{suite.name}-{_hash(key)}"
     torch.manual_seed(0)
     teacher = _build(suite.teacher, data, suite.task)
@@ -130,8 +143,12 @@ def run_bench(
     cache: str | Path | None = None,
     command: str | None = None,
     log=print,
+    budget: float = 1.0,
 ) -> dict[str, Any]:
     """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
+
+    ``budget`` < 1 trains the teacher and every run on that fraction of the training split
+    (its first samples) for quick runs; validation and test splits are unchanged.
 
     Finished runs (``out/runs/<method>/seed<k>/result.json`` of the same configuration) are
     reused, and interrupted ones resume from their checkpoint, so a bench that stopped
@@ -141,7 +158,9 @@ def run_bench(
     if getattr(suite, "kind", None) == "nf":  # a normalizing flow distilled into a smaller one
         from ..nf.bench import run_nf_bench
 
-        return run_nf_bench(suite, methods, seeds, epochs, out, progress, cache, command, log)
+        return run_nf_bench(
+            suite, methods, seeds, epochs, out, progress, cache, command, log, budget
+        )
     if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
         log = _quiet
         progress = False
@@ -158,8 +177,8 @@ def run_bench(
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     out = Path(out or Path("runs") / "bench" / suite.name)
     cache = Path(cache) if cache else DEFAULT_CACHE
-    data = suite.load_data()
-    teacher, teacher_info = _teacher(suite, data, cache, progress, log)
+    data = budgeted(suite.load_data(), budget)
+    teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
     example = data.train.x[:8]
 
     rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
@@ -178,6 +197,8 @@ def run_bench(
                 "teacher": teacher_info["checkpoint"],
                 "batch_size": suite.batch_size,
             }
+            if budget < 1.0:
+                key["budget"] = budget
             run_dir = out / "runs" / method / f"seed{seed}"
             result_file = run_dir / "result.json"
             cached = json.loads(result_file.read_text()) if result_file.exists() else None
@@ -280,6 +301,7 @@ def run_bench(
         "epochs": epochs,
         "teacher_epochs": suite.teacher_epochs,
         "batch_size": suite.batch_size,
+        "budget": budget,
         "optim": dataclasses.asdict(suite.optim),
         "method_options": {m: method_config(suite, m) for m in methods},
     }

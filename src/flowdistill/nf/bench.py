@@ -102,13 +102,17 @@ def nf_method_config(suite: NFSuite, method: str) -> dict[str, Any]:
     return {**NF_METHODS[method], **suite.method_options.get(method, {})}
 
 
-def _teacher(suite: NFSuite, data: ImageData, cache: Path, progress: bool, log):
+def _teacher(
+    suite: NFSuite, data: ImageData, cache: Path, progress: bool, log, budget: float = 1.0
+):
     key = {
         "suite": suite.name,
         "model": suite.teacher,
         "train": dataclasses.asdict(suite.teacher_train),
         "seed": 0,
     }
+    if budget < 1.0:
+        key["budget"] = budget
     folder = cache / f"{suite.name}-{_hash(key)}"
     result_file = folder / "result.json"
     if result_file.exists():
@@ -225,6 +229,7 @@ def run_nf_bench(
     cache: str | Path | None = None,
     command: str | None = None,
     log=print,
+    budget: float = 1.0,
 ) -> dict[str, Any]:
     """Run a flow-distillation suite; write ``results.json``, ``results.md``,
     ``val_curves.png`` and ``samples.png`` into ``out``. Finished runs are reused and
@@ -247,7 +252,12 @@ def run_nf_bench(
     out = Path(out or Path("runs") / "bench" / suite.name)
     cache = Path(cache) if cache else DEFAULT_CACHE
     data = suite.load_data()
-    teacher, teacher_info = _teacher(suite, data, cache, progress, log)
+    if not 0.0 < budget <= 1.0:
+        raise ConfigError(f"--budget must lie in (0, 1], got {budget}")
+    if budget < 1.0:  # quick runs: the first fraction of the training images
+        n = max(1, int(round(budget * len(data.train))))
+        data = ImageData(data.train[:n], data.val, data.test, data.n_bins)
+    teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
 
     rows, curves, params = [], {}, {}
     for method in methods:
@@ -262,6 +272,8 @@ def run_nf_bench(
                 "student": suite.student,
                 "teacher": teacher_info["checkpoint"],
             }
+            if budget < 1.0:
+                key["budget"] = budget
             run_dir = out / "runs" / method / f"seed{seed}"
             result_file = run_dir / "result.json"
             cached = json.loads(result_file.read_text()) if result_file.exists() else None
@@ -364,6 +376,7 @@ def run_nf_bench(
         "train": dataclasses.asdict(train_cfg),
         "method_options": options,
         "sample_temperature": suite.sample_temperature,
+        "budget": budget,
     }
     results = {
         "suite": suite.name,

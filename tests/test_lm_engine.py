@@ -281,3 +281,33 @@ def test_budget_trains_on_a_fraction_and_keeps_runs_apart(tmp_path):
     assert quick["provenance"]["config"]["budget"] == 0.3
     teachers = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert len(teachers) == 1  # a teacher of its own, cached apart from full-budget ones
+
+
+@pytest.mark.parametrize(
+    "method,options,causal",
+    [("fmkt", {"encoder": "mlp"}, True), ("fmkt", {"encoder": "transformer"}, False)],
+)
+def test_deployed_flow_modules_and_causality(method, options, causal, lm):
+    """FM-KT's module runs at inference: a per-position encoder keeps the model causal, an
+    attention encoder does not (which is why the shakespeare-char suite picks "mlp")."""
+    data, _, teacher, student = lm
+    x = data.train.x[:2]
+    distiller = make_distiller(
+        method, teacher, student, example_input=x, student_taps=["blocks.0"],
+        teacher_taps=["blocks.1"], **options,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for net in distiller.parameters():  # zero-initialised last layers: move them
+            net.add_(0.05 * torch.randn_like(net))
+        y = x.clone()
+        y[:, 10:] = (y[:, 10:] + 1) % data.num_classes
+        a, b = distiller.predict(x), distiller.predict(y)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5) == causal
+
+
+def test_shakespeare_suite_uses_per_position_flow_fields():
+    from flowdistill.bench import get_suite, method_config
+
+    suite = get_suite("shakespeare-char")
+    assert method_config(suite, "fmkt")["encoder"] == "mlp"
+    assert method_config(suite, "flowdistill")["field"] == "pointwise"

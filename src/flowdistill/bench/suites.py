@@ -155,6 +155,10 @@ register_suite(
         method_options={
             "_features": {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.3"]},
             "kd": {"temperature": 1.0},
+            # per-position flow fields: attention across positions would let a position see
+            # later tokens, and FM-KT's module stays in the deployed model
+            "fmkt": {"encoder": "mlp"},
+            "flowdistill": {"field": "pointwise"},
         },
         metric="val_bpc",
         higher_is_better=False,

@@ -311,3 +311,16 @@ def test_shakespeare_suite_uses_per_position_flow_fields():
     suite = get_suite("shakespeare-char")
     assert method_config(suite, "fmkt")["encoder"] == "mlp"
     assert method_config(suite, "flowdistill")["field"] == "pointwise"
+
+
+def test_gpu_suite_pairs_the_usual_character_gpt_with_a_tenth_of_it():
+    from flowdistill.bench import get_suite
+    from flowdistill.models import build_model
+
+    suite = get_suite("shakespeare-char-gpu")
+    teacher = build_model("gpt", vocab_size=65, **suite.teacher.kwargs)
+    student = build_model("gpt", vocab_size=65, **suite.student.kwargs)
+    t = sum(p.numel() for p in teacher.parameters())
+    s = sum(p.numel() for p in student.parameters())
+    assert (teacher.config.n_layer, teacher.config.n_embd) == (6, 384)
+    assert 8 < t / s < 14

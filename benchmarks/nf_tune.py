@@ -21,22 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from tune import parse_grid  # benchmarks/tune.py, beside this script
 
 from flowdistill.bench.provenance import provenance
 from flowdistill.bench.suites import get_suite
 from flowdistill.nf.bench import DEFAULT_CACHE, _build, _teacher, nf_method_config
 from flowdistill.nf.train import FlowDistiller, FlowKDConfig, fit_flow
-
-
-def parse_grid(items: list[str]) -> dict[str, list]:
-    grid = {}
-    for item in items:
-        key, _, values = item.partition("=")
-        if not values:
-            raise SystemExit(f"grid entries look like key=v1,v2; got {item!r}")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
-    return grid
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,19 @@ def _shakespeare_decode(ids: list[int]) -> str:
     return CharTokenizer.from_text(_shakespeare_text()).decode(ids)
 
 
+def _lm_method_options(student_tap: str, teacher_tap: str) -> dict[str, dict[str, Any]]:
+    """Options of the language-model suites: the hidden states to pair, temperature 1 for
+    every method that softens logits (the usual choice for language models), and
+    per-position flow fields (attention across positions would let a position see later
+    tokens, and FM-KT's module stays in the deployed model)."""
+    return {
+        "_features": {"student_taps": [student_tap], "teacher_taps": [teacher_tap]},
+        "kd": {"temperature": 1.0},
+        "fmkt": {"encoder": "mlp", "temperature": 1.0},
+        "flowdistill": {"field": "pointwise", "temperature": 1.0},
+    }
+
+
 def _cifar10_cpu() -> Splits:
     path = os.path.join(data_dir(), "cifar10.npz")
     if not os.path.isfile(path):
@@ -152,15 +165,7 @@ register_suite(
         optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.01, schedule="cosine"),
         epochs=2,
         batch_size=32,
-        method_options={
-            "_features": {"student_taps": ["blocks.1"], "teacher_taps": ["blocks.3"]},
-            # temperature 1 for every method that softens logits (the usual choice for
-            # language models); per-position flow fields: attention across positions would
-            # let a position see later tokens, and FM-KT's module stays in the deployed model
-            "kd": {"temperature": 1.0},
-            "fmkt": {"encoder": "mlp", "temperature": 1.0},
-            "flowdistill": {"field": "pointwise", "temperature": 1.0},
-        },
+        method_options=_lm_method_options("blocks.1", "blocks.3"),
         metric="val_bpc",
         higher_is_better=False,
         task="lm",
@@ -187,12 +192,7 @@ register_suite(
         optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.1, schedule="cosine"),
         epochs=5,
         batch_size=64,
-        method_options={
-            "_features": {"student_taps": ["blocks.2"], "teacher_taps": ["blocks.5"]},
-            "kd": {"temperature": 1.0},
-            "fmkt": {"encoder": "mlp", "temperature": 1.0},
-            "flowdistill": {"field": "pointwise", "temperature": 1.0},
-        },
+        method_options=_lm_method_options("blocks.2", "blocks.5"),
         metric="val_bpc",
         higher_is_better=False,
         task="lm",

@@ -40,6 +40,12 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
 def _build(spec: ModelConfig, data: Splits, task: str = "classification") -> torch.nn.Module:
     if task == "lm":  # a causal language model over the data's token vocabulary
         return build_model(spec.name, **{"vocab_size": data.num_classes, **spec.kwargs})
@@ -264,22 +270,18 @@ def run_bench(
                 }
             )
 
-    def stats(values: list[float]) -> tuple[float, float]:
-        arr = np.asarray(values, dtype=float)
-        return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
-    student_mean, _ = stats([r["metric"] for r in by_method["student"]])
+    student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
     student_infer = float(np.mean([r["inference_seconds"] for r in by_method["student"]]))
     gap = teacher_info["metric"] - student_mean
     summary = {}
     for m, rs in by_method.items():
-        mean, std = stats([r["metric"] for r in rs])
+        mean, std = mean_std([r["metric"] for r in rs])
         if suite.task == "lm":
             bmean = bstd = None
         else:
-            bmean, bstd = stats([r["best_val_metric"] for r in rs])
+            bmean, bstd = mean_std([r["best_val_metric"] for r in rs])
         summary[m] = {
             "mean": mean,
             "std": std,

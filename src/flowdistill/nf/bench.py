@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..bench.provenance import provenance
+from ..bench.runner import DEFAULT_CACHE, _hash, _params, mean_std
 from ..bench.suites import data_dir, register_suite
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_checkpoint
@@ -48,8 +48,6 @@ NF_METHODS: dict[str, dict[str, Any]] = {
     "all_kd": {"intermediate": 0.003, "final": 0.01, "synth": 0.1, "anneal": "linear"},
 }
 
-DEFAULT_CACHE = Path("runs") / "cache" / "teachers"
-
 
 @dataclass
 class NFSuite:
@@ -70,14 +68,6 @@ class NFSuite:
     kind: str = "nf"
     metric: str = "test_bpd"
     higher_is_better: bool = False
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _build(spec: dict[str, Any], data: ImageData) -> MultiScaleFlow:
@@ -322,12 +312,8 @@ def run_nf_bench(
     measured = _sampling_speeds(pair, n=1024, rounds=15, temperature=suite.sample_temperature)
     speeds = {m: measured["teacher" if m == "teacher" else "student"] for m in models}
 
-    def stats(values: list[float]) -> tuple[float, float]:
-        arr = np.asarray(values, dtype=float)
-        return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
-
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
-    student_mean, _ = stats([r["metric"] for r in by_method["student"]])
+    student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
     gap = student_mean - teacher_info["metric"]
     summary = {
@@ -348,9 +334,9 @@ def run_nf_bench(
     }
     student_by_seed = {r["seed"]: r["metric"] for r in by_method["student"]}
     for m, rs in by_method.items():
-        mean, std = stats([r["metric"] for r in rs])
-        delta, delta_std = stats([r["metric"] - student_by_seed[r["seed"]] for r in rs])
-        bmean, bstd = stats([r["best_val_metric"] for r in rs])
+        mean, std = mean_std([r["metric"] for r in rs])
+        delta, delta_std = mean_std([r["metric"] - student_by_seed[r["seed"]] for r in rs])
+        bmean, bstd = mean_std([r["best_val_metric"] for r in rs])
         summary[m] = {
             "mean": mean,
             "std": std,

@@ -167,6 +167,7 @@ def test_context_conditions_the_transport(pair):
         {"inference": "flow"},
         {"sigma": 0.1, "flow_grad": "all"},
         {"field": "pointwise"},
+        {"field": "spatial"},
     ],
 )
 def test_options_train_a_step(options, pair):
@@ -251,21 +252,53 @@ def test_bad_configuration_is_named(pair):
         flowdistill.make_distiller("flowdistill", teacher, student)
 
 
-def test_pointwise_field_acts_on_each_position_alone(pair):
+def _perturbed_field(pair, field):
     teacher, student, x = pair
     d = flowdistill.make_distiller(
-        "flowdistill", teacher, student, example_input=x, field="pointwise", **TAPS
+        "flowdistill", teacher, student, example_input=x, field=field, **TAPS
     )
     net = d.velocities["p0"]  # teacher stage2 maps: (8, 2, 2)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+@pytest.mark.parametrize("field", ["pointwise", "lean"])
+def test_per_position_fields_act_on_each_position_alone(pair, field):
+    net = _perturbed_field(pair, field)
     z, t = torch.randn(3, 8, 2, 2), torch.rand(3)
     ctx = torch.rand(3, net.embed.cond_dim)
     out = net(z, t, context=ctx)
     perm = torch.randperm(4)
     shuffled = z.flatten(2)[:, :, perm].reshape(3, 8, 2, 2)
     torch.testing.assert_close(net(shuffled, t, context=ctx).flatten(2), out.flatten(2)[:, :, perm])
-    # and each position equals the vector field on that position's channels
-    direct = net.field(z[:, :, 1, 0], t, context=ctx)
-    torch.testing.assert_close(out[:, :, 1, 0], direct)
+    # a map and its rows of positions (B, H*W, C) give the same field
+    rows = z.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(net(rows, t, context=ctx), out.flatten(2).transpose(1, 2))
+    if field == "pointwise":  # each position equals the vector field on its channels
+        torch.testing.assert_close(out[:, :, 1, 0], net.field(z[:, :, 1, 0], t, context=ctx))
+
+
+def test_lean_field_is_one_film_hidden_layer(pair):
+    net = _perturbed_field(pair, "lean")
+    z, t = torch.randn(3, 8, 2, 2), torch.rand(3)
+    ctx = torch.rand(3, net.embed.cond_dim)
+    # independent formula: v = W2 SiLU((W1 x + b1) * (1 + gamma) + beta) + b2 per position
+    e = net.embed(t, z, ctx)  # (3, 32)
+    gamma, beta = (e @ net.film.proj.weight.T + net.film.proj.bias).chunk(2, dim=1)
+    x = z[:, :, 0, 1]  # (3, 8): one position's channels
+    h = x @ net.inp.weight.T + net.inp.bias
+    h = h * (1 + gamma) + beta
+    want = (h * torch.sigmoid(h)) @ net.out.weight.T + net.out.bias
+    torch.testing.assert_close(net(z, t, context=ctx)[:, :, 0, 1], want)
+
+
+def test_default_field_is_per_position_and_starts_as_identity(pair):
+    teacher, student, x = pair
+    d = flowdistill.make_distiller("flowdistill", teacher, student, example_input=x, **TAPS)
+    s_out, t_out = d.student_forward(x), d.teacher_forward(x)
+    key, _, a, t = d._endpoints(s_out, t_out)[0]
+    assert a.shape == t.shape == (4, 4, 8)  # stage2 (8, 2, 2) as 4 rows of 8 channels
+    moved = d._transport(key, a, 1.0, d.steps, d._context(s_out), True)
+    torch.testing.assert_close(moved, a)  # zero-initialised output: the identity flow

@@ -51,7 +51,7 @@ def _lm_method_options(student_tap: str, teacher_tap: str) -> dict[str, dict[str
         "_features": {"student_taps": [student_tap], "teacher_taps": [teacher_tap]},
         "kd": {"temperature": 1.0},
         "fmkt": {"encoder": "mlp", "temperature": 1.0},
-        "flowdistill": {"field": "pointwise", "temperature": 1.0},
+        "flowdistill": {"field": "pointwise", "hidden": 64, "temperature": 1.0},
     }
 
 

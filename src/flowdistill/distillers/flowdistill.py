@@ -34,9 +34,12 @@ the target moves along the path from the student's own representation to the tea
 :math:`\tau` ramping to 1); the number of transport steps ramps from 1 to ``steps``; and the
 pairs switch on from shallow taps to deep taps and then the logits.
 
-The velocity field of a feature map uses 3×3 convolutions (attention over tokens) by default
-(``field="spatial"``); ``field="pointwise"`` applies a residual MLP at every position instead
-(channel mixing only, several times cheaper).
+The velocity field of a feature map or token sequence acts on each position alone by default
+(``field="lean"``: one FiLM-modulated hidden layer per position, the cheapest field;
+``field="pointwise"``: a residual MLP per position); ``field="spatial"`` mixes neighbouring
+positions with 3×3 convolutions (attention over tokens) at several times the cost. Per-position
+fields see a map ``(B, C, H, W)`` as rows of positions ``(B, H*W, C)``. Vectors (logits,
+pooled features) use a residual MLP field.
 
 **Conditional flow network.** The velocity field is conditioned through FiLM on a context
 computed from the student side only (pooled student features and softened student logits,
@@ -59,7 +62,15 @@ from torch.func import functional_call
 from .. import losses
 from ..adapters import feature_kind, make_adapter
 from ..errors import ConfigError
-from ..flows import ConvVelocity, FlowMap, MLPVelocity, TokenVelocity, odeint
+from ..flows import (
+    ConditionEmbedding,
+    ConvVelocity,
+    FiLM,
+    FlowMap,
+    MLPVelocity,
+    TokenVelocity,
+    odeint,
+)
 from ..taps import LOGITS
 from .base import Distiller
 from .registry import register, register_variant
@@ -67,6 +78,7 @@ from .registry import register, register_variant
 __all__ = ["FlowDistill"]
 
 _SOLVERS = ("euler", "midpoint", "heun", "rk4")
+_FIELDS = ("spatial", "pointwise", "lean")
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +115,16 @@ class _Standardize(nn.Module):
         return self.norm(x)
 
 
+def _to_rows(x: torch.Tensor) -> torch.Tensor:
+    """A map ``(B, C, H, W)`` as contiguous rows of positions ``(B, H*W, C)``."""
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_to_rows` for a map of ``shape``."""
+    return rows.transpose(1, 2).reshape(shape)
+
+
 class _Pointwise(nn.Module):
     """A vector velocity field applied at every position of a map ``(B, C, H, W)`` or every
     token of ``(B, N, D)``: channel mixing only, far cheaper than 3×3 convolutions."""
@@ -120,26 +142,48 @@ class _Pointwise(nn.Module):
         return self.field.out
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
-        b = x.shape[0]
-        rows = x.permute(0, 2, 3, 1) if x.ndim == 4 else x  # (B, H, W, C) or (B, N, D)
-        per = rows.shape[1:-1].numel()
-        flat = rows.reshape(b * per, rows.shape[-1])  # (B * positions, C)
+        if x.ndim == 4:
+            return _from_rows(self(_to_rows(x), t, context), x.shape)
         f = self.field
-        # time/context embedding once per sample, shared by all of its positions
-        emb = f.embed(t, x, context).repeat_interleave(per, dim=0)  # (B * positions, hidden)
-        h = f.inp(flat)
+        # one time/context embedding per sample, broadcast over its positions by FiLM
+        emb = f.embed(t, x, context)  # (B, hidden)
+        h = f.inp(x)  # (B, N, hidden)
         for block in f.blocks:
             h = block(h, emb)
-        v = f.out(F.silu(f.out_norm(h))).reshape(rows.shape)
-        return v.permute(0, 3, 1, 2) if x.ndim == 4 else v
+        return f.out(F.silu(f.out_norm(h)))  # (B, N, D)
+
+
+class _Lean(nn.Module):
+    r"""The cheapest per-position velocity field: one FiLM-modulated hidden layer,
+    :math:`v(x, t, c) = W_2\,\mathrm{SiLU}(\mathrm{FiLM}_e(W_1 x))` at every position of a
+    map ``(B, C, H, W)`` or every token of ``(B, N, D)``, with :math:`e` the embedding of
+    time and context; :math:`W_2` is zero-initialised, so a new field is the identity flow."""
+
+    def __init__(self, channels: int, hidden: int, cond_dim: int | None) -> None:
+        super().__init__()
+        self.embed = ConditionEmbedding(hidden, cond_dim)
+        self.inp = nn.Linear(channels, hidden)
+        self.film = FiLM(hidden, hidden)
+        self.out = nn.Linear(hidden, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim == 4:
+            return _from_rows(self(_to_rows(x), t, context), x.shape)
+        emb = self.embed(t, x, context)  # (B, hidden)
+        return self.out(F.silu(self.film(self.inp(x), emb)))  # (B, N, D)
 
 
 def _velocity(
     shape: tuple[int, ...], hidden: int, depth: int, cond_dim: int | None, field: str
 ) -> nn.Module:
     kind = feature_kind(shape)
+    channels = shape[0] if kind == "map" else shape[-1]
     if kind != "vector" and field == "pointwise":
-        return _Pointwise(shape[0] if kind == "map" else shape[-1], hidden, depth, cond_dim)
+        return _Pointwise(channels, hidden, depth, cond_dim)
+    if kind != "vector" and field == "lean":
+        return _Lean(channels, hidden, cond_dim)
     if kind == "vector":
         return MLPVelocity(shape[0], hidden=hidden, depth=depth, cond_dim=cond_dim)
     if kind == "map":
@@ -165,9 +209,9 @@ class FlowDistill(Distiller):
         distill_logits: bool = True,
         steps: int = 2,
         solver: str = "euler",
-        hidden: int = 64,
+        hidden: int = 32,
         depth: int = 1,
-        field: str = "spatial",
+        field: str = "lean",
         sigma: float = 0.0,
         fm_weight: float = 1.0,
         feature_weight: float = 1.0,
@@ -195,8 +239,8 @@ class FlowDistill(Distiller):
             raise ConfigError(f"flowdistill: steps must be >= 1, got {steps}")
         if solver not in _SOLVERS:
             raise ConfigError(f"flowdistill: solver must be one of {_SOLVERS}, got {solver!r}")
-        if field not in ("pointwise", "spatial"):
-            raise ConfigError(f"flowdistill: field must be 'pointwise' or 'spatial', got {field!r}")
+        if field not in _FIELDS:
+            raise ConfigError(f"flowdistill: field must be one of {_FIELDS}, got {field!r}")
         if logit_loss not in ("kl", "dist"):
             raise ConfigError(f"flowdistill: logit_loss must be 'kl' or 'dist', got {logit_loss!r}")
         if flow_grad not in ("fm", "all"):
@@ -237,6 +281,7 @@ class FlowDistill(Distiller):
         self.progressive_stages = progressive_stages
         self.ramp, self.diagnostics_batch = float(ramp), int(diagnostics_batch)
         self.task = int(task)
+        self.rows = field in ("pointwise", "lean")
 
         # context: pooled student features and softened student logits (+ task embedding)
         self.conditional = conditional
@@ -323,6 +368,8 @@ class FlowDistill(Distiller):
             t = t_out[t_name].float()
             if key in self.norms:
                 t = self.norms[key](t)
+            if self.rows and a.ndim == 4:  # per-position fields: maps as rows of positions
+                a, t = _to_rows(a), _to_rows(t)
             out.append((key, s_name, a, t))
         return out
 
@@ -455,7 +502,7 @@ register_variant(
     conditional=False,
 )  # fmt: skip
 register_variant(
-    "flowdistill-lite", "flowdistill",
-    "a cheaper flow: pointwise velocity field, hidden 32, features only (logits by KD)",
-    field="pointwise", hidden=32, distill_logits=False,
+    "flowdistill-spatial", "flowdistill",
+    "a spatial velocity field: 3×3 convolutions (attention over tokens), hidden 64",
+    field="spatial", hidden=64,
 )  # fmt: skip

@@ -78,7 +78,8 @@ from .registry import register, register_variant
 __all__ = ["FlowDistill"]
 
 _SOLVERS = ("euler", "midpoint", "heun", "rk4")
-_FIELDS = ("spatial", "pointwise", "lean")
+_PER_POSITION = ("pointwise", "lean")  # fields that act on each position alone
+_FIELDS = ("spatial", *_PER_POSITION)
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +282,7 @@ class FlowDistill(Distiller):
         self.progressive_stages = progressive_stages
         self.ramp, self.diagnostics_batch = float(ramp), int(diagnostics_batch)
         self.task = int(task)
-        self.rows = field in ("pointwise", "lean")
+        self.rows = field in _PER_POSITION
 
         # context: pooled student features and softened student logits (+ task embedding)
         self.conditional = conditional

@@ -4,9 +4,11 @@
         --grid steps=1,2,4 kd_weight=0,1 --seeds 3 --out benchmarks/digits/tune_flowdistill.json
 
 Every grid point is trained with the suite's recipe for each seed; the score is the final
-validation accuracy (mean over seeds), reported with the best-validation-epoch accuracy. The
-JSON written to ``--out`` holds every point, its scores, the chosen point and provenance; test
-accuracy is neither recorded nor looked at.
+validation accuracy (mean over seeds), reported with the best-validation-epoch accuracy; for a
+language-model suite it is the final validation bits per token (lower is better), on the
+selection split held back from the training text. The JSON written to ``--out`` holds every
+point, its scores, the chosen point and provenance; test scores are neither recorded nor
+looked at.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ import torch
 import yaml
 
 from flowdistill.bench.provenance import provenance
-from flowdistill.bench.runner import DEFAULT_CACHE, _build, _teacher, method_config
+from flowdistill.bench.runner import (
+    DEFAULT_CACHE,
+    _bits,
+    _build,
+    _teacher,
+    _train_config,
+    method_config,
+)
 from flowdistill.bench.suites import get_suite
-from flowdistill.config import TrainConfig
 from flowdistill.distillers import make_distiller
 from flowdistill.engine import fit
 
@@ -52,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     suite = get_suite(args.suite)
+    lm = suite.task == "lm"
+    if lm and not suite.select_split:
+        raise SystemExit(f"suite {suite.name} holds no selection split to tune on")
+    name, scale = ("val_bpc", 1.0) if lm else ("val_acc", 100.0)
     grid = parse_grid(args.grid)
     data = suite.load_data()
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
@@ -63,39 +75,47 @@ def main(argv: list[str] | None = None) -> int:
         finals, bests, seconds = [], [], []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            student = _build(suite.student, data)
+            student = _build(suite.student, data, suite.task)
             distiller = make_distiller(
-                args.method, teacher, student, example_input=data.train.x[:8], **base, **options
+                args.method,
+                teacher,
+                student,
+                example_input=data.train.x[:8],
+                **{**base, **options},
             )
             t0 = time.perf_counter()
             result = fit(
                 distiller,
                 data,
                 suite.optim,
-                TrainConfig(epochs=epochs, seed=seed, progress=False),
+                _train_config(suite, epochs=epochs, seed=seed, progress=False),
                 batch_size=suite.batch_size,
             )
             seconds.append(time.perf_counter() - t0)
-            finals.append(result.history[-1]["val_acc"])
-            bests.append(result.best_val_acc)
+            if lm:
+                finals.append(_bits(result.history[-1]["val_loss"]))
+                bests.append(_bits(result.best_val_loss))
+            else:
+                finals.append(result.history[-1]["val_acc"])
+                bests.append(result.best_val_acc)
         point = {
             "options": options,
-            "val_acc_last": finals,
-            "val_acc_best": bests,
+            f"{name}_last": finals,
+            f"{name}_best": bests,
             "score": float(np.mean(finals)),
             "score_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
             "seconds": float(np.mean(seconds)),
         }
         points.append(point)
-        print(f"{options}: val {100 * point['score']:.2f} ± {100 * point['score_std']:.2f}")
-    chosen = max(points, key=lambda p: p["score"])
+        print(f"{options}: {name} {scale * point['score']:.4f} ± {scale * point['score_std']:.4f}")
+    chosen = (min if lm else max)(points, key=lambda p: p["score"])
     command = shlex.join(["python", "benchmarks/tune.py", *(argv or sys.argv[1:])])
     config = {"suite": suite.name, "method": args.method, "grid": grid, "epochs": epochs,
               "base_options": base, "teacher": teacher_info["checkpoint"]}  # fmt: skip
     record = {
         "suite": suite.name,
         "method": args.method,
-        "metric": "val_acc_last (mean over seeds)",
+        "metric": f"{name}_last (mean over seeds; {'lower' if lm else 'higher'} is better)",
         "points": points,
         "chosen": chosen["options"],
         "provenance": {**provenance(command, config), "seeds": list(range(args.seeds))},
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"chosen on validation: {chosen['options']} ({100 * chosen['score']:.2f})")
+    print(f"chosen on validation: {chosen['options']} ({scale * chosen['score']:.4f})")
     return 0
 
 

@@ -72,6 +72,18 @@ def test_char_splits_hold_out_the_last_tenth(lm):
     assert data.test is data.val and data.num_classes == tok.vocab_size
 
 
+def test_char_splits_hold_back_a_selection_split():
+    data, tok = char_splits(TEXT, block_size=16, select_fraction=0.2)
+    cut = int(len(TEXT) * 0.9)
+    fit_end = int(cut * 0.8)
+    assert tok.decode(data.train.x[0]) == TEXT[:16]
+    assert tok.decode(data.val.x[0]) == TEXT[fit_end : fit_end + 16]  # end of the training text
+    assert tok.decode(data.test.x[0]) == TEXT[cut : cut + 16]  # the held-out tenth
+    assert len(data.train) == (fit_end - 1) // 16  # every training window ends before it
+    with pytest.raises(DataError, match="select_fraction"):
+        char_splits(TEXT, block_size=16, select_fraction=1.0)
+
+
 def test_tiny_shakespeare(shared_file):
     ids, vocab = read_chars(shared_file("tinyshakespeare", "input.txt"))
     text = "".join(vocab[i] for i in ids[:2000])
@@ -162,6 +174,59 @@ def test_feature_methods_on_hidden_states(method, lm):
     assert distiller.predict(x).shape == (4, 16, data.num_classes)
 
 
+def _transported(distiller, x):
+    """Every pair's transport of ``x`` through a perturbed flow, and the context."""
+    with torch.no_grad():
+        t_out, s_out = distiller.teacher_forward(x), distiller.student_forward(x)
+        context = distiller._context(s_out)
+        moved = [distiller._transport(key, a, 1.0, 2, context, True)
+                 for key, _, a, _ in distiller._endpoints(s_out, t_out)]  # fmt: skip
+    return moved, context, s_out
+
+
+@pytest.mark.parametrize("context", ["auto", "pooled"])
+def test_flowdistill_context_is_causal_on_token_logits(context, lm):
+    data, _, teacher, student = lm
+    x = data.train.x[:3]
+    d = make_distiller(
+        "flowdistill", teacher, student, example_input=x, context=context,
+        student_taps=["blocks.0"], teacher_taps=["blocks.1"],
+    )  # fmt: skip
+    d.eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking flow: every parameter moved
+        for p in d.velocities.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    later = x.clone()
+    later[:, 10:] = (later[:, 10:] + 1) % data.num_classes  # change tokens 10..15 only
+    (m1, c1, s1), (m2, _, _) = _transported(d, x), _transported(d, later)
+    probs = torch.softmax(s1["logits"].double() / d.temperature, dim=-1)
+    if context == "auto":  # causal: position i holds the mean over positions <= i
+        assert c1.shape == (3, 16, c1.shape[-1])
+        for i in (0, 7, 15):
+            expected = probs[:, : i + 1].mean(dim=1)
+            assert torch.allclose(c1[:, i, -data.num_classes :].double(), expected, atol=1e-6)
+        for a, b in zip(m1, m2, strict=True):
+            assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)  # no later token leaks
+            assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-4
+    else:  # pooled over the whole sequence: earlier positions see the later tokens
+        assert c1.shape == (3, c1.shape[-1])
+        assert torch.allclose(c1[:, -data.num_classes :].double(), probs.mean(dim=1), atol=1e-6)
+        assert all((a[:, :10] - b[:, :10]).abs().max() > 1e-4 for a, b in zip(m1, m2, strict=True))
+
+
+def test_flowdistill_causal_context_needs_token_logits():
+    from flowdistill.errors import ConfigError
+
+    teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with pytest.raises(ConfigError, match="context='causal' needs per-token logits"):
+        make_distiller("flowdistill", teacher, student, example_input=torch.randn(2, 4),
+                       context="causal")  # fmt: skip
+    with pytest.raises(ConfigError, match="context must be"):
+        make_distiller("flowdistill", teacher, student, example_input=torch.randn(2, 4),
+                       context="future")  # fmt: skip
+
+
 def test_cross_entropy_ignores_padding(lm):
     data, _, _, student = lm
     y = data.train.y[:2].clone()
@@ -202,15 +267,21 @@ def test_shakespeare_char_bench_on_a_small_corpus(tmp_path, monkeypatch):
     summary = results["summary"]
     assert set(summary) == {"student", "kd", "reverse_kl"}
     for row in summary.values():
-        assert 0 < row["mean"] < math.log2(20) and row["best_val_mean"] is None
-    # the metric is the held-out cross-entropy in bits, recomputed here from the saved student
+        assert 0 < row["mean"] < math.log2(20) and 0 < row["best_val_mean"] < math.log2(20)
+    # the metric is the held-out cross-entropy in bits, at the last epoch and at the epoch
+    # chosen on the selection split (held back from the training text)
     run = tmp_path / "out" / "runs" / "kd" / "seed0"
     result = __import__("json").loads((run / "result.json").read_text())
     assert summary["kd"]["mean"] == pytest.approx(result["test_loss_last"] / math.log(2))
+    assert summary["kd"]["best_val_mean"] == pytest.approx(
+        result["test_loss_best_val"] / math.log(2)
+    )
+    data = suite.load_data()
+    assert data.val is not data.test and len(data.val) > 0
     assert set(results["samples"]) == {"teacher", "student", "kd", "reverse_kl"}
     assert all(text.startswith("To be, or not to be") for text in results["samples"].values())
     table = compact_table(results)
-    assert "| — |" in table  # no best-validation column: the held-out split is the reported one
+    assert f"{summary['kd']['best_val_mean']:.4f}" in table
     assert "**teacher**" in (tmp_path / "out" / "results.md").read_text()
 
 

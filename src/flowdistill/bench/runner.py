@@ -65,8 +65,10 @@ def _bits(loss_nats: float) -> float:
 
 def _run_metrics(suite: Suite, result: dict) -> tuple[float, float | None]:
     """(metric at the last epoch, metric at the best-validation epoch or None)."""
-    if suite.task == "lm":  # the held-out split is the validation split: last epoch only
-        return _bits(result["test_loss_last"]), None
+    if suite.task == "lm":  # bits per token on the held-out split
+        if not suite.select_split:  # the held-out split is the validation split
+            return _bits(result["test_loss_last"]), None
+        return _bits(result["test_loss_last"]), _bits(result["test_loss_best_val"])
     return result["test_acc_last"], result["test_acc_best_val"]
 
 
@@ -104,6 +106,8 @@ def _teacher(
     }
     if budget < 1.0:  # (keys of full runs stay as they were)
         key["budget"] = budget
+    if suite.data_key:
+        key["data"] = suite.data_key
     folder = cache / f"{suite.name}-{_hash(key)}"
     torch.manual_seed(0)
     teacher = _build(suite.teacher, data, suite.task)
@@ -133,7 +137,7 @@ def _teacher(
     return teacher, {
         "name": suite.teacher.name,
         "params": _params(teacher),
-        "metric": last if at_best is None else at_best,
+        "metric": last if at_best is None or suite.task == "lm" else at_best,
         "metric_last_epoch": last,
         "checkpoint": str(folder / ("model.safetensors" if suite.task == "lm" else BEST)),
     }
@@ -245,6 +249,9 @@ def run_bench(
                 last, at_best = _run_metrics(suite, result)
                 if at_best is None:
                     log(f"{method} seed {seed}: {suite.metric} {last:.4f}")
+                elif suite.task == "lm":
+                    log(f"{method} seed {seed}: {suite.metric} {last:.4f} "
+                        f"(at best val {at_best:.4f})")  # fmt: skip
                 else:
                     log(f"{method} seed {seed}: test acc {100 * last:.2f} "
                         f"(at best val {100 * at_best:.2f})")  # fmt: skip
@@ -278,7 +285,7 @@ def run_bench(
     summary = {}
     for m, rs in by_method.items():
         mean, std = mean_std([r["metric"] for r in rs])
-        if suite.task == "lm":
+        if rs[0]["best_val_metric"] is None:
             bmean = bstd = None
         else:
             bmean, bstd = mean_std([r["best_val_metric"] for r in rs])

@@ -79,15 +79,29 @@ def char_splits(
     block_size: int,
     val_fraction: float = 0.1,
     tokenizer: CharTokenizer | None = None,
+    select_fraction: float = 0.0,
 ) -> tuple[Splits, CharTokenizer]:
     """A corpus as next-character splits: the first ``1 - val_fraction`` of the text trains,
-    the rest validates (the usual 90/10 split of Tiny Shakespeare). The test split *is* the
-    validation split (this corpus reports validation bits per character), so nothing may be
-    chosen on it: report the last epoch."""
+    the rest is held out (the usual 90/10 split of Tiny Shakespeare, whose held-out part is
+    called its validation split) and is ``data.test``.
+
+    With ``select_fraction`` > 0 the end of the training text (that fraction of it) is held
+    back as ``data.val``, the split that epochs and hyper-parameters are chosen on; the
+    windows before it train. With ``select_fraction=0`` nothing is held back and
+    ``data.val`` *is* the held-out split, so nothing may be chosen on it: report the last
+    epoch."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if not 0.0 <= select_fraction < 1.0:
+        raise DataError(f"select_fraction must lie in [0, 1), got {select_fraction}")
     tokenizer = tokenizer or CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)
     cut = int(len(ids) * (1.0 - val_fraction))
-    train, val = token_windows(ids[:cut], block_size), token_windows(ids[cut:], block_size)
-    return Splits(train, val, val, num_classes=tokenizer.vocab_size), tokenizer
+    held = token_windows(ids[cut:], block_size)
+    if select_fraction == 0.0:
+        train = token_windows(ids[:cut], block_size)
+        return Splits(train, held, held, num_classes=tokenizer.vocab_size), tokenizer
+    fit_end = int(cut * (1.0 - select_fraction))
+    train = token_windows(ids[:fit_end], block_size)
+    select = token_windows(ids[fit_end:cut], block_size)
+    return Splits(train, select, held, num_classes=tokenizer.vocab_size), tokenizer

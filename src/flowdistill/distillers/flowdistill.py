@@ -43,7 +43,10 @@ pooled features) use a residual MLP field.
 
 **Conditional flow network.** The velocity field is conditioned through FiLM on a context
 computed from the student side only (pooled student features and softened student logits,
-detached), plus an optional learned task embedding.
+detached), plus an optional learned task embedding. Where the student predicts per token
+(logits ``(B, T, V)``, a causal language model) the context is causal by default: position
+:math:`i` sees the mean over positions :math:`\le i` only, so the flow never reads the
+tokens it is asked to predict (``context="pooled"`` pools over the whole sequence instead).
 
 At inference the student runs alone (``inference="student"``); with
 ``inference="flow"`` the prediction is the flow-transported student logits.
@@ -89,6 +92,12 @@ def _pool(x: torch.Tensor) -> torch.Tensor:
     if x.ndim == 3:
         return x.mean(dim=1)
     return x.flatten(1)
+
+
+def _causal_mean(x: torch.Tensor) -> torch.Tensor:
+    """Running mean over tokens ``(B, T, D)``: position ``i`` holds the mean of ``x[:, :i+1]``."""
+    counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
+    return x.cumsum(dim=1) / counts[:, None]
 
 
 def _rel(u: torch.Tensor, w: torch.Tensor) -> float:
@@ -231,6 +240,7 @@ class FlowDistill(Distiller):
         progressive_stages: bool = True,
         ramp: float = 0.5,
         inference: str = "student",
+        context: str = "auto",
         diagnostics_batch: int = 64,
         ce_weight: float = 1.0,
         **base: Any,
@@ -252,6 +262,10 @@ class FlowDistill(Distiller):
             )
         if inference == "flow" and not (flow and distill_logits):
             raise ConfigError("flowdistill: inference='flow' needs flow=True and distill_logits")
+        if context not in ("auto", "pooled", "causal"):
+            raise ConfigError(
+                f"flowdistill: context must be 'auto', 'pooled' or 'causal', got {context!r}"
+            )
         if not 0.0 <= ramp <= 1.0:
             raise ConfigError(f"flowdistill: ramp must be in [0, 1], got {ramp}")
         if temperature <= 0 or sigma < 0:
@@ -286,6 +300,13 @@ class FlowDistill(Distiller):
 
         # context: pooled student features and softened student logits (+ task embedding)
         self.conditional = conditional
+        per_token = len(self.student_shapes[LOGITS]) == 2  # logits (B, T, V)
+        if context == "causal" and not per_token:
+            raise ConfigError(
+                "flowdistill: context='causal' needs per-token logits (B, T, V); got logits "
+                f"of shape (B, {', '.join(map(str, self.student_shapes[LOGITS]))})"
+            )
+        self.causal = per_token and context != "pooled"
         cond_dim = None
         if conditional:
             cond_dim = sum(_pool(torch.zeros(1, *self.student_shapes[n])).shape[1] for n in s_feats)
@@ -325,16 +346,38 @@ class FlowDistill(Distiller):
 
     # ------------------------------------------------------------------ pieces
     def _context(self, s_out: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``(B, cond_dim)``, or ``(B, T, cond_dim)`` for a causal context (one per token)."""
         if not self.conditional:
             return None
-        parts = [_pool(s_out[s]).float() for s, _ in self.pairs if s != LOGITS]
-        # class probabilities; for token logits (B, T, V), their mean over the tokens
-        parts.append(_pool(F.softmax(s_out[LOGITS].float() / self.temperature, dim=-1)))
-        ctx = torch.cat(parts, dim=1).detach()
+        probs = F.softmax(s_out[LOGITS].float() / self.temperature, dim=-1)
+        feats = [s_out[s].float() for s, _ in self.pairs if s != LOGITS]
+        if self.causal:  # position i pools positions <= i
+            steps = probs.shape[1]
+            parts = [
+                _causal_mean(f)
+                if f.ndim == 3 and f.shape[1] == steps
+                else _pool(f)[:, None].expand(-1, steps, -1)  # fmt: skip
+                for f in feats
+            ]
+            parts.append(_causal_mean(probs))
+        else:
+            # class probabilities; for token logits (B, T, V), their mean over the tokens
+            parts = [_pool(f) for f in feats] + [_pool(probs)]
+        ctx = torch.cat(parts, dim=-1).detach()
         if self.task_embedding is not None:
-            task = torch.full((ctx.shape[0],), self.task, device=ctx.device, dtype=torch.long)
-            ctx = torch.cat([ctx, self.task_embedding(task)], dim=1)
+            task = torch.full(ctx.shape[:-1], self.task, device=ctx.device, dtype=torch.long)
+            ctx = torch.cat([ctx, self.task_embedding(task)], dim=-1)
         return ctx
+
+    @staticmethod
+    def _context_for(x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The context of a pair whose field acts on ``x``: a per-token context serves token
+        sequences of its length; any other pair gets its last position (the whole mean)."""
+        if context is None or context.ndim == 2:
+            return context
+        if x.ndim == 3 and x.shape[1] == context.shape[1]:
+            return context
+        return context[:, -1]
 
     def _field(self, key: str, detach_params: bool, context: torch.Tensor | None):
         net = self.velocities[key]
@@ -352,7 +395,7 @@ class FlowDistill(Distiller):
 
     def _transport(self, key: str, a: torch.Tensor, tau: float, steps: int, context, detach):
         """``Phi`` from time 0 to ``tau`` in ``steps`` fixed steps (differentiable in ``a``)."""
-        call = self._field(key, detach, context)
+        call = self._field(key, detach, self._context_for(a, context))
         times = torch.linspace(0.0, tau, steps + 1, device=a.device, dtype=a.dtype)
 
         def func(t, x):
@@ -421,7 +464,7 @@ class FlowDistill(Distiller):
         x_u = (1 - u) * a0 + u * t1
         if self.sigma > 0:
             x_u = x_u + self.sigma * torch.randn_like(x_u)
-        v = self.velocities[key](x_u, u.reshape(-1), context=context)
+        v = self.velocities[key](x_u, u.reshape(-1), context=self._context_for(a0, context))
         return F.mse_loss(v, t1 - a0)
 
     # ------------------------------------------------------------------ inference
@@ -460,8 +503,9 @@ class FlowDistill(Distiller):
             pairs = self._endpoints(s_out, t_out)
         for key, s_name, a, t in pairs:
             name = "logits" if s_name == LOGITS else s_name
+            ctx = self._context_for(a, context)
             with torch.no_grad():
-                moved = self._transport(key, a, 1.0, self.steps, context, True)
+                moved = self._transport(key, a, 1.0, self.steps, ctx, True)
                 out[f"{name}/adapter_error"] = _rel(a, t)
                 out[f"{name}/transport_error"] = _rel(moved, t)
                 exact = FlowMap(
@@ -469,9 +513,9 @@ class FlowDistill(Distiller):
                     steps=32,
                     method="rk4",
                 )
-                back = exact.inverse(exact(a, context=context), context=context)
+                back = exact.inverse(exact(a, context=ctx), context=ctx)
                 out[f"{name}/roundtrip_error"] = _rel(back, a)
-            out[f"{name}/teacher_nll"] = self._teacher_nll(exact, a, t, context)
+            out[f"{name}/teacher_nll"] = self._teacher_nll(exact, a, t, ctx)
         return out
 
     @staticmethod

@@ -106,7 +106,9 @@ class ConditionEmbedding(nn.Module):
         time_dim: size of the sinusoidal time embedding.
 
     ``forward(t, like, context=None)`` returns ``(B, dim)`` where ``B = like.shape[0]``;
-    ``like`` supplies the batch size, dtype and device.
+    ``like`` supplies the batch size, dtype and device. A per-position context
+    ``(B, N, cond_dim)`` (one vector for each of the ``N`` tokens of ``like``) gives a
+    per-position embedding ``(B, N, dim)``.
     """
 
     def __init__(self, dim: int, cond_dim: int | None = None, time_dim: int = 64) -> None:
@@ -129,12 +131,19 @@ class ConditionEmbedding(nn.Module):
         else:
             if context is None:
                 raise ValueError(f"this network needs context=<tensor (B, {self.cond_dim})>")
-            if context.ndim != 2 or context.shape != (like.shape[0], self.cond_dim):
+            per_position = (
+                context.ndim == 3
+                and like.ndim == 3
+                and context.shape == (like.shape[0], like.shape[1], self.cond_dim)
+            )
+            if not per_position and context.shape != (like.shape[0], self.cond_dim):
                 raise ValueError(
-                    f"context must have shape ({like.shape[0]}, {self.cond_dim}), "
-                    f"got {tuple(context.shape)}"
+                    f"context must have shape ({like.shape[0]}, {self.cond_dim})"
+                    + (f" or {(*like.shape[:2], self.cond_dim)}" if like.ndim == 3 else "")
+                    + f", got {tuple(context.shape)}"
                 )
-            e = e + self.cond_mlp(context.to(device=like.device, dtype=like.dtype))
+            c = self.cond_mlp(context.to(device=like.device, dtype=like.dtype))
+            e = (e[:, None] if per_position else e) + c
         return F.silu(e)
 
 
@@ -146,6 +155,9 @@ class FiLM(nn.Module):
         features: number of modulated features.
         channel_axis: axis of ``h`` holding the features (``1`` for ``(B, C, H, W)``,
             ``-1`` for ``(B, F)`` or ``(B, T, F)``).
+
+    A per-position ``e`` ``(B, T, emb_dim)`` modulates each position of ``h`` ``(B, T, F)``
+    with its own vector.
     """
 
     def __init__(self, emb_dim: int, features: int, channel_axis: int = -1) -> None:
@@ -155,6 +167,13 @@ class FiLM(nn.Module):
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         gamma, beta = self.proj(emb).chunk(2, dim=-1)  # (B, F) each
+        if emb.ndim == 3:  # one vector per position, (B, T, F)
+            if self.channel_axis not in (-1, h.ndim - 1) or h.shape[:2] != emb.shape[:2]:
+                raise ValueError(
+                    f"a per-position embedding {tuple(emb.shape)} needs h of shape "
+                    f"(B, T, F) with the same B, T; got {tuple(h.shape)}"
+                )
+            return h * (1 + gamma) + beta
         shape = [h.shape[0]] + [1] * (h.ndim - 1)
         shape[self.channel_axis] = gamma.shape[-1]
         return h * (1 + gamma.reshape(shape)) + beta.reshape(shape)

@@ -168,6 +168,7 @@ def test_context_conditions_the_transport(pair):
         {"sigma": 0.1, "flow_grad": "all"},
         {"field": "pointwise"},
         {"field": "spatial"},
+        {"logit_weight": 0.0},
     ],
 )
 def test_options_train_a_step(options, pair):
@@ -180,6 +181,8 @@ def test_options_train_a_step(options, pair):
     assert torch.isfinite(terms["loss"])
     terms["loss"].backward()
     assert ("fm" in terms) == options.get("flow", True)
+    logits_matched = options.get("distill_logits", True) and options.get("logit_weight", 1.0)
+    assert ("logit" in terms) == bool(logits_matched)
     assert d.predict(x).shape == (4, 4)
     diag = d.diagnostics()
     assert all(torch.isfinite(torch.tensor(v)) for v in diag.values())

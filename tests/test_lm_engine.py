@@ -384,6 +384,23 @@ def test_shakespeare_suite_uses_per_position_flow_fields():
     assert method_config(suite, "flowdistill")["field"] == "pointwise"
 
 
+@pytest.mark.parametrize("method", ["kd", "flowdistill"])
+def test_shakespeare_suite_options_are_the_ones_chosen_on_validation(method):
+    import json
+    from pathlib import Path
+
+    from flowdistill.bench import get_suite, method_config
+    from flowdistill.distillers import method_options
+
+    record = Path(__file__).parent.parent / "benchmarks" / "shakespeare-char"
+    tuned = json.loads((record / f"tune_{method}.json").read_text())
+    assert tuned["suite"] == "shakespeare-char" and "val_bpc" in tuned["metric"]
+    best = min(tuned["points"], key=lambda p: p["score"])  # bits: lower is better
+    assert tuned["chosen"] == best["options"]
+    options = {**method_options(method), **method_config(get_suite("shakespeare-char"), method)}
+    assert all(options[k] == v for k, v in tuned["chosen"].items())
+
+
 def test_gpu_suite_pairs_the_usual_character_gpt_with_a_tenth_of_it():
     from flowdistill.bench import get_suite
     from flowdistill.models import build_model

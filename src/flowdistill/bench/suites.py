@@ -46,14 +46,19 @@ def _shakespeare_decode(ids: list[int]) -> str:
 
 def _lm_method_options(student_tap: str, teacher_tap: str) -> dict[str, dict[str, Any]]:
     """Options of the language-model suites: the hidden states to pair, temperature 1 for
-    every method that softens logits (the usual choice for language models), and
-    per-position flow fields (attention across positions would let a position see later
-    tokens, and FM-KT's module stays in the deployed model)."""
+    every method that softens logits (chosen for ``kd`` on the selection split of
+    ``shakespeare-char``: ``benchmarks/shakespeare-char/tune_kd.json``), and per-position
+    flow fields (attention across positions would let a position see later tokens, and
+    FM-KT's module stays in the deployed model). FlowDistill matches its hidden states
+    through the flow but not its logits (``logit_weight=0``, chosen on the same split:
+    ``tune_flowdistill.json``); its ablation without the flow runs with the same options."""
+    flowdistill = {"field": "pointwise", "hidden": 64, "temperature": 1.0, "logit_weight": 0.0}
     return {
         "_features": {"student_taps": [student_tap], "teacher_taps": [teacher_tap]},
         "kd": {"temperature": 1.0},
         "fmkt": {"encoder": "mlp", "temperature": 1.0},
-        "flowdistill": {"field": "pointwise", "hidden": 64, "temperature": 1.0},
+        "flowdistill": flowdistill,
+        "flowdistill-noinv": {"temperature": 1.0, "logit_weight": 0.0},
     }
 
 

@@ -440,7 +440,8 @@ class FlowDistill(Distiller):
             is_logits = s_name == LOGITS
             if self.use_flow:
                 fm_terms.append(self._flow_matching(key, a.detach(), t, context))
-            if i >= self.active_pairs:
+            weight = self.logit_weight if is_logits else self.feature_weight
+            if i >= self.active_pairs or not weight:  # (a zero-weight term is not computed)
                 continue
             if self.use_flow:
                 target = t if self.tau >= 1.0 else (1 - self.tau) * a.detach() + self.tau * t

@@ -50,6 +50,15 @@ tokens it is asked to predict (``context="pooled"`` pools over the whole sequenc
 
 At inference the student runs alone (``inference="student"``); with
 ``inference="flow"`` the prediction is the flow-transported student logits.
+
+A flow trained by flow matching carries the *distribution* of adapter outputs onto that of
+teacher features; it keeps the pairing of a sample with its own teacher output only where the
+student's representation predicts the teacher's well. Where it does not, the transported
+representation is a plausible teacher output rather than the paired one. On the per-token
+logits of a small character language model, matching transported logits made the student
+worse than training it alone; the language-model suites therefore set ``logit_weight=0``
+(the logit flow is still fitted, for diagnostics and ``inference="flow"``), chosen on their
+selection split.
 """
 
 from __future__ import annotations

@@ -401,6 +401,18 @@ def test_shakespeare_suite_options_are_the_ones_chosen_on_validation(method):
     assert all(options[k] == v for k, v in tuned["chosen"].items())
 
 
+def test_flowdistill_variants_take_the_suite_options_their_preset_leaves():
+    from flowdistill.bench import get_suite, method_config
+
+    suite = get_suite("shakespeare-char")
+    nocond = method_config(suite, "flowdistill-nocond")
+    assert nocond["logit_weight"] == 0.0 and nocond["field"] == "pointwise"
+    spatial = method_config(suite, "flowdistill-spatial")
+    assert "field" not in spatial and "hidden" not in spatial  # the preset's own choice
+    assert spatial["temperature"] == 1.0 and spatial["student_taps"] == ["blocks.1"]
+    assert "logit_weight" not in method_config(get_suite("digits"), "flowdistill-nocond")
+
+
 def test_gpu_suite_pairs_the_usual_character_gpt_with_a_tenth_of_it():
     from flowdistill.bench import get_suite
     from flowdistill.models import build_model

@@ -18,6 +18,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Split, Splits
 from ..distillers import get_method, list_methods, make_distiller
+from ..distillers.registry import resolve
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
@@ -74,10 +75,15 @@ def _run_metrics(suite: Suite, result: dict) -> tuple[float, float | None]:
 
 def method_config(suite: Suite, method: str) -> dict[str, Any]:
     """The options ``method`` runs with in ``suite``: the suite's feature taps for methods
-    that use features, then any per-method defaults of the suite."""
+    that use features, then any per-method defaults of the suite. A variant with no
+    defaults of its own takes its method's, except the options its preset sets."""
     options: dict[str, Any] = {}
     if get_method(method).needs_shapes:
         options.update(suite.method_options.get("_features", {}))
+    base, preset = resolve(method)
+    if method not in suite.method_options and base != method:
+        inherited = suite.method_options.get(base, {})
+        options.update({k: v for k, v in inherited.items() if k not in preset})
     options.update(suite.method_options.get(method, {}))
     return options
 

@@ -66,6 +66,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cache=args.teacher_cache,
         command=shlex.join(["flowdistill", *args.argv]),
         budget=args.budget,
+        tune=args.tune,
+        tune_seeds=args.tune_seeds,
     )
     from .engine import distributed
 
@@ -210,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="fraction of the training split for quick runs (teacher included; default 1)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="first choose each method's options from its grid on the validation split",
+    )
+    p.add_argument(
+        "--tune-seeds", type=int, default=1, help="seeds per grid point with --tune (default 1)"
     )
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory")

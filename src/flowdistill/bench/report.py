@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compact_table", "markdown_table", "plot_diagnostics", "plot_results"]
+__all__ = ["compact_table", "markdown_table", "plot_diagnostics", "plot_results", "tuning_table"]
 
 
 def _pct(x: float) -> str:
@@ -99,6 +99,30 @@ def markdown_table(results: dict[str, Any]) -> str:
         "of the same run; *deployed params* and *inference ÷ student* describe the model "
         "that predicts after training (one test batch, median time).",
     ]
+    if "tuning" in results:
+        lines += ["", tuning_table(results)]
+    return "\n".join(lines) + "\n"
+
+
+def tuning_table(results: dict[str, Any]) -> str:
+    """Every grid point ``--tune`` tried, with its validation score; the chosen point of
+    each method is in bold."""
+    tuning = results["tuning"]
+    fmt = _formatter(results)
+    lines = [
+        f"### Options chosen on the validation split ({tuning['score']}; seeds "
+        f"{', '.join(map(str, tuning['seeds']))})",
+        "",
+        "| method | options | validation |",
+        "| --- | --- | --- |",
+    ]
+    for method, record in tuning["methods"].items():
+        for point in record["points"]:
+            opts = ", ".join(f"{k}={v}" for k, v in point["options"].items()) or "(defaults)"
+            score = fmt(point["val_mean"])
+            if point["options"] == record["chosen"]:
+                opts, score = f"**{opts}**", f"**{score}**"
+            lines.append(f"| {method} | {opts} | {score} |")
     return "\n".join(lines) + "\n"
 
 

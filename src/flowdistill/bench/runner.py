@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..data.datasets import Split, Splits
 from ..distillers import get_method, list_methods, make_distiller
-from ..distillers.registry import resolve
+from ..distillers.registry import resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
@@ -86,6 +87,34 @@ def method_config(suite: Suite, method: str) -> dict[str, Any]:
         options.update({k: v for k, v in inherited.items() if k not in preset})
     options.update(suite.method_options.get(method, {}))
     return options
+
+
+def _run_key(
+    suite: Suite, method: str, options: dict, seed: int, epochs: int, teacher_info: dict,
+    budget: float,
+) -> dict[str, Any]:  # fmt: skip
+    """What makes a run: a finished run of the same key is reused."""
+    key = {
+        "suite": suite.name,
+        "method": method,
+        "options": options,
+        "seed": seed,
+        "epochs": epochs,
+        "optim": dataclasses.asdict(suite.optim),
+        "student": dataclasses.asdict(suite.student),
+        "teacher": teacher_info["checkpoint"],
+        "batch_size": suite.batch_size,
+    }
+    if budget < 1.0:
+        key["budget"] = budget
+    return key
+
+
+def _val_score(suite: Suite, result: dict) -> float:
+    """The validation metric of a run's last epoch: accuracy, or bits per token for a
+    language model (the selection split's); the test split is not looked at."""
+    last = result["history"][-1]
+    return _bits(last["val_loss"]) if suite.task == "lm" else last["val_acc"]
 
 
 def budgeted(data: Splits, budget: float) -> Splits:
@@ -160,8 +189,16 @@ def run_bench(
     command: str | None = None,
     log=print,
     budget: float = 1.0,
+    tune: bool = False,
+    tune_seeds: int = 1,
 ) -> dict[str, Any]:
     """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
+
+    With ``tune``, each method first trains every point of its grid
+    (:func:`~flowdistill.distillers.tune_points`, the same budget for every method) for
+    ``tune_seeds`` seeds into ``out/tune``; each point is scored by its validation metric
+    at the last epoch (mean over those seeds), never by the test split, and the table's
+    runs use each method's best point. The grids and their scores go into ``results.json``.
 
     ``budget`` < 1 trains the teacher and every run on that fraction of the training split
     (its first samples) for quick runs; validation and test splits are unchanged.
@@ -173,6 +210,12 @@ def run_bench(
     suite = get_suite(suite_name)
     if getattr(suite, "kind", None) == "nf":  # a normalizing flow distilled into a smaller one
         from ..nf.bench import run_nf_bench
+
+        if tune:
+            raise ConfigError(
+                f"--tune is for classification and language-model suites; {suite.name} "
+                "distils a normalizing flow (benchmarks/nf_tune.py chooses its options)"
+            )
 
         return run_nf_bench(
             suite, methods, seeds, epochs, out, progress, cache, command, log, budget
@@ -191,6 +234,15 @@ def run_bench(
     epochs = epochs or suite.epochs
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    if tune:
+        if suite.task == "lm" and not suite.select_split:
+            raise ConfigError(
+                f"--tune chooses on a validation split; suite {suite.name} scores its only "
+                "held-out split, so there is none to choose on"
+            )
+        if tune_seeds < 1:
+            raise ConfigError(f"--tune-seeds must be >= 1, got {tune_seeds}")
+    grids = {m: tune_points(m) for m in methods} if tune else {}  # checked before training
     out = Path(out or Path("runs") / "bench" / suite.name)
     cache = Path(cache) if cache else DEFAULT_CACHE
     data = budgeted(suite.load_data(), budget)
@@ -199,22 +251,18 @@ def run_bench(
 
     rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
     student_params = 0
+    tuning: dict[str, Any] = {}
+    chosen: dict[str, dict[str, Any]] = {}
+    if tune:  # every grid point of every method, scored on the validation split
+        for method in methods:
+            tuning[method], chosen[method] = _tune_method(
+                suite, method, grids[method], data, teacher, teacher_info, example, epochs,
+                budget, out, tune_seeds, progress, log,
+            )  # fmt: skip
     for method in methods:
-        options = method_config(suite, method)
+        options = {**method_config(suite, method), **chosen.get(method, {})}
         for seed in range(seeds):
-            key = {
-                "suite": suite.name,
-                "method": method,
-                "options": options,
-                "seed": seed,
-                "epochs": epochs,
-                "optim": dataclasses.asdict(suite.optim),
-                "student": dataclasses.asdict(suite.student),
-                "teacher": teacher_info["checkpoint"],
-                "batch_size": suite.batch_size,
-            }
-            if budget < 1.0:
-                key["budget"] = budget
+            key = _run_key(suite, method, options, seed, epochs, teacher_info, budget)
             run_dir = out / "runs" / method / f"seed{seed}"
             result_file = run_dir / "result.json"
             cached = json.loads(result_file.read_text()) if result_file.exists() else None
@@ -233,21 +281,18 @@ def run_bench(
                         f"{run_dir} holds a run of another configuration; "
                         "choose another --out directory"
                     )
+                tuned = _tune_dir(out, method, chosen.get(method, {}), seed)
+                if tune and not run_dir.exists() and _finished(tuned, key):
+                    log(f"{method} seed {seed}: the tuning run {tuned} is this run")
+                    if distributed.is_main():
+                        shutil.copytree(tuned, run_dir)
+                    distributed.barrier()
                 distiller = make_distiller(
                     method, teacher, student, example_input=example, **options
                 )
-                train = _train_config(suite, epochs=epochs, seed=seed, progress=progress)
-                fit_result = fit(
-                    distiller,
-                    data,
-                    suite.optim,
-                    train,
-                    out_dir=run_dir,
-                    resume=True,
-                    batch_size=suite.batch_size,
-                    meta={"key_hash": _hash(key), "key": key},
-                )
-                result = fit_result.to_dict()
+                result = _fit_run(
+                    suite, distiller, data, key, seed, epochs, run_dir, progress
+                ).to_dict()
                 cost = inference_cost(distiller, data.test.x[: suite.batch_size])
                 if distributed.is_main():
                     atomic_write_text(cost_file, json.dumps(cost))
@@ -318,8 +363,11 @@ def run_bench(
         "batch_size": suite.batch_size,
         "budget": budget,
         "optim": dataclasses.asdict(suite.optim),
-        "method_options": {m: method_config(suite, m) for m in methods},
+        "method_options": {m: {**method_config(suite, m), **chosen.get(m, {})} for m in methods},
+        "tune": tune,
     }
+    if tune:
+        config["tune_seeds"] = tune_seeds
     results = {
         "suite": suite.name,
         "metric": suite.metric,
@@ -336,6 +384,15 @@ def run_bench(
         "summary": summary,
         "provenance": provenance(command or shlex.join(["flowdistill", *sys.argv[1:]]), config),
     }
+    if tune:
+        results["tuning"] = {
+            "seeds": list(range(tune_seeds)),
+            "score": "validation "
+            + ("bits per token" if suite.task == "lm" else "accuracy")
+            + " at the last epoch, mean over the tuning seeds",
+            "higher_is_better": suite.task != "lm",
+            "methods": tuning,
+        }
     if suite.task == "lm" and suite.decode is not None:
         results["samples"] = _lm_samples(suite, data, teacher, methods, out)
     if not distributed.is_main():
@@ -364,6 +421,74 @@ def run_bench(
         )
     distributed.barrier()
     return results
+
+
+def _fit_run(
+    suite: Suite, distiller, data: Splits, key: dict, seed: int, epochs: int, run_dir: Path,
+    progress: bool,
+):  # fmt: skip
+    train = _train_config(suite, epochs=epochs, seed=seed, progress=progress)
+    return fit(
+        distiller,
+        data,
+        suite.optim,
+        train,
+        out_dir=run_dir,
+        resume=True,
+        batch_size=suite.batch_size,
+        meta={"key_hash": _hash(key), "key": key},
+    )
+
+
+def _finished(run_dir: Path, key: dict) -> bool:
+    result_file = run_dir / "result.json"
+    if not result_file.exists():
+        return False
+    return json.loads(result_file.read_text()).get("key_hash") == _hash(key)
+
+
+def _tune_dir(out: Path, method: str, point: dict, seed: int) -> Path:
+    return out / "tune" / method / _hash(point) / f"seed{seed}"
+
+
+def _tune_method(
+    suite: Suite, method: str, points: list[dict], data: Splits, teacher, teacher_info: dict,
+    example, epochs: int, budget: float, out: Path, seeds: int, progress: bool, log,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Train ``method`` at every grid point; ``(its record, the best point)``."""
+    base = method_config(suite, method)
+    lower = suite.task == "lm"
+    record = []
+    for point in points:
+        options = {**base, **point}
+        scores = []
+        for seed in range(seeds):
+            key = _run_key(suite, method, options, seed, epochs, teacher_info, budget)
+            run_dir = _tune_dir(out, method, point, seed)
+            result_file = run_dir / "result.json"
+            if result_file.exists() and not _finished(run_dir, key):
+                raise ConfigError(
+                    f"{run_dir} holds a run of another configuration; "
+                    "choose another --out directory"
+                )
+            if _finished(run_dir, key):
+                result = json.loads(result_file.read_text())
+            else:
+                torch.manual_seed(seed)
+                student = _build(suite.student, data, suite.task)
+                distiller = make_distiller(
+                    method, teacher, student, example_input=example, **options
+                )
+                result = _fit_run(
+                    suite, distiller, data, key, seed, epochs, run_dir, progress
+                ).to_dict()
+            scores.append(_val_score(suite, result))
+        mean = float(np.mean(scores))
+        log(f"tune {method} {point or '(defaults)'}: validation {mean:.4f}")
+        record.append({"options": point, "val": scores, "val_mean": mean})
+    means = [r["val_mean"] for r in record]
+    best = int(np.argmin(means) if lower else np.argmax(means))  # ties: the first point
+    return {"points": record, "chosen": record[best]["options"]}, record[best]["options"]
 
 
 def _quiet(*_args, **_kwargs) -> None:

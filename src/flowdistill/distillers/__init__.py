@@ -21,6 +21,7 @@ from .registry import (
     register,
     register_variant,
     resolve,
+    tune_points,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "register",
     "register_variant",
     "resolve",
+    "tune_points",
 ]
 
 for _info in pkgutil.iter_modules(__path__):

@@ -27,6 +27,8 @@ class AT(FeatureDistiller):
     have no attention map and are refused.
     """
 
+    tune_grid = {"at_weight": [250.0, 1000.0], "kd_weight": [0.0, 1.0]}
+
     kinds = ("map", "tokens")
     same_family = True
     needs = (

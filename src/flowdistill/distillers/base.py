@@ -41,6 +41,10 @@ class Distiller(nn.Module):
     #: whether the method needs each sample's dataset index (``self.batch_index``), e.g. a
     #: memory bank keyed by sample; the engine sets it before every training step
     uses_indices: ClassVar[bool] = False
+    #: the method's main hyper-parameters for ``flowdistill bench --tune``: option -> values
+    #: (every combination is a point) or a list of option dicts; each method of the project
+    #: holds four points, so that every method gets the same grid budget
+    tune_grid: ClassVar[dict[str, list] | list[dict[str, Any]]] = {}
 
     def __init__(
         self,

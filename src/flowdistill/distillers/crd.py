@@ -49,6 +49,8 @@ class CRD(FeatureDistiller):
     samples; the authors' CIFAR loader draws them from other classes.
     """
 
+    tune_grid = {"crd_weight": [0.4, 0.8], "kd_weight": [0.0, 1.0]}
+
     uses_indices = True
     max_pairs = 1
 

@@ -364,6 +364,8 @@ class DiffKD(Distiller):
     ``distill_logits``). Training-only: :meth:`predict` is the plain student.
     """
 
+    tune_grid = {"inference_steps": [3, 5], "feat_weight": [1.0, 2.0]}
+
     needs_shapes = True
 
     def __init__(

@@ -28,6 +28,8 @@ class DIST(Distiller):
     ``temperature = 1`` with the same weights.
     """
 
+    tune_grid = {"temperature": [1.0, 4.0], "dist_weight": [1.0, 2.0]}
+
     def __init__(
         self,
         teacher,

@@ -53,6 +53,8 @@ class DKD(Distiller):
     call) the term is not scaled.
     """
 
+    tune_grid = {"temperature": [1.0, 4.0], "beta": [2.0, 8.0]}
+
     def __init__(
         self,
         teacher,

@@ -174,6 +174,8 @@ class FitNet(FeatureDistiller):
     jointly, not in FitNets' original two stages.
     """
 
+    tune_grid = {"hint_weight": [10.0, 100.0], "kd_weight": [0.0, 1.0]}
+
     def __init__(
         self,
         teacher,

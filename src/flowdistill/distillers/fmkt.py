@@ -353,6 +353,8 @@ class FMKT(Distiller):
     the flow into the student for features and an implicit ensemble over the steps for logits
     (see this module's documentation)."""
 
+    tune_grid = {"inference_steps": [2, 4], "temperature": [1.0, 4.0]}
+
     needs_shapes = True
 
     def __init__(

@@ -16,6 +16,12 @@ from .registry import register
 class KD(Distiller):
     """Hinton KD: cross-entropy plus T²-scaled KL between softened teacher and student outputs."""
 
+    tune_grid = [
+        {"temperature": t, "ce_weight": c, "kd_weight": w}
+        for t in (1.0, 4.0)
+        for c, w in ((0.5, 0.5), (0.1, 0.9))
+    ]
+
     def __init__(
         self,
         teacher,

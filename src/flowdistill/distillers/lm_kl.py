@@ -24,6 +24,8 @@ class ReverseKL(Distiller):
     Tokens whose target is -100 (padding) are left out of both terms. Works on ``(B, V)``
     class logits as well as ``(B, T, V)`` token logits."""
 
+    tune_grid = {"temperature": [1.0, 4.0], "ce_weight": [0.0, 1.0]}
+
     def __init__(
         self,
         teacher,
@@ -57,6 +59,8 @@ class SkewKL(ReverseKL):
     """DistiLLM's skew KL: ``direction="reverse"`` (their SRKL, the default),
     ``KL(q || alpha q + (1 - alpha) p)``, or ``"forward"`` (SKL),
     ``KL(p || alpha p + (1 - alpha) q)``; ``alpha = 0.1`` as the authors use."""
+
+    tune_grid = {"alpha": [0.1, 0.3], "ce_weight": [0.0, 1.0]}
 
     def __init__(
         self, teacher, student, *, alpha: float = 0.1, direction: str = "reverse", **kw: Any

@@ -26,6 +26,8 @@ class LS(Distiller):
     (``--logit-stand --base-temp 2 --kd-weight 9`` on mdistiller's KD configuration).
     """
 
+    tune_grid = {"temperature": [1.0, 2.0], "kd_weight": [1.0, 9.0]}
+
     def __init__(
         self,
         teacher,

@@ -133,6 +133,8 @@ class ND(Distiller):
     ``dkd``).
     """
 
+    tune_grid = {"temperature": [1.0, 4.0], "nd_weight": [0.5, 1.0]}
+
     needs_shapes = True
 
     def __init__(

@@ -165,6 +165,8 @@ class OFA(Distiller):
     left to the user.
     """
 
+    tune_grid = {"temperature": [1.0, 4.0], "eps": [1.0, 1.5]}
+
     needs_shapes = True
 
     def __init__(

@@ -63,6 +63,8 @@ class OFMKT(Distiller):
     label-smoothed cross-entropy and a metric loss toward the detached mean of the step
     predictions; the prediction is that mean (see this module's documentation)."""
 
+    tune_grid = {"inference_steps": [2, 4], "temperature": [1.0, 4.0]}
+
     uses_teacher = False
     needs_shapes = True
 

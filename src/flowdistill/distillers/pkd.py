@@ -51,6 +51,8 @@ class PKD(FeatureDistiller):
     a 1×1 convolution / linear adapter first (the paper assumes equal widths).
     """
 
+    tune_grid = {"pkd_weight": [0.1, 1.0], "kd_weight": [0.0, 1.0]}
+
     def __init__(self, teacher, student, *, pkd_weight: float = 1.0, **base: Any) -> None:
         super().__init__(teacher, student, **base)
         self.pkd_weight = float(pkd_weight)

@@ -26,6 +26,8 @@ class PKT(FeatureDistiller):
     token feature works, with no extra parameters.
     """
 
+    tune_grid = {"pkt_weight": [3000.0, 30000.0], "kd_weight": [0.0, 1.0]}
+
     def __init__(self, teacher, student, *, pkt_weight: float = 30000.0, **base: Any) -> None:
         super().__init__(teacher, student, **base)
         self.pkt_weight = float(pkt_weight)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import itertools
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, UnknownMethodError
@@ -23,6 +24,7 @@ __all__ = [
     "register",
     "register_variant",
     "resolve",
+    "tune_points",
 ]
 
 REGISTRY: dict[str, type[Distiller]] = {}
@@ -98,6 +100,31 @@ def method_options(name: str) -> dict[str, Any]:
             if p.kind is p.KEYWORD_ONLY:
                 options[p.name] = p.default
     return {**options, **preset}
+
+
+def tune_points(name: str) -> list[dict[str, Any]]:
+    """The grid points ``flowdistill bench --tune`` tries for ``name``: its method's
+    ``tune_grid`` without the options a variant's preset fixes, duplicates dropped; a
+    method with no grid has one point, its defaults (``{}``). An option the method does not
+    accept raises :class:`ConfigError`."""
+    cls = get_method(name)
+    _, preset = resolve(name)
+    grid = cls.tune_grid
+    if isinstance(grid, dict):
+        combos = itertools.product(*grid.values())
+        points = [dict(zip(grid, values, strict=True)) for values in combos]
+    else:
+        points = [dict(p) for p in grid]
+    accepted = method_options(name)
+    out: list[dict[str, Any]] = []
+    for point in points:
+        unknown = sorted(set(point) - set(accepted))
+        if unknown:
+            raise ConfigError(f"the tune grid of {name!r} names unknown option(s) {unknown}")
+        point = {k: v for k, v in point.items() if k not in preset}
+        if point not in out:
+            out.append(point)
+    return out or [{}]
 
 
 def make_distiller(

@@ -77,6 +77,8 @@ class ReviewKD(FeatureDistiller):
     maps; one tap pair works too (a single ABF without fusion).
     """
 
+    tune_grid = {"review_weight": [0.5, 1.0], "kd_weight": [0.0, 1.0]}
+
     same_family = True
 
     def __init__(

@@ -26,6 +26,8 @@ class RKD(FeatureDistiller):
     ``pool`` tap); any vector, map or token feature works, with no extra parameters.
     """
 
+    tune_grid = {"rkd_weight": [0.1, 1.0], "kd_weight": [0.0, 1.0]}
+
     def __init__(
         self,
         teacher,

@@ -24,6 +24,8 @@ class SP(FeatureDistiller):
     parameters.
     """
 
+    tune_grid = {"sp_weight": [300.0, 3000.0], "kd_weight": [0.0, 1.0]}
+
     def __init__(self, teacher, student, *, sp_weight: float = 3000.0, **base: Any) -> None:
         super().__init__(teacher, student, **base)
         self.sp_weight = float(sp_weight)

@@ -50,6 +50,8 @@ class VID(FeatureDistiller):
     maps and vectors as 1×1 maps (1×1 convolutions are then linear layers).
     """
 
+    tune_grid = {"vid_weight": [0.1, 1.0], "kd_weight": [0.0, 1.0]}
+
     kinds = ("vector", "map", "tokens")
     same_family = True
 

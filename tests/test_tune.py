@@ -1,0 +1,103 @@
+"""``flowdistill bench --tune``: the same grid budget for every method, chosen on validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from flowdistill.bench import SUITES, get_suite, run_bench
+from flowdistill.bench.runner import _hash
+from flowdistill.distillers import (
+    list_methods,
+    list_variants,
+    make_distiller,
+    method_options,
+    resolve,
+    tune_points,
+)
+from flowdistill.distillers.registry import REGISTRY
+from flowdistill.errors import ConfigError
+from flowdistill.models import build_model
+
+ALL = list_methods() + list_variants()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_gets_the_same_grid_budget_of_buildable_points(name):
+    points = tune_points(name)
+    if name == "student":  # nothing to choose: its defaults alone
+        assert points == [{}]
+        return
+    assert len(points) == 4
+    assert len({json.dumps(p, sort_keys=True) for p in points}) == 4  # distinct points
+    _, preset = resolve(name)
+    for point in points:
+        assert set(point) <= set(method_options(name)) and not set(point) & set(preset)
+    torch.manual_seed(0)
+    teacher = build_model("digits_teacher", num_classes=10, in_channels=1)
+    student = build_model("digits_student", num_classes=10, in_channels=1)
+    x = torch.randn(4, 1, 8, 8)
+    taps = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
+    for point in points:
+        options = {**(taps if REGISTRY[resolve(name)[0]].needs_shapes else {}), **point}
+        distiller = make_distiller(name, teacher, student, example_input=x, **options)
+        for key, value in point.items():  # the option reached the method
+            held = getattr(distiller, key, None)
+            if isinstance(held, (int, float)) and not isinstance(held, bool):
+                assert held == pytest.approx(value)
+
+
+def test_a_grid_naming_an_unknown_option_is_refused(monkeypatch):
+    monkeypatch.setattr(REGISTRY["kd"], "tune_grid", {"temprature": [1.0, 4.0]})
+    with pytest.raises(ConfigError, match="temprature"):
+        tune_points("kd")
+
+
+def test_tune_chooses_each_method_on_validation_and_runs_the_table_there(tmp_path):
+    lines: list[str] = []
+    kw = dict(seeds=2, epochs=1, budget=0.3, progress=False, cache=tmp_path / "cache", tune=True)
+    results = run_bench("digits", ["kd"], out=tmp_path / "b", log=lines.append, **kw)
+    tuning = results["tuning"]
+    assert tuning["seeds"] == [0] and tuning["higher_is_better"] is True
+    kd = tuning["methods"]["kd"]
+    assert [p["options"] for p in kd["points"]] == tune_points("kd")
+    for point in kd["points"]:  # the scores are the runs' own last-epoch validation accuracy
+        run = tmp_path / "b" / "tune" / "kd" / _hash(point["options"]) / "seed0"
+        history = json.loads((run / "metrics.json").read_text())
+        assert point["val"] == [history[-1]["val_acc"]]
+        assert "test_acc" not in point and point["val_mean"] == history[-1]["val_acc"]
+    best = max(kd["points"], key=lambda p: p["val_mean"])  # (the first of any tie)
+    assert kd["chosen"] == best["options"]
+    assert tuning["methods"]["student"]["points"][0]["options"] == {}
+    # the table's runs use the chosen point; seed 0 is the tuning run itself
+    options = results["provenance"]["config"]["method_options"]["kd"]
+    assert {k: options[k] for k in kd["chosen"]} == kd["chosen"]
+    for seed in (0, 1):
+        run = tmp_path / "b" / "runs" / "kd" / f"seed{seed}"
+        assert json.loads((run / "result.json").read_text())["key"]["options"] == options
+    assert any("the tuning run" in line and "kd seed 0" in line for line in lines)
+    assert not any("the tuning run" in line and "seed 1" in line for line in lines)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "Options chosen on the validation split" in md and md.count("| kd |") == 5
+    # a second call trains nothing and gives the same table
+    again = run_bench("digits", ["kd"], out=tmp_path / "b", log=lines.append, **kw)
+    assert again["summary"] == results["summary"] and again["tuning"] == tuning
+
+
+def test_tune_refuses_a_language_model_suite_without_a_selection_split(monkeypatch, tmp_path):
+    def no_data():
+        raise AssertionError("the check comes before any data is read")
+
+    suite = dataclasses.replace(
+        get_suite("shakespeare-char"), name="lm-noselect", select_split=False, load_data=no_data
+    )
+    monkeypatch.setitem(SUITES, suite.name, suite)
+    with pytest.raises(ConfigError, match="validation split"):
+        run_bench("lm-noselect", ["kd"], out=tmp_path, tune=True, progress=False)
+    with pytest.raises(ConfigError, match="normalizing flow"):
+        run_bench("nf-digits", out=tmp_path, tune=True, progress=False)
+    with pytest.raises(ConfigError, match="tune-seeds"):
+        run_bench("digits", ["kd"], out=tmp_path, tune=True, tune_seeds=0, progress=False)

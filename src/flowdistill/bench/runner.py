@@ -259,8 +259,9 @@ def run_bench(
                 suite, method, grids[method], data, teacher, teacher_info, example, epochs,
                 budget, out, tune_seeds, progress, log,
             )  # fmt: skip
+    run_options = {m: {**method_config(suite, m), **chosen.get(m, {})} for m in methods}
     for method in methods:
-        options = {**method_config(suite, method), **chosen.get(method, {})}
+        options = run_options[method]
         for seed in range(seeds):
             key = _run_key(suite, method, options, seed, epochs, teacher_info, budget)
             run_dir = out / "runs" / method / f"seed{seed}"
@@ -363,7 +364,7 @@ def run_bench(
         "batch_size": suite.batch_size,
         "budget": budget,
         "optim": dataclasses.asdict(suite.optim),
-        "method_options": {m: {**method_config(suite, m), **chosen.get(m, {})} for m in methods},
+        "method_options": run_options,
         "tune": tune,
     }
     if tune:
@@ -466,14 +467,13 @@ def _tune_method(
             key = _run_key(suite, method, options, seed, epochs, teacher_info, budget)
             run_dir = _tune_dir(out, method, point, seed)
             result_file = run_dir / "result.json"
-            if result_file.exists() and not _finished(run_dir, key):
+            result = json.loads(result_file.read_text()) if result_file.exists() else None
+            if result is not None and result.get("key_hash") != _hash(key):
                 raise ConfigError(
                     f"{run_dir} holds a run of another configuration; "
                     "choose another --out directory"
                 )
-            if _finished(run_dir, key):
-                result = json.loads(result_file.read_text())
-            else:
+            if result is None:
                 torch.manual_seed(seed)
                 student = _build(suite.student, data, suite.task)
                 distiller = make_distiller(

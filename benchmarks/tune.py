@@ -32,6 +32,7 @@ from flowdistill.bench.runner import (
     _build,
     _teacher,
     _train_config,
+    _val_score,
     method_config,
 )
 from flowdistill.bench.suites import get_suite
@@ -92,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=suite.batch_size,
             )
             seconds.append(time.perf_counter() - t0)
-            if lm:
-                finals.append(_bits(result.history[-1]["val_loss"]))
-                bests.append(_bits(result.best_val_loss))
-            else:
-                finals.append(result.history[-1]["val_acc"])
-                bests.append(result.best_val_acc)
+            finals.append(_val_score(suite, result.to_dict()))
+            bests.append(_bits(result.best_val_loss) if lm else result.best_val_acc)
         point = {
             "options": options,
             f"{name}_last": finals,

@@ -187,3 +187,24 @@ def test_table_of_a_missing_or_foreign_file(tmp_path, capsys):
     other.write_text('{"x": 1}')
     assert main(["table", "--compact", str(other)]) == 2
     assert "is not a flowdistill bench results.json" in capsys.readouterr().err
+
+
+def test_demo_runs_the_digits_bench_with_every_method(tmp_path, monkeypatch, capsys):
+    """``make demo`` runs ``flowdistill demo``: the digits suite, every method, 3 seeds,
+    the suite's own schedules, no tuning (the bench itself is tested above)."""
+    import flowdistill.bench
+
+    seen = {}
+
+    def fake_run_bench(suite, **kw):
+        seen.update(kw, suite=suite)
+        (tmp_path / "demo").mkdir()
+        (tmp_path / "demo" / "results.md").write_text("| table |\n")
+        return {"ok": True}
+
+    monkeypatch.setattr(flowdistill.bench, "run_bench", fake_run_bench)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert seen["suite"] == "digits" and seen["methods"] is None and seen["seeds"] == 3
+    assert seen["epochs"] is None and seen["teacher_epochs"] is None
+    assert seen["tune"] is False and seen["budget"] == 1.0
+    assert "| table |" in capsys.readouterr().out

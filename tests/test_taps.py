@@ -91,3 +91,27 @@ def test_remove_detaches_hooks():
     assert len(net[0]._forward_hooks) == 1
     taps.remove()
     assert len(net[0]._forward_hooks) == 0
+
+
+def test_a_deep_copied_distiller_reads_its_own_features():
+    """The copy's hooks fill the copy's taps: its features are those of its own modules
+    (after the copy's weights change, the original's features do not follow)."""
+    import copy
+
+    import flowdistill
+    from flowdistill.models.small import SmallCNN
+
+    torch.manual_seed(0)
+    d = flowdistill.make_distiller(
+        "fitnet", SmallCNN(1, 4, (8, 8, 16)), SmallCNN(1, 4, (4, 4, 8)),
+        example_input=torch.randn(2, 1, 8, 8), student_taps=["stage2"], teacher_taps=["stage2"],
+    )  # fmt: skip
+    d.eval()
+    twin = copy.deepcopy(d)
+    with torch.no_grad():
+        for p in twin.student.parameters():
+            p.mul_(2.0)
+    x = torch.randn(3, 1, 8, 8)
+    mine, theirs = d.student_forward(x)["stage2"], twin.student_forward(x)["stage2"]
+    assert torch.equal(theirs, twin.student.stage2(twin.student.stage1(x)))
+    assert not torch.equal(mine, theirs)

@@ -68,6 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         budget=args.budget,
         tune=args.tune,
         tune_seeds=args.tune_seeds,
+        teacher_epochs=args.teacher_epochs,
     )
     from .engine import distributed
 
@@ -83,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.suite, args.methods, args.seeds, args.epochs = "digits", None, 3, None
-    args.budget = 1.0
+    args.budget, args.teacher_epochs, args.tune, args.tune_seeds = 1.0, None, False, 1
     args.out = args.out or "runs/demo"
     args.teacher_cache = None
     return cmd_bench(args)
@@ -206,7 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", required=True)
     p.add_argument("--methods", default=None, help="comma-separated, or 'all' (default)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=None, help="override the suite's epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="override the suite's epochs (a step schedule's milestones move in proportion)",
+    )
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="override the suite's teacher epochs (cached apart from the suite's teacher)",
+    )
     p.add_argument(
         "--budget",
         type=float,

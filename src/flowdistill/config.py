@@ -114,7 +114,17 @@ class TrainConfig:
     ``augment_padding``: when > 0, every training batch of images gets the standard random
     crop (zero padding of that many pixels) and horizontal flip, on its device, and
     ``select_by``: which validation number picks the best epoch (``"val_acc"``, highest, or
-    ``"val_loss"``, lowest: the choice for language models)."""
+    ``"val_loss"``, lowest: the choice for language models).
+
+    The fast path, for GPUs: ``channels_last`` stores image batches and every 4-D weight in
+    NHWC order (faster convolutions under bf16); ``compile`` wraps the training step's
+    forward in :func:`torch.compile` (``compile_mode`` ``"default"``, ``"reduce-overhead"``
+    or ``"max-autotune"``); ``data_on_device`` keeps the whole dataset on the training
+    device, batches and augmentation included (``None``: on CUDA only). The loop waits for the
+    device only every ``sync_every`` steps, to check that the loss is finite and to update
+    the progress bar, and once at the epoch's end (``None``: every step on the CPU, where
+    waiting costs nothing, every 50 on CUDA); on CUDA the optimizers are the fused ones and
+    step times come from CUDA events."""
 
     epochs: int = 20
     seed: int = 0
@@ -125,6 +135,11 @@ class TrainConfig:
     grad_clip: float | None = None
     augment_padding: int = 0
     select_by: str = "val_acc"
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    data_on_device: bool | None = None
+    sync_every: int | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -137,6 +152,13 @@ class TrainConfig:
             )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune"):
+            raise ConfigError(
+                "train.compile_mode must be 'default', 'reduce-overhead' or 'max-autotune', "
+                f"got {self.compile_mode!r}"
+            )
+        if self.sync_every is not None and self.sync_every < 1:
+            raise ConfigError(f"train.sync_every must be >= 1, got {self.sync_every}")
         if self.select_by not in ("val_acc", "val_loss"):
             raise ConfigError(
                 f"train.select_by must be 'val_acc' or 'val_loss', got {self.select_by!r}"

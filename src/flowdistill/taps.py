@@ -78,6 +78,17 @@ def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
     raise TapError(f"module output of type {type(value).__name__} holds no tensor")
 
 
+class _Capture:
+    """The forward hook of one tap: an object, not a closure, so that ``copy.deepcopy`` of
+    a model together with its taps gives hooks that fill the *copied* taps."""
+
+    def __init__(self, taps: FeatureTaps, name: str, index: int | None) -> None:
+        self.taps, self.name, self.index = taps, name, index
+
+    def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.taps._store[self.name] = first_tensor(output, self.index)
+
+
 class FeatureTaps:
     """Forward hooks that capture named intermediate outputs of ``model``.
 
@@ -104,14 +115,11 @@ class FeatureTaps:
             hook = self._make_hook(name, None if index is None else int(index))
             self._handles.append(module.register_forward_hook(hook))
 
-    def _make_hook(self, name: str, index: int | None):
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            self._store[name] = first_tensor(output, index)
-
-        return hook
+    def _make_hook(self, name: str, index: int | None) -> _Capture:
+        return _Capture(self, name, index)
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-        self._store = {}
+        self._store.clear()  # (one dict, filled in place: torch.compile traces the hooks)
         output = self.model(*inputs, **kwargs)
         features = dict(self._store)
         if LOGITS in self.names:
@@ -119,7 +127,7 @@ class FeatureTaps:
         missing = [n for n in self.names if n not in features]
         if missing:
             raise TapError(f"taps {missing} were not reached by the forward pass")
-        self._store = {}
+        self._store.clear()
         return output, features
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import shlex
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, OptimConfig, TrainConfig
 from ..data.datasets import Split, Splits
 from ..distillers import get_method, list_methods, make_distiller
 from ..distillers.registry import resolve, tune_points
@@ -24,7 +25,7 @@ from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import MODELS, build_model
 from .provenance import provenance
 from .report import markdown_table, plot_diagnostics, plot_results
 from .suites import Suite, get_suite
@@ -51,14 +52,50 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def _build(spec: ModelConfig, data: Splits, task: str = "classification") -> torch.nn.Module:
     if task == "lm":  # a causal language model over the data's token vocabulary
         return build_model(spec.name, **{"vocab_size": data.num_classes, **spec.kwargs})
-    kwargs = {"num_classes": data.num_classes, "in_channels": data.input_shape[0], **spec.kwargs}
+    kwargs = {"num_classes": data.num_classes, **spec.kwargs}
+    factory = MODELS.get(spec.name)
+    params = inspect.signature(factory).parameters if factory is not None else {"in_channels"}
+    if "in_channels" in params:  # (the CIFAR zoo takes RGB images only)
+        kwargs.setdefault("in_channels", data.input_shape[0])
     return build_model(spec.name, **kwargs)
 
 
 def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
     if suite.task == "lm":  # the best epoch by validation loss (bits per character)
         kw.setdefault("select_by", "val_loss")
+    kw.setdefault("augment_padding", suite.augment_padding)
     return TrainConfig(**kw)
+
+
+def _rescaled(optim: OptimConfig, epochs: int, planned: int) -> OptimConfig:
+    """``optim`` for a schedule of ``epochs`` instead of ``planned``: a step schedule's
+    milestones (and the warm-up) move in proportion, so a shortened run keeps the shape of
+    its recipe (240 epochs decayed at 150/180/210 become 24 epochs decayed at 15/18/21)."""
+    if epochs == planned:
+        return optim
+    scale = epochs / planned
+    return dataclasses.replace(
+        optim,
+        milestones=sorted({max(1, round(m * scale)) for m in optim.milestones}),
+        warmup_epochs=round(optim.warmup_epochs * scale),
+    )
+
+
+def with_epochs(suite: Suite, epochs: int | None, teacher_epochs: int | None = None) -> Suite:
+    """``suite`` with its student (``epochs``) and teacher (``teacher_epochs``) schedules
+    shortened or lengthened; ``None`` keeps the suite's own. See :func:`_rescaled`."""
+    for name, value in (("--epochs", epochs), ("--teacher-epochs", teacher_epochs)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    epochs = epochs or suite.epochs
+    teacher_epochs = teacher_epochs or suite.teacher_epochs
+    return dataclasses.replace(
+        suite,
+        epochs=epochs,
+        optim=_rescaled(suite.optim, epochs, suite.epochs),
+        teacher_epochs=teacher_epochs,
+        teacher_optim=_rescaled(suite.teacher_optim, teacher_epochs, suite.teacher_epochs),
+    )
 
 
 def _bits(loss_nats: float) -> float:
@@ -191,6 +228,7 @@ def run_bench(
     budget: float = 1.0,
     tune: bool = False,
     tune_seeds: int = 1,
+    teacher_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
 
@@ -202,6 +240,8 @@ def run_bench(
 
     ``budget`` < 1 trains the teacher and every run on that fraction of the training split
     (its first samples) for quick runs; validation and test splits are unchanged.
+    ``epochs`` and ``teacher_epochs`` replace the suite's schedules, a step schedule's
+    milestones moved in proportion (:func:`with_epochs`).
 
     Finished runs (``out/runs/<method>/seed<k>/result.json`` of the same configuration) are
     reused, and interrupted ones resume from their checkpoint, so a bench that stopped
@@ -211,6 +251,11 @@ def run_bench(
     if getattr(suite, "kind", None) == "nf":  # a normalizing flow distilled into a smaller one
         from ..nf.bench import run_nf_bench
 
+        if teacher_epochs is not None:
+            raise ConfigError(
+                f"--teacher-epochs is for classification and language-model suites; "
+                f"{suite.name} trains its teacher flow with its own schedule"
+            )
         if tune:
             raise ConfigError(
                 f"--tune is for classification and language-model suites; {suite.name} "
@@ -231,9 +276,8 @@ def run_bench(
     methods.insert(0, "student")  # the reference row is always run, and first
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    epochs = epochs or suite.epochs
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    suite = with_epochs(suite, epochs, teacher_epochs)
+    epochs = suite.epochs
     if tune:
         if suite.task == "lm" and not suite.select_split:
             raise ConfigError(

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelConfig, OptimConfig
-from ..data.datasets import Splits, digits_splits, npz_subset_splits
+from ..data.datasets import Splits, cifar_splits, digits_splits, npz_splits, npz_subset_splits
 from ..data.readers import read_chars
 from ..data.text import CharTokenizer, char_splits
 from ..errors import ConfigError, DataError
 
-__all__ = ["SUITES", "Suite", "data_dir", "get_suite", "register_suite"]
+__all__ = ["STANDARD_PAIRS", "SUITES", "Suite", "data_dir", "get_suite", "register_suite"]
 
 
 def data_dir() -> str:
@@ -73,6 +73,44 @@ def _cifar10_cpu() -> Splits:
     return npz_subset_splits(path, train_size=20000, val_size=5000, seed=0, cache_dir=cache)
 
 
+def _standard_cifar(classes: int) -> Splits:
+    """The user's CIFAR-10/100 in the official python-pickle layout under
+    :func:`data_dir` (``cifar-10-batches-py`` / ``cifar-100-python``; for CIFAR-10 the
+    shared ``cifar10.npz`` also serves): 45,000 training and 5,000 validation images (a
+    stratified, seeded split of the official training set) and the official 10,000 test
+    images, standardised per channel with the training split's statistics."""
+    name = "cifar-10-batches-py" if classes == 10 else "cifar-100-python"
+    folder = os.path.join(data_dir(), name)
+    if os.path.isdir(folder):
+        return cifar_splits(folder, val_fraction=0.1, seed=0)
+    npz = os.path.join(data_dir(), "cifar10.npz")
+    if classes == 10 and os.path.isfile(npz):
+        return npz_splits(npz, val_fraction=0.1, seed=0)
+    also = f" (or {npz})" if classes == 10 else ""
+    raise DataError(
+        f"the cifar{classes} suites read the official python version of CIFAR-{classes} "
+        f"from {folder}{also}, which is absent; set FLOWDISTILL_DATA to the folder that "
+        f"holds {os.path.basename(folder)}"
+    )
+
+
+#: The teacher → student pairs of the standard CIFAR-100 distillation tables (same
+#: architecture family), each with the last feature map of both as the feature tap.
+STANDARD_PAIRS = {
+    "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", "layer3", "layer3"),
+    "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", "block3", "block3"),
+    "resnet56-resnet20": ("resnet56", "resnet20", "layer3", "layer3"),
+    "vgg13-vgg8": ("vgg13", "vgg8", "block4", "block4"),
+}
+
+
+def _standard_recipe() -> OptimConfig:
+    """The standard recipe: SGD (momentum 0.9, weight decay 5e-4), lr 0.05, ×0.1 at epochs
+    150, 180 and 210 of 240."""
+    return OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="step",
+                       milestones=[150, 180, 210], gamma=0.1)  # fmt: skip
+
+
 @dataclass
 class Suite:
     """A side-by-side comparison: every method distils ``teacher`` into ``student`` on the
@@ -102,6 +140,9 @@ class Suite:
     select_split: bool = False
     #: names the data layout in the teacher's cache key (for suites whose splits changed)
     data_key: str = ""
+    #: > 0: the standard random crop (zero padding of that many pixels) and horizontal
+    #: flip of every training batch, teacher's and students' (``TrainConfig.augment_padding``)
+    augment_padding: int = 0
 
 
 SUITES: dict[str, Suite] = {}
@@ -217,3 +258,29 @@ register_suite(
         data_key="select-0.05",
     )
 )
+
+
+for _classes in (100, 10):
+    for _pair, (_teacher, _student, _t_tap, _s_tap) in STANDARD_PAIRS.items():
+        _default = _pair == "resnet32x4-resnet8x4"
+        register_suite(
+            Suite(
+                name=f"cifar{_classes}" + ("" if _default else f"-{_pair}"),
+                description=f"CIFAR-{_classes}, the standard recipe (240 epochs, SGD lr 0.05 "
+                "×0.1 at 150/180/210, batch 64, weight decay 5e-4, random crop and flip): "
+                f"{_teacher} → {_student}; 45,000/5,000 train/validation split of the official "
+                "training set, the official test set; reads the official python version "
+                "under FLOWDISTILL_DATA; for a GPU (--epochs, --teacher-epochs and --budget "
+                "shorten it)",
+                load_data=lambda c=_classes: _standard_cifar(c),
+                teacher=ModelConfig(_teacher),
+                student=ModelConfig(_student),
+                teacher_optim=_standard_recipe(),
+                teacher_epochs=240,
+                optim=_standard_recipe(),
+                epochs=240,
+                batch_size=64,
+                method_options={"_features": {"student_taps": [_s_tap], "teacher_taps": [_t_tap]}},
+                augment_padding=4,
+            )
+        )

@@ -250,6 +250,7 @@ class Batches:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
+        order = order.to(self.data.x.device)  # (the same order wherever the data are)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
             self.last_index = idx

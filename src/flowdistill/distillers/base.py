@@ -155,7 +155,11 @@ class Distiller(nn.Module):
 
     @staticmethod
     def token_mask(targets: torch.Tensor) -> torch.Tensor | None:
-        """``targets != -100`` (the positions that count), or ``None`` when all count."""
+        """``targets != -100`` (the positions that count) for token targets ``(B, T)``, or
+        ``None`` when all count. Class labels ``(B,)`` have no padding: ``None`` at once,
+        without reading the labels (no wait for the device in a training step)."""
+        if targets.ndim < 2:
+            return None
         mask = targets != IGNORE_INDEX
         return None if bool(mask.all()) else mask
 

@@ -98,7 +98,11 @@ def lr_factor(optim: OptimConfig, step: int, steps_per_epoch: int, epochs: int) 
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / total))
 
 
-def _optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+def _optimizer(
+    params: list[torch.nn.Parameter], optim: OptimConfig, fused: bool = False
+) -> torch.optim.Optimizer:
+    """SGD or AdamW; ``fused`` (on CUDA) takes the single-kernel implementation."""
+    extra = {"fused": True} if fused else {}
     if optim.name == "sgd":
         return torch.optim.SGD(
             params,
@@ -106,8 +110,24 @@ def _optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.op
             momentum=optim.momentum,
             weight_decay=optim.weight_decay,
             nesterov=optim.nesterov and optim.momentum > 0,
+            **extra,
         )
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, **extra)
+
+
+def _on_device(data: Splits, device: torch.device) -> Splits:
+    """Every split's tensors moved to ``device`` once (batches are then cut there)."""
+    move = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
+    return Splits(move(data.train), move(data.val), move(data.test), data.num_classes)
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    """The dtype metrics are summed in on ``device`` (MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 @torch.no_grad()
@@ -121,16 +141,18 @@ def evaluate(
     was_training = distiller.training
     distiller.eval()
     device = device or next(distiller.student.parameters()).device
-    correct, loss, n = 0, 0.0, 0
+    totals = torch.zeros(3, dtype=_wide(device), device=device)  # correct, loss, counted
     for x, y in Batches(data, batch_size, shuffle=False):
         x, y = x.to(device), y.to(device)
         logits = distiller.predict(x).float().flatten(0, -2)  # (N, V)
         y = y.flatten()
         counted = y != IGNORE_INDEX
-        loss += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX).item()
-        correct += ((logits.argmax(-1) == y) & counted).sum().item()
-        n += int(counted.sum())
+        hits = ((logits.argmax(-1) == y) & counted).sum()
+        nll = F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE_INDEX)
+        # summed on the device: one transfer to the host at the end, not one per batch
+        totals += torch.stack([hits, nll, counted.sum()]).to(totals.dtype)
     distiller.train(was_training)
+    correct, loss, n = totals.tolist()
     return correct / max(n, 1), loss / max(n, 1)
 
 
@@ -198,8 +220,13 @@ def fit(
     seed_everything(train.seed + rank, train.deterministic)
     distiller.on_fit_start(len(data.train))
     distiller.to(device)
+    if train.channels_last:
+        distiller.to(memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    if train.data_on_device if train.data_on_device is not None else cuda:
+        data = _on_device(data, device)
     params = distiller.trainable_parameters()
-    optimizer = _optimizer(params, optim)
+    optimizer = _optimizer(params, optim, fused=cuda)
     loader = Batches(
         data.train, batch_size, shuffle=True, seed=train.seed, drop_last=False, rank=rank,
         world=world,
@@ -237,6 +264,11 @@ def fit(
         if world > 1
         else distiller
     )
+    if train.compile:
+        model = torch.compile(model, mode=train.compile_mode)
+    # the host waits for the device only every sync_every steps (finite-loss check, progress
+    # bar) and at the epoch's end; on CUDA step times come from events, not waits
+    sync_every = train.sync_every or (50 if cuda else 1)
     writer = _tensorboard(out) if main else None
     show = train.progress and main
     total = train.epochs
@@ -253,6 +285,9 @@ def fit(
             disable=not show,
             dynamic_ncols=True,
         )
+        events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        first_unchecked = 0  # the first step whose loss has not been checked yet
+        bad = torch.zeros((), dtype=torch.bool, device=device)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if train.augment_padding:
@@ -262,26 +297,37 @@ def fit(
                         f"training inputs are {tuple(x.shape)}"
                     )
                 x = random_crop_flip(x, train.augment_padding)
+            if train.channels_last:
+                x = _nhwc(x)
             if distiller.uses_indices:
                 distiller.batch_index = loader.last_index.to(device)
             factor = lr_factor(optim, epoch * steps_per_epoch + i, steps_per_epoch, total)
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * factor
+            if cuda:
+                events.append((torch.cuda.Event(enable_timing=True),
+                               torch.cuda.Event(enable_timing=True)))  # fmt: skip
+                events[-1][0].record()
             t0 = time.perf_counter()
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
             with autocast:
                 terms = model(x, y)
             loss = terms["loss"]
-            finite = torch.isfinite(loss.detach()).all()
-            if world > 1:  # every process stops together
-                finite = distributed.all_reduce_sum((~finite).float().reshape(1)) == 0
-            if not finite:
-                bad = {k: float(v.detach()) for k, v in terms.items()}
-                kept = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path else ""
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {i + 1}: {bad}{kept}. "
-                    "Lower the learning rate or check the inputs"
-                )
+            bad = bad | ~torch.isfinite(loss.detach()).all()
+            last = i == steps_per_epoch - 1
+            if (i + 1) % sync_every == 0 or last:
+                if world > 1:  # every process stops together
+                    bad = distributed.all_reduce_sum(bad.float().reshape(1))[0] > 0
+                if bool(bad):
+                    where = (f"step {i + 1}" if first_unchecked == i
+                             else f"steps {first_unchecked + 1}-{i + 1}")  # fmt: skip
+                    terms_now = {k: float(v.detach()) for k, v in terms.items()}
+                    kept = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path else ""
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch + 1}, {where}: {terms_now}{kept}. "
+                        "Lower the learning rate or check the inputs"
+                    )
+                first_unchecked = i + 1
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if train.grad_clip is not None:
@@ -289,16 +335,22 @@ def fit(
                 torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_time += time.perf_counter() - t0
+            if cuda:
+                events[-1][1].record()
+            else:
+                step_time += time.perf_counter() - t0
             seen += len(y)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
-            if show:
-                post = {k: f"{s / seen:.4f}" for k, s in sums.items()}
-                post["img/s"] = f"{seen / max(step_time, 1e-9):.0f}"
+            for k, v in terms.items():  # summed where they are: no wait for the device
+                sums[k] = sums.get(k, 0.0) + v.detach().to(_wide(device)) * len(y)
+            if show and ((i + 1) % sync_every == 0 or last):
+                post = {k: f"{float(s) / seen:.4f}" for k, s in sums.items()}
+                if not cuda:
+                    post["img/s"] = f"{seen / max(step_time, 1e-9):.0f}"
                 bar.set_postfix(post, refresh=False)
+        if cuda:
+            torch.cuda.synchronize(device)
+            step_time = sum(a.elapsed_time(b) for a, b in events) / 1000.0
+        sums = {k: float(v) for k, v in sums.items()}
         bar.close()
         if world > 1:  # epoch sums over processes; rank 0's buffers for everyone
             names = sorted(sums)

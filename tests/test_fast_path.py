@@ -1,0 +1,132 @@
+"""The training loop's fast path: channels_last, torch.compile, device-resident data, the
+windowed finite-loss check, and (on a GPU) the whole path against the CPU loop."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import flowdistill
+from flowdistill.config import OptimConfig, TrainConfig
+from flowdistill.data.datasets import Batches, Split
+from flowdistill.distillers.base import Distiller
+from flowdistill.engine import fit
+from flowdistill.engine.checkpoint import load_checkpoint
+from flowdistill.errors import ConfigError, NonFiniteLossError
+from flowdistill.models.small import SmallCNN
+
+QUIET = {"progress": False}
+
+
+def _distiller(method, pair, **options):
+    teacher, student, example = pair
+    torch.manual_seed(0)  # the same initial adapters for every run
+    return flowdistill.make_distiller(
+        method, copy.deepcopy(teacher), copy.deepcopy(student), example_input=example, **options
+    )
+
+
+def _losses(result):
+    return [row["train_loss"] for row in result.history], [r["val_acc"] for r in result.history]
+
+
+def test_channels_last_trains_like_the_default_layout(pair, tiny_data):
+    plain = fit(_distiller("kd", pair), tiny_data, train=TrainConfig(epochs=2, **QUIET),
+                batch_size=16)  # fmt: skip
+    d = _distiller("kd", pair)
+    nhwc = fit(d, tiny_data, train=TrainConfig(epochs=2, channels_last=True, **QUIET),
+               batch_size=16)  # fmt: skip
+    loss_a, acc_a = _losses(plain)
+    loss_b, acc_b = _losses(nhwc)
+    assert loss_b == pytest.approx(loss_a, rel=1e-4) and acc_b == acc_a
+    convs = [m.weight for m in d.student.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs if w.shape[-1] > 1)
+
+
+def test_compiled_training_step_matches_eager(pair, tiny_data):
+    """FitNet reads its features through forward hooks: they must survive compilation."""
+    options = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
+    train = {"epochs": 1, "seed": 3, **QUIET}
+    eager = fit(_distiller("fitnet", pair, **options), tiny_data, train=TrainConfig(**train),
+                batch_size=32)  # fmt: skip
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = fit(_distiller("fitnet", pair, **options), tiny_data,
+                   train=TrainConfig(compile=True, **train), batch_size=32)  # fmt: skip
+    assert counters["stats"]["unique_graphs"] >= 1  # it was compiled
+    assert _losses(compiled)[0] == pytest.approx(_losses(eager)[0], rel=1e-4)
+    assert compiled.history[0]["train_fitnet"] == pytest.approx(
+        eager.history[0]["train_fitnet"], rel=1e-4
+    )
+
+
+class _NaNFromStep(Distiller):
+    """Cross-entropy, then NaN from a given training step of the second epoch on."""
+
+    uses_teacher = False
+    nan_step = 2  # 0-based step of the second epoch
+
+    def on_epoch_start(self, epoch, epochs):
+        self.epoch, self.step = epoch, 0
+
+    def forward(self, inputs, targets):
+        ce = self.cross_entropy(self.student_forward(inputs)["logits"], targets)
+        broken = self.epoch >= 1 and self.step >= self.nan_step
+        self.step += 1
+        return self.total({"ce": ce * (math.nan if broken else 1.0)})
+
+
+def test_the_loss_is_checked_every_sync_every_steps(tmp_path, tiny_data):
+    """96 training samples at batch 8 make 12 steps: with sync_every=5 the checks fall after
+    steps 5, 10 and 12; NaN from step 3 of epoch 2 is caught at step 5, named as the
+    window 1-5, and the checkpoint of epoch 1 stays as it was."""
+    torch.manual_seed(0)
+    d = _NaNFromStep(None, SmallCNN(1, 4, (4, 4, 8)))
+    train = TrainConfig(epochs=3, sync_every=5, **QUIET)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, steps 1-5: .*last good checkpoint"):
+        fit(d, tiny_data, train=train, out_dir=tmp_path, batch_size=8)
+    tensors, meta = load_checkpoint(tmp_path / "last.safetensors")
+    assert meta["epoch"] == 0
+    assert all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model/"))
+    # every step checked (the CPU default): the very step is named
+    d = _NaNFromStep(None, SmallCNN(1, 4, (4, 4, 8)))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3: "):
+        fit(d, tiny_data, train=TrainConfig(epochs=2, **QUIET), batch_size=8)
+
+
+def test_batches_are_cut_where_the_data_are():
+    meta = {"device": "meta"}
+    data = Split(torch.empty(10, 3, **meta), torch.empty(10, dtype=torch.long, **meta))
+    batches = list(Batches(data, 4, shuffle=True, seed=1))
+    assert [len(y) for _, y in batches] == [4, 4, 2]
+    assert all(x.device.type == "meta" for x, _ in batches)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("compile_mode", "fast", "train.compile_mode must be"),
+        ("sync_every", 0, "train.sync_every must be >= 1"),
+    ],
+)
+def test_fast_path_options_are_checked(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fast_path_trains_like_the_cpu_loop(pair, tiny_data):
+    """Device-resident data, fused SGD, channels_last and event timing on CUDA (float32,
+    no autocast) against the plain CPU loop: the same losses up to kernel rounding."""
+    optim = OptimConfig(lr=0.05)
+    common = {"epochs": 2, "amp": False, "deterministic": False, **QUIET}
+    cpu = fit(_distiller("kd", pair), tiny_data, optim, TrainConfig(device="cpu", **common),
+              batch_size=16)  # fmt: skip
+    gpu = fit(_distiller("kd", pair), tiny_data, optim,
+              TrainConfig(device="cuda", channels_last=True, sync_every=4, **common),
+              batch_size=16)  # fmt: skip
+    assert _losses(gpu)[0] == pytest.approx(_losses(cpu)[0], rel=1e-3)
+    assert gpu.mean_step_seconds > 0

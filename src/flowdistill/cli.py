@@ -69,6 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tune=args.tune,
         tune_seeds=args.tune_seeds,
         teacher_epochs=args.teacher_epochs,
+        workers=args.workers,
     )
     from .engine import distributed
 
@@ -85,6 +86,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     args.suite, args.methods, args.seeds, args.epochs = "digits", None, 3, None
     args.budget, args.teacher_epochs, args.tune, args.tune_seeds = 1.0, None, False, 1
+    args.workers = 1
     args.out = args.out or "runs/demo"
     args.teacher_cache = None
     return cmd_bench(args)
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tune-seeds", type=int, default=1, help="seeds per grid point with --tune (default 1)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="train this many runs at once, one process each (default 1; timings then shared)",
     )
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory")

@@ -24,7 +24,7 @@ from ..distillers.registry import resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
-from ..errors import ConfigError
+from ..errors import ConfigError, FlowdistillError
 from ..models import MODELS, build_model
 from .provenance import provenance
 from .report import markdown_table, plot_diagnostics, plot_results
@@ -229,6 +229,7 @@ def run_bench(
     tune: bool = False,
     tune_seeds: int = 1,
     teacher_epochs: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
 
@@ -242,6 +243,11 @@ def run_bench(
     (its first samples) for quick runs; validation and test splits are unchanged.
     ``epochs`` and ``teacher_epochs`` replace the suite's schedules, a step schedule's
     milestones moved in proportion (:func:`with_epochs`).
+
+    ``workers`` > 1 trains that many runs at once, each in a process of its own (on one GPU
+    they share it; on CPUs they share the cores), once the teacher is trained: the results
+    are those of one run after another, but step and inference times are then measured
+    under each other's load.
 
     Finished runs (``out/runs/<method>/seed<k>/result.json`` of the same configuration) are
     reused, and interrupted ones resume from their checkpoint, so a bench that stopped
@@ -278,6 +284,12 @@ def run_bench(
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     suite = with_epochs(suite, epochs, teacher_epochs)
     epochs = suite.epochs
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and distributed.world_size() > 1:
+        raise ConfigError(
+            "--workers runs several single-process runs; it does not go with torchrun"
+        )
     if tune:
         if suite.task == "lm" and not suite.select_split:
             raise ConfigError(
@@ -297,13 +309,26 @@ def run_bench(
     student_params = 0
     tuning: dict[str, Any] = {}
     chosen: dict[str, dict[str, Any]] = {}
+    pool = _Pool(suite, epochs, teacher_epochs, budget, cache, workers, log)
     if tune:  # every grid point of every method, scored on the validation split
+        pool.run([
+            (method, {**method_config(suite, method), **point}, seed,
+             _tune_dir(out, method, point, seed), False)
+            for method in methods for point in grids[method] for seed in range(tune_seeds)
+        ], teacher_info)  # fmt: skip
         for method in methods:
             tuning[method], chosen[method] = _tune_method(
                 suite, method, grids[method], data, teacher, teacher_info, example, epochs,
                 budget, out, tune_seeds, progress, log,
             )  # fmt: skip
     run_options = {m: {**method_config(suite, m), **chosen.get(m, {})} for m in methods}
+    pool.run([
+        (m, run_options[m], seed, out / "runs" / m / f"seed{seed}", True)
+        for m in methods for seed in range(seeds)
+        if not (tune and _finished(_tune_dir(out, m, chosen.get(m, {}), seed),
+                                   _run_key(suite, m, run_options[m], seed, epochs, teacher_info,
+                                            budget)))  # (taken from its tuning run below)
+    ], teacher_info)  # fmt: skip
     for method in methods:
         options = run_options[method]
         for seed in range(seeds):
@@ -537,6 +562,77 @@ def _tune_method(
 
 def _quiet(*_args, **_kwargs) -> None:
     pass
+
+
+class _Pool:
+    """Runs of one bench trained ``workers`` at a time in processes of their own."""
+
+    def __init__(self, suite: Suite, epochs: int, teacher_epochs: int | None, budget: float,
+                 cache: Path, workers: int, log) -> None:  # fmt: skip
+        self.spec = {"suite": suite.name, "epochs": epochs, "teacher_epochs": teacher_epochs,
+                     "budget": budget, "cache": str(cache)}  # fmt: skip
+        self.suite, self.workers, self.log = suite, workers, log
+        self.threads = max(1, torch.get_num_threads() // workers)
+
+    def run(self, jobs: list[tuple[str, dict, int, Path, bool]], teacher_info: dict) -> None:
+        """Train every job ``(method, options, seed, run_dir, with_cost)`` not yet finished;
+        finished runs are kept even when another one fails."""
+        if self.workers == 1:
+            return
+        todo = []
+        for method, options, seed, run_dir, with_cost in jobs:
+            key = _run_key(self.suite, method, options, seed, self.spec["epochs"],
+                           teacher_info, self.spec["budget"])  # fmt: skip
+            done = _finished(run_dir, key) and (
+                not with_cost or (run_dir / "inference.json").exists()
+            )
+            if not done:
+                todo.append({**self.spec, "method": method, "options": options, "seed": seed,
+                             "run_dir": str(run_dir), "key": key, "with_cost": with_cost,
+                             "threads": self.threads})  # fmt: skip
+        if not todo:
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.log(f"training {len(todo)} runs, {self.workers} at a time")
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.workers, mp_context=context) as ex:
+            futures = [ex.submit(_pool_job, job) for job in todo]
+            errors = []
+            for job, future in zip(todo, futures, strict=True):
+                try:
+                    self.log(future.result())
+                except Exception as err:  # the others finish and are kept
+                    errors.append(f"{job['method']} seed {job['seed']} ({job['run_dir']}): {err}")
+        if errors:
+            raise FlowdistillError(
+                f"{len(errors)} of {len(todo)} runs failed (the finished ones are kept): "
+                + "; ".join(errors)
+            )
+
+
+def _pool_job(job: dict) -> str:
+    """One run in a worker process: the suite's data and cached teacher, then the run."""
+    torch.set_num_threads(job["threads"])
+    suite = with_epochs(get_suite(job["suite"]), job["epochs"], job["teacher_epochs"])
+    data = budgeted(suite.load_data(), job["budget"])
+    teacher, teacher_info = _teacher(suite, data, Path(job["cache"]), False, _quiet, job["budget"])
+    method, seed, run_dir = job["method"], job["seed"], Path(job["run_dir"])
+    key = _run_key(suite, method, job["options"], seed, suite.epochs, teacher_info, job["budget"])
+    if key != job["key"]:
+        raise RuntimeError(f"worker rebuilt another run key for {run_dir}")
+    torch.manual_seed(seed)
+    student = _build(suite.student, data, suite.task)
+    distiller = make_distiller(
+        method, teacher, student, example_input=data.train.x[:8], **job["options"]
+    )
+    result = _fit_run(suite, distiller, data, key, seed, suite.epochs, run_dir, False)
+    if job["with_cost"]:
+        cost = inference_cost(distiller, data.test.x[: suite.batch_size])
+        atomic_write_text(run_dir / "inference.json", json.dumps(cost))
+    score = _val_score(suite, result.to_dict())
+    return f"{method} seed {seed}: trained in {run_dir} (validation {score:.4f})"
 
 
 @torch.no_grad()

@@ -1,0 +1,87 @@
+"""bench --workers: runs trained several at a time, in processes of their own, give the
+results of the same runs trained one after another."""
+
+import json
+
+import pytest
+import torch
+
+from flowdistill.bench import run_bench
+from flowdistill.errors import ConfigError, FlowdistillError
+
+
+def _accuracies(results):
+    return {(r["method"], r["seed"]): (r["metric"], r["best_val_metric"]) for r in results["runs"]}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers of one thread each, like the one-thread reference
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_workers_give_the_results_of_one_run_after_another(tmp_path, one_thread):
+    common = {"methods": ["kd", "fitnet"], "seeds": 2, "epochs": 2, "progress": False,
+              "cache": tmp_path / "cache", "log": lambda *_: None}  # fmt: skip
+    torch.set_num_threads(1)
+    serial = run_bench("digits", out=tmp_path / "serial", **common)
+    torch.set_num_threads(2)
+    lines = []
+    common["log"] = lines.append
+    parallel = run_bench("digits", out=tmp_path / "parallel", workers=2, **common)
+    assert _accuracies(parallel) == _accuracies(serial)
+    assert "training 6 runs, 2 at a time" in lines  # student, kd, fitnet × 2 seeds
+    for method in ("student", "kd", "fitnet"):
+        run = tmp_path / "parallel" / "runs" / method / "seed1"
+        assert (run / "inference.json").exists()
+        history = json.loads((run / "result.json").read_text())["history"]
+        reference = json.loads(
+            (tmp_path / "serial" / "runs" / method / "seed1" / "result.json").read_text()
+        )["history"]
+        assert [h["train_loss"] for h in history] == pytest.approx(
+            [h["train_loss"] for h in reference], rel=1e-6
+        )
+    # a second call finds every run finished: nothing is trained again
+    lines.clear()
+    again = run_bench("digits", out=tmp_path / "parallel", workers=2, **common)
+    assert _accuracies(again) == _accuracies(serial)
+    assert not any(line.startswith("training") for line in lines)
+
+
+def test_workers_tune_too(tmp_path, one_thread):
+    lines = []
+    results = run_bench(
+        "digits", methods=["kd"], seeds=1, epochs=1, progress=False, tune=True, workers=2,
+        out=tmp_path / "tuned", cache=tmp_path / "cache", log=lines.append,
+    )  # fmt: skip
+    assert "training 5 runs, 2 at a time" in lines  # student's one point, kd's four
+    chosen = results["tuning"]["methods"]["kd"]["chosen"]
+    assert any("is this run" in line for line in lines)  # the table's seed 0 is a tuning run
+    assert results["provenance"]["config"]["method_options"]["kd"].items() >= chosen.items()
+
+
+@pytest.fixture
+def kd_here_only(monkeypatch):
+    """A method registered in this process only: a spawned worker does not know it (as a
+    method registered in a notebook cell would not be known), so its runs fail there."""
+    from flowdistill.distillers import registry
+
+    monkeypatch.setitem(registry.REGISTRY, "kd_here_only", registry.REGISTRY["kd"])
+    return "kd_here_only"
+
+
+def test_a_failing_run_names_itself_and_the_others_are_kept(tmp_path, one_thread, kd_here_only):
+    with pytest.raises(FlowdistillError, match=r"1 of 2 runs failed .*kd_here_only seed 0.*"
+                       r"unknown method"):  # fmt: skip
+        run_bench(
+            "digits", methods=[kd_here_only], seeds=1, epochs=1, progress=False, workers=2,
+            out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None,
+        )  # fmt: skip
+    assert (tmp_path / "b" / "runs" / "student" / "seed0" / "result.json").exists()
+
+
+def test_workers_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="--workers must be >= 1"):
+        run_bench("digits", methods=["kd"], seeds=1, workers=0, out=tmp_path)

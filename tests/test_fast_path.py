@@ -130,3 +130,27 @@ def test_cuda_fast_path_trains_like_the_cpu_loop(pair, tiny_data):
               batch_size=16)  # fmt: skip
     assert _losses(gpu)[0] == pytest.approx(_losses(cpu)[0], rel=1e-3)
     assert gpu.mean_step_seconds > 0
+
+
+def test_bench_fast_path_flags_reach_every_run(tmp_path, monkeypatch):
+    """--channels-last reaches the TrainConfig of every run (teacher's included) and the
+    provenance; an unknown train option is refused before anything trains."""
+    import json
+
+    from flowdistill.bench import run_bench, runner
+    from flowdistill.cli import main
+
+    seen = []
+    real_fit = runner.fit
+    monkeypatch.setattr(runner, "fit", lambda *a, **kw: seen.append(a[3]) or real_fit(*a, **kw))
+    out = tmp_path / "b"
+    argv = ["bench", "--suite", "digits", "--methods", "kd", "--seeds", "1", "--epochs", "1",
+            "--channels-last", "--out", str(out), "--teacher-cache", str(tmp_path / "cache"),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(seen) == 3 and all(t.channels_last and not t.compile for t in seen)
+    config = json.loads((out / "results.json").read_text())["provenance"]["config"]
+    assert config["train_options"] == {"channels_last": True}
+    with pytest.raises(ConfigError, match=r"unknown train options \['chanels_last'\]"):
+        run_bench("digits", methods=["kd"], seeds=1, out=tmp_path / "c",
+                  train_options={"chanels_last": True})  # fmt: skip

@@ -50,6 +50,16 @@ def cmd_methods(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _fast_path(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of bench's speed flags."""
+    options = {}
+    if getattr(args, "channels_last", False):
+        options["channels_last"] = True
+    if getattr(args, "compile", False):
+        options["compile"] = True
+    return options
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -70,6 +80,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tune_seeds=args.tune_seeds,
         teacher_epochs=args.teacher_epochs,
         workers=args.workers,
+        train_options=_fast_path(args),
     )
     from .engine import distributed
 
@@ -240,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="train this many runs at once, one process each (default 1; timings then shared)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="NHWC images and weights (GPU fast path)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the training steps (fast path)"
     )
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory")

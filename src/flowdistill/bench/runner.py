@@ -64,7 +64,7 @@ def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
     if suite.task == "lm":  # the best epoch by validation loss (bits per character)
         kw.setdefault("select_by", "val_loss")
     kw.setdefault("augment_padding", suite.augment_padding)
-    return TrainConfig(**kw)
+    return TrainConfig(**{**suite.train_options, **kw})
 
 
 def _rescaled(optim: OptimConfig, epochs: int, planned: int) -> OptimConfig:
@@ -230,6 +230,7 @@ def run_bench(
     tune_seeds: int = 1,
     teacher_epochs: int | None = None,
     workers: int = 1,
+    train_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
 
@@ -248,6 +249,10 @@ def run_bench(
     they share it; on CPUs they share the cores), once the teacher is trained: the results
     are those of one run after another, but step and inference times are then measured
     under each other's load.
+
+    ``train_options`` sets further :class:`~flowdistill.config.TrainConfig` fields of every
+    run (``channels_last``, ``compile``, ``amp``, ...): how fast runs train, not what they
+    are, so a finished run is reused whatever they were; they are recorded in the provenance.
 
     Finished runs (``out/runs/<method>/seed<k>/result.json`` of the same configuration) are
     reused, and interrupted ones resume from their checkpoint, so a bench that stopped
@@ -284,6 +289,13 @@ def run_bench(
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     suite = with_epochs(suite, epochs, teacher_epochs)
     epochs = suite.epochs
+    if train_options:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        wrong = sorted(set(train_options) - names)
+        if wrong:
+            raise ConfigError(f"unknown train options {wrong}; TrainConfig has {sorted(names)}")
+        suite = dataclasses.replace(suite, train_options={**suite.train_options, **train_options})
+        _train_config(suite, epochs=1).validate()
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if workers > 1 and distributed.world_size() > 1:
@@ -436,6 +448,8 @@ def run_bench(
         "method_options": run_options,
         "tune": tune,
     }
+    if suite.train_options:
+        config["train_options"] = suite.train_options
     if tune:
         config["tune_seeds"] = tune_seeds
     results = {
@@ -570,7 +584,8 @@ class _Pool:
     def __init__(self, suite: Suite, epochs: int, teacher_epochs: int | None, budget: float,
                  cache: Path, workers: int, log) -> None:  # fmt: skip
         self.spec = {"suite": suite.name, "epochs": epochs, "teacher_epochs": teacher_epochs,
-                     "budget": budget, "cache": str(cache)}  # fmt: skip
+                     "budget": budget, "cache": str(cache),
+                     "train_options": suite.train_options}  # fmt: skip
         self.suite, self.workers, self.log = suite, workers, log
         self.threads = max(1, torch.get_num_threads() // workers)
 
@@ -616,6 +631,7 @@ def _pool_job(job: dict) -> str:
     """One run in a worker process: the suite's data and cached teacher, then the run."""
     torch.set_num_threads(job["threads"])
     suite = with_epochs(get_suite(job["suite"]), job["epochs"], job["teacher_epochs"])
+    suite = dataclasses.replace(suite, train_options=job["train_options"])
     data = budgeted(suite.load_data(), job["budget"])
     teacher, teacher_info = _teacher(suite, data, Path(job["cache"]), False, _quiet, job["budget"])
     method, seed, run_dir = job["method"], job["seed"], Path(job["run_dir"])

@@ -143,6 +143,9 @@ class Suite:
     #: > 0: the standard random crop (zero padding of that many pixels) and horizontal
     #: flip of every training batch, teacher's and students' (``TrainConfig.augment_padding``)
     augment_padding: int = 0
+    #: further ``TrainConfig`` fields of every run, teacher's included (the fast path:
+    #: ``{"channels_last": True, "compile": True}``); speed only, not part of a run's key
+    train_options: dict[str, Any] = field(default_factory=dict)
 
 
 SUITES: dict[str, Suite] = {}

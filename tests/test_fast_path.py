@@ -154,3 +154,58 @@ def test_bench_fast_path_flags_reach_every_run(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"unknown train options \['chanels_last'\]"):
         run_bench("digits", methods=["kd"], seeds=1, out=tmp_path / "c",
                   train_options={"chanels_last": True})  # fmt: skip
+
+
+def test_step_flops_against_the_matrix_product_count():
+    """Linear teacher (12 → 4) and student (12 → 4) on a batch of 5: a product of (B, i) by
+    (i, o) is 2·B·i·o FLOPs. The floor is the teacher's forward plus the student's forward
+    and its weight gradient (the input needs none); KD's step adds nothing else."""
+    from flowdistill.bench.speed import peak_flops, step_flops
+
+    torch.manual_seed(0)
+    b, i, o = 5, 12, 4
+    d = flowdistill.make_distiller("kd", torch.nn.Linear(i, o), torch.nn.Linear(i, o))
+    counts = step_flops(d, torch.randn(b, i), torch.randint(0, o, (b,)))
+    product = 2 * b * i * o
+    assert counts == {"step": 3 * product, "floor": 3 * product}
+    assert all(p.grad is None for p in d.parameters())
+    # a feature method's step costs more than the floor: its adapter's product and gradient
+    fitnet = flowdistill.make_distiller(
+        "fitnet", torch.nn.Sequential(torch.nn.Linear(i, 8), torch.nn.Linear(8, o)),
+        torch.nn.Sequential(torch.nn.Linear(i, 6), torch.nn.Linear(6, o)),
+        example_input=torch.randn(2, i), student_taps=["0"], teacher_taps=["0"],
+    )  # fmt: skip
+    counts = step_flops(fitnet, torch.randn(b, i), torch.randint(0, o, (b,)))
+    assert counts["step"] > counts["floor"]
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756.0e12 and peak_flops("a CPU") is None
+
+
+def test_gpu_speed_script_writes_its_record(tmp_path):
+    """The GPU speed benchmark, run small on the CPU: one row per method with its FLOPs
+    and time ratios, and the provenance."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_speed.py"
+    spec = importlib.util.spec_from_file_location("gpu_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "speed.json"
+    argv = ["--suite", "cifar100-resnet56-resnet20", "--methods", "kd,fitnet", "--steps", "2",
+            "--batch-size", "4", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert module.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert list(record["methods"]) == ["teacher-alone", "student", "kd", "fitnet"]
+    rows = record["methods"]
+    assert rows["student"]["step_time_ratio"] == 1.0
+    assert rows["kd"]["floor_flops"] == rows["fitnet"]["floor_flops"]
+    assert rows["fitnet"]["step_flops"] > rows["kd"]["step_flops"]
+    assert rows["teacher-alone"]["floor_flops"] > rows["kd"]["floor_flops"]  # fwd+bwd of 56
+    steps = math.ceil(45_000 / 4)
+    assert rows["kd"]["schedule_seconds_estimate"] == pytest.approx(
+        rows["kd"]["step_seconds"] * steps * 240
+    )
+    assert "step_over_floor" not in rows["kd"]  # no GPU peak on a CPU
+    assert record["provenance"]["config"]["device"] == "cpu"

@@ -50,6 +50,43 @@ def test_every_method_gets_the_same_grid_budget_of_buildable_points(name):
                 assert held == pytest.approx(value)
 
 
+def _fingerprint(name: str, point: dict) -> torch.Tensor:
+    """The training loss (at the last epoch of a 20-epoch schedule) and the predictions of
+    ``name`` at ``point`` on a fixed batch, from fixed weights (the method's own modules
+    moved off their initial values) and a fixed random stream."""
+    torch.manual_seed(0)
+    teacher = build_model("digits_teacher", num_classes=10, in_channels=1)
+    student = build_model("digits_student", num_classes=10, in_channels=1)
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    taps = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
+    options = {**(taps if REGISTRY[resolve(name)[0]].needs_shapes else {}), **point}
+    distiller = make_distiller(name, teacher, student, example_input=x[:4], **options)
+    distiller.on_fit_start(8)
+    distiller.batch_index = torch.arange(8)
+    distiller.train()
+    distiller.on_epoch_start(19, 20)
+    torch.manual_seed(1)
+    with torch.no_grad():  # as if trained: zero-initialised output layers would hide options
+        for p in distiller.extra_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    loss = distiller(x, y)["loss"].detach().reshape(1)
+    return torch.cat([loss, distiller.predict(x).flatten()])
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n != "student"])
+def test_every_grid_point_changes_what_the_method_computes(name):
+    """No axis of a grid is idle: each point gives another loss or other predictions
+    than every other point (an option the method's configuration ignores would spend the
+    grid budget on copies)."""
+    points = tune_points(name)
+    prints = [_fingerprint(name, p) for p in points]
+    for i in range(len(points)):
+        for j in range(i):
+            assert not torch.allclose(prints[i], prints[j], rtol=1e-6, atol=1e-7), (
+                f"{name}: points {points[j]} and {points[i]} compute the same"
+            )
+
+
 def test_a_grid_naming_an_unknown_option_is_refused(monkeypatch):
     monkeypatch.setattr(REGISTRY["kd"], "tune_grid", {"temprature": [1.0, 4.0]})
     with pytest.raises(ConfigError, match="temprature"):

@@ -353,7 +353,9 @@ class FMKT(Distiller):
     the flow into the student for features and an implicit ensemble over the steps for logits
     (see this module's documentation)."""
 
-    tune_grid = {"inference_steps": [2, 4], "temperature": [1.0, 4.0]}
+    # (the loss weight, not KD's temperature: the default metric on logits is DIST, whose
+    # temperature is its own, and PKD on features has none)
+    tune_grid = {"inference_steps": [2, 4], "fm_weight": [1.0, 2.0]}
 
     needs_shapes = True
 

@@ -37,6 +37,10 @@ class FMKTTheta(FMKT):
     toward the detached mean of the flow's step predictions; the deployed predictor is the
     student alone (see this module's documentation)."""
 
+    # (no inference_steps: the deployed student never runs the flow, and training draws its
+    # steps from train_steps)
+    tune_grid = {"fm_weight": [1.0, 2.0], "theta_weight": [1.0, 2.0]}
+
     def __init__(self, teacher, student, *, theta_weight: float = 1.0, **options: Any) -> None:
         tap = options.get("tap", LOGITS)
         if tap != LOGITS:

@@ -63,7 +63,9 @@ class OFMKT(Distiller):
     label-smoothed cross-entropy and a metric loss toward the detached mean of the step
     predictions; the prediction is that mean (see this module's documentation)."""
 
-    tune_grid = {"inference_steps": [2, 4], "temperature": [1.0, 4.0]}
+    # (the loss weight, not KD's temperature: the default metric on logits is DIST, whose
+    # temperature is its own, and PKD on features has none)
+    tune_grid = {"inference_steps": [2, 4], "fm_weight": [1.0, 2.0]}
 
     uses_teacher = False
     needs_shapes = True

@@ -208,3 +208,69 @@ def test_demo_runs_the_digits_bench_with_every_method(tmp_path, monkeypatch, cap
     assert seen["epochs"] is None and seen["teacher_epochs"] is None
     assert seen["tune"] is False and seen["budget"] == 1.0
     assert "| table |" in capsys.readouterr().out
+
+
+def _results(methods, command, epochs=10, student_metric=0.60, tuned=()):
+    """A bench results.json as ``bench`` writes it (two seeds), built by hand."""
+    runs, summary = [], {}
+    for i, method in enumerate(methods):
+        metric = student_metric if method == "student" else 0.62 + 0.01 * len(method)
+        for seed in (0, 1):
+            runs.append({"method": method, "seed": seed, "metric": metric + 0.001 * seed,
+                         "best_val_metric": metric, "best_val_epoch": epochs,
+                         "mean_step_seconds": 0.01, "inference_seconds": 0.001})  # fmt: skip
+        summary[method] = {"mean": metric + 0.0005, "std": 0.0007, "n": 2,
+                           "best_val_mean": metric, "best_val_std": 0.0, "gap_closed": 0.1 * i,
+                           "step_time_ratio": 1.0 + i, "extra_params": 10 * i,
+                           "deployed_params": 100, "inference_time_ratio": 1.0}  # fmt: skip
+    config = {"suite": "s", "seeds": [0, 1], "epochs": epochs, "teacher_epochs": 15,
+              "batch_size": 64, "budget": 1.0, "optim": {"lr": 0.1}}  # fmt: skip
+    results = {"suite": "s", "metric": "test_acc", "unit": "%", "higher_is_better": True,
+               "seeds": 2, "teacher": {"name": "t", "params": 9, "metric": 0.7,
+                                       "checkpoint": "c/best.safetensors"},
+               "student": {"name": "s", "params": 5, "metric": student_metric}, "runs": runs,
+               "summary": summary}  # fmt: skip
+    results["provenance"] = {"command": command, "config": config}
+    if tuned:
+        results["tuning"] = {"seeds": [0], "score": "val", "higher_is_better": True,
+                             "methods": {m: {"points": [{"options": {}, "val": [0.6],
+                                                         "val_mean": 0.6}], "chosen": {}}
+                                         for m in tuned}}  # fmt: skip
+    return results
+
+
+def test_table_merges_benches_of_one_recipe(tmp_path, capsys):
+    from flowdistill.bench.report import compact_table
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_results(["student", "kd"], "bench A", tuned=["student", "kd"])))
+    b.write_text(json.dumps(_results(["student", "fitnet"], "bench B", tuned=["fitnet"])))
+    merged_file = tmp_path / "m.json"
+    assert main(["table", "--compact", str(a), str(b), "--merged-out", str(merged_file)]) == 0
+    table = capsys.readouterr().out
+    merged = json.loads(merged_file.read_text())
+    assert set(merged["summary"]) == {"student", "kd", "fitnet"}
+    assert len(merged["runs"]) == 6  # the student's two runs once
+    assert set(merged["tuning"]["methods"]) == {"student", "kd", "fitnet"}
+    assert [p["command"] for p in merged["merged_from"]] == ["bench A", "bench B"]
+    assert table == compact_table(merged) and "step" not in table  # no times across benches
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    assert rows == ["fitnet", "kd", "student"]  # by accuracy: 0.68, 0.64, 0.60
+    assert main(["table", str(a), str(b)]) == 0
+    full = capsys.readouterr().out
+    assert "Merged from" in full and "`bench B`" in full and "| — |" in full
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"student_metric": 0.59}, "method 'student' ran differently"),
+        ({"epochs": 20}, "their epochs differ"),
+    ],
+)
+def test_table_refuses_to_merge_different_benches(tmp_path, capsys, change, message):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_results(["student", "kd"], "bench A")))
+    b.write_text(json.dumps(_results(["student", "fitnet"], "bench B", **change)))
+    assert main(["table", str(a), str(b)]) == 2
+    assert message in capsys.readouterr().err

@@ -66,13 +66,19 @@ def test_readme_tables_are_the_committed_results(path, no_timing, table):
     import json
 
     from flowdistill.bench import compact_table
+    from flowdistill.bench.report import merge_results
 
-    results = json.loads((ROOT / path).read_text())
+    paths = path.split("+")  # several: benches of one recipe, merged (flowdistill table A B)
+    parts = [json.loads((ROOT / p).read_text()) for p in paths]
+    results = parts[0] if len(parts) == 1 else merge_results(parts, paths)
     assert table == compact_table(results, timing=not no_timing)
-    prov = results["provenance"]
-    assert prov["command"].startswith("flowdistill bench") and prov["commit"]
-    assert f"--out {Path(path).parent}" in prov["command"]
-    assert prov["command"] in README
+    for part_path, part in zip(paths, parts, strict=True):
+        prov = part["provenance"]
+        assert prov["command"].startswith("flowdistill bench") and prov["commit"]
+        assert f"--out {Path(part_path).parent}" in prov["command"]
+        assert prov["command"] in README
+    if len(paths) > 1:
+        assert f"flowdistill table --compact --no-timing {' '.join(paths)}" in README
 
 
 COSTS = re.findall(r"<!-- cost: (\S+) -->\n(.*?)<!-- end cost -->", README, re.S)

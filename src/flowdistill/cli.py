@@ -21,18 +21,27 @@ def cmd_table(args: argparse.Namespace) -> int:
     import json
 
     from .bench import compact_table, markdown_table
+    from .bench.report import merge_results
     from .errors import DataError
 
+    parts = []
+    for path in args.results:
+        try:
+            parts.append(json.loads(open(path, encoding="utf-8").read()))
+        except FileNotFoundError as err:
+            raise DataError(f"no benchmark results at {path}") from err
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not a flowdistill bench results.json ({err})") from err
     try:
-        results = json.loads(open(args.results, encoding="utf-8").read())
-        if args.compact:
-            table = compact_table(results, timing=not args.no_timing)
-        else:
-            table = markdown_table(results)
-    except FileNotFoundError as err:
-        raise DataError(f"no benchmark results at {args.results}") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DataError(f"{args.results} is not a flowdistill bench results.json ({err})") from err
+        results = parts[0] if len(parts) == 1 else merge_results(parts, list(args.results))
+        table = (compact_table(results, timing=not args.no_timing) if args.compact
+                 else markdown_table(results))  # fmt: skip
+    except (KeyError, TypeError) as err:
+        raise DataError(
+            f"{' + '.join(args.results)} is not a flowdistill bench results.json ({err!r})"
+        ) from err
+    if args.merged_out:
+        Path(args.merged_out).write_text(json.dumps(results, indent=1) + "\n")
     print(table, end="")
     return 0
 
@@ -209,7 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=lambda a, t=teacher_mode: _run(a, t))
 
     p = sub.add_parser("table", help="print the Markdown table of a bench results.json")
-    p.add_argument("results", help="path to a results.json written by bench")
+    p.add_argument(
+        "results",
+        nargs="+",
+        help="results.json written by bench; several (same suite, recipe, seeds, teacher) "
+        "are merged into one table",
+    )
+    p.add_argument("--merged-out", default=None, help="also write the merged results.json")
     p.add_argument("--compact", action="store_true", help="the short table of the README")
     p.add_argument(
         "--no-timing", action="store_true", help="leave the step-time columns out (--compact)"

@@ -7,7 +7,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["compact_table", "markdown_table", "plot_diagnostics", "plot_results", "tuning_table"]
+__all__ = [
+    "compact_table",
+    "markdown_table",
+    "merge_results",
+    "plot_diagnostics",
+    "plot_results",
+    "tuning_table",
+]
+
+#: what two benches must share for their rows to stand in one table
+_SAME_RECIPE = ("suite", "seeds", "epochs", "teacher_epochs", "batch_size", "budget", "optim")
 
 
 def _pct(x: float) -> str:
@@ -21,8 +31,70 @@ def _formatter(results: dict[str, Any]):
     return lambda x: f"{x:.4f}"
 
 
+def _ratio(row: dict[str, Any], key: str) -> str:
+    """A time ratio, or a dash where a merged table has none."""
+    return f"{row[key]:.2f}" if key in row else "—"
+
+
 def _cell(fmt, mean, std) -> str:
     return "—" if mean is None else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def merge_results(parts: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
+    """One ``results.json`` from benches of the same suite, recipe, seeds and teacher run
+    separately (methods added later, say). A method that two of them ran must have run
+    identically (the same metric for every seed: the student of each, for one); otherwise,
+    or when the recipes differ, :class:`~flowdistill.errors.ConfigError` names the
+    difference. Step and inference times of different benches were measured under different
+    loads, so the merged summary leaves them out; ``merged_from`` keeps every part's
+    provenance."""
+    from ..errors import ConfigError
+
+    if not parts:
+        raise ConfigError("nothing to merge")
+    names = names or [f"part {i + 1}" for i in range(len(parts))]
+    first, base = parts[0], parts[0]["provenance"]["config"]
+    for name, part in zip(names[1:], parts[1:], strict=True):
+        config = part["provenance"]["config"]
+        for key in _SAME_RECIPE:
+            if config.get(key) != base.get(key):
+                raise ConfigError(
+                    f"cannot merge {names[0]} and {name}: their {key} differ "
+                    f"({base.get(key)!r} vs {config.get(key)!r})"
+                )
+        if part["teacher"] != first["teacher"]:
+            raise ConfigError(f"cannot merge {names[0]} and {name}: their teachers differ")
+    rows: dict[str, list[dict]] = {}
+    summary: dict[str, dict] = {}
+    tuning: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for name, part in zip(names, parts, strict=True):
+        for method, row in part["summary"].items():
+            mine = [(r["seed"], r["metric"], r["best_val_metric"])
+                    for r in part["runs"] if r["method"] == method]  # fmt: skip
+            if method in rows:
+                theirs = [(r["seed"], r["metric"], r["best_val_metric"]) for r in rows[method]]
+                if mine != theirs:
+                    raise ConfigError(
+                        f"cannot merge {where[method]} and {name}: method {method!r} ran "
+                        "differently in them"
+                    )
+                continue
+            where[method] = name
+            rows[method] = [r for r in part["runs"] if r["method"] == method]
+            summary[method] = {k: v for k, v in row.items()
+                               if k not in ("step_time_ratio", "inference_time_ratio")}  # fmt: skip
+        for method, record in part.get("tuning", {}).get("methods", {}).items():
+            tuning.setdefault(method, record)
+    merged = {k: v for k, v in first.items() if k not in ("runs", "summary", "tuning")}
+    merged.update(
+        runs=[r for rs in rows.values() for r in rs],
+        summary=summary,
+        merged_from=[{"results": n, **p["provenance"]} for n, p in zip(names, parts, strict=True)],
+    )
+    if tuning:
+        merged["tuning"] = {**first.get("tuning", parts[-1].get("tuning", {})), "methods": tuning}
+    return merged
 
 
 def compact_table(results: dict[str, Any], timing: bool = True) -> str:
@@ -35,10 +107,11 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
         from ..nf.bench import compact_nf_table
 
         return compact_nf_table(results)
+    timing = timing and "merged_from" not in results  # (times of separate benches)
     summary = results["summary"]
     kd, diff = summary.get("kd"), summary.get("diffkd")
-    cost = kd is not None and diff is not None and diff["step_time_ratio"] > kd["step_time_ratio"]
-    cost = cost and timing
+    cost = timing and kd is not None and diff is not None
+    cost = cost and diff["step_time_ratio"] > kd["step_time_ratio"]
     head = "| method | last epoch | at best-val epoch | gap closed |"
     head += " step ÷ student |" if timing else ""
     lines = [head + (" module cost ÷ DiffKD |" if cost else ""),
@@ -89,8 +162,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {_cell(fmt, row['mean'], row['std'])} | "
             f"{_cell(fmt, row['best_val_mean'], row['best_val_std'])} | "
-            f"{row['gap_closed']:+.2f} | {row['step_time_ratio']:.2f} | {row['extra_params']:,} | "
-            f"{row['deployed_params']:,} | {row['inference_time_ratio']:.2f} |"
+            f"{row['gap_closed']:+.2f} | {_ratio(row, 'step_time_ratio')} | "
+            f"{row['extra_params']:,} | {row['deployed_params']:,} | "
+            f"{_ratio(row, 'inference_time_ratio')} |"
         )
     lines += [
         "",
@@ -99,6 +173,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         "of the same run; *deployed params* and *inference ÷ student* describe the model "
         "that predicts after training (one test batch, median time).",
     ]
+    if "merged_from" in results:
+        lines += ["", "Merged from separate benches of the same recipe, seeds and teacher "
+                  "(no time ratios across them):", ""]  # fmt: skip
+        lines += [f"- `{part['results']}`: `{part['command']}`" for part in results["merged_from"]]
     if "tuning" in results:
         lines += ["", tuning_table(results)]
     return "\n".join(lines) + "\n"

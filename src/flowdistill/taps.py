@@ -112,11 +112,8 @@ class FeatureTaps:
                 raise TapError(f"cannot parse tap {name!r}; expected 'module.path' or 'path[i]'")
             path, index = match["path"], match["index"]
             module = resolve_module(model, path)
-            hook = self._make_hook(name, None if index is None else int(index))
+            hook = _Capture(self, name, None if index is None else int(index))
             self._handles.append(module.register_forward_hook(hook))
-
-    def _make_hook(self, name: str, index: int | None) -> _Capture:
-        return _Capture(self, name, index)
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         self._store.clear()  # (one dict, filled in place: torch.compile traces the hooks)

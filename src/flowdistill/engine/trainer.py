@@ -269,6 +269,7 @@ def fit(
     # the host waits for the device only every sync_every steps (finite-loss check, progress
     # bar) and at the epoch's end; on CUDA step times come from events, not waits
     sync_every = train.sync_every or (50 if cuda else 1)
+    wide = _wide(device)
     writer = _tensorboard(out) if main else None
     show = train.progress and main
     total = train.epochs
@@ -314,8 +315,8 @@ def fit(
                 terms = model(x, y)
             loss = terms["loss"]
             bad = bad | ~torch.isfinite(loss.detach()).all()
-            last = i == steps_per_epoch - 1
-            if (i + 1) % sync_every == 0 or last:
+            check = (i + 1) % sync_every == 0 or i == steps_per_epoch - 1
+            if check:
                 if world > 1:  # every process stops together
                     bad = distributed.all_reduce_sum(bad.float().reshape(1))[0] > 0
                 if bool(bad):
@@ -341,8 +342,8 @@ def fit(
                 step_time += time.perf_counter() - t0
             seen += len(y)
             for k, v in terms.items():  # summed where they are: no wait for the device
-                sums[k] = sums.get(k, 0.0) + v.detach().to(_wide(device)) * len(y)
-            if show and ((i + 1) % sync_every == 0 or last):
+                sums[k] = sums.get(k, 0.0) + v.detach().to(wide) * len(y)
+            if show and check:
                 post = {k: f"{float(s) / seen:.4f}" for k, s in sums.items()}
                 if not cuda:
                     post["img/s"] = f"{seen / max(step_time, 1e-9):.0f}"

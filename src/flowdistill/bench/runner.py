@@ -318,7 +318,7 @@ def run_bench(
     example = data.train.x[:8]
 
     rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
-    student_params = 0
+    student_params = _params(_build(suite.student, data, suite.task))
     tuning: dict[str, Any] = {}
     chosen: dict[str, dict[str, Any]] = {}
     pool = _Pool(suite, epochs, teacher_epochs, budget, cache, workers, log)
@@ -348,9 +348,6 @@ def run_bench(
             run_dir = out / "runs" / method / f"seed{seed}"
             result_file = run_dir / "result.json"
             cached = json.loads(result_file.read_text()) if result_file.exists() else None
-            torch.manual_seed(seed)
-            student = _build(suite.student, data, suite.task)
-            student_params = _params(student)
             cost_file = run_dir / "inference.json"
             same = cached is not None and cached.get("key_hash") == _hash(key)
             if same and cost_file.exists():
@@ -369,16 +366,10 @@ def run_bench(
                     if distributed.is_main():
                         shutil.copytree(tuned, run_dir)
                     distributed.barrier()
-                distiller = make_distiller(
-                    method, teacher, student, example_input=example, **options
-                )
-                result = _fit_run(
-                    suite, distiller, data, key, seed, epochs, run_dir, progress
-                ).to_dict()
-                cost = inference_cost(distiller, data.test.x[: suite.batch_size])
-                if distributed.is_main():
-                    atomic_write_text(cost_file, json.dumps(cost))
-                distributed.barrier()
+                result, cost = _train_run(
+                    suite, method, options, teacher, data, example, key, seed, run_dir,
+                    progress, with_cost=True,
+                )  # fmt: skip
                 last, at_best = _run_metrics(suite, result)
                 if at_best is None:
                     log(f"{method} seed {seed}: {suite.metric} {last:.4f}")
@@ -507,12 +498,18 @@ def run_bench(
     return results
 
 
-def _fit_run(
-    suite: Suite, distiller, data: Splits, key: dict, seed: int, epochs: int, run_dir: Path,
-    progress: bool,
-):  # fmt: skip
-    train = _train_config(suite, epochs=epochs, seed=seed, progress=progress)
-    return fit(
+def _train_run(
+    suite: Suite, method: str, options: dict, teacher, data: Splits, example, key: dict,
+    seed: int, run_dir: Path, progress: bool, with_cost: bool,
+) -> tuple[dict[str, Any], dict | None]:  # fmt: skip
+    """Train one run of the bench (resuming ``run_dir`` where it stopped): a fresh student
+    from ``seed``, the method around it, ``fit`` on the suite's recipe. ``(its result, its
+    inference cost)``; the cost (written to ``inference.json``) only ``with_cost``."""
+    torch.manual_seed(seed)
+    student = _build(suite.student, data, suite.task)
+    distiller = make_distiller(method, teacher, student, example_input=example, **options)
+    train = _train_config(suite, epochs=suite.epochs, seed=seed, progress=progress)
+    result = fit(
         distiller,
         data,
         suite.optim,
@@ -521,7 +518,14 @@ def _fit_run(
         resume=True,
         batch_size=suite.batch_size,
         meta={"key_hash": _hash(key), "key": key},
-    )
+    ).to_dict()
+    cost = None
+    if with_cost:
+        cost = inference_cost(distiller, data.test.x[: suite.batch_size])
+        if distributed.is_main():
+            atomic_write_text(run_dir / "inference.json", json.dumps(cost))
+        distributed.barrier()
+    return result, cost
 
 
 def _finished(run_dir: Path, key: dict) -> bool:
@@ -557,14 +561,10 @@ def _tune_method(
                     "choose another --out directory"
                 )
             if result is None:
-                torch.manual_seed(seed)
-                student = _build(suite.student, data, suite.task)
-                distiller = make_distiller(
-                    method, teacher, student, example_input=example, **options
-                )
-                result = _fit_run(
-                    suite, distiller, data, key, seed, epochs, run_dir, progress
-                ).to_dict()
+                result, _ = _train_run(
+                    suite, method, options, teacher, data, example, key, seed, run_dir,
+                    progress, with_cost=False,
+                )  # fmt: skip
             scores.append(_val_score(suite, result))
         mean = float(np.mean(scores))
         log(f"tune {method} {point or '(defaults)'}: validation {mean:.4f}")
@@ -638,16 +638,11 @@ def _pool_job(job: dict) -> str:
     key = _run_key(suite, method, job["options"], seed, suite.epochs, teacher_info, job["budget"])
     if key != job["key"]:
         raise RuntimeError(f"worker rebuilt another run key for {run_dir}")
-    torch.manual_seed(seed)
-    student = _build(suite.student, data, suite.task)
-    distiller = make_distiller(
-        method, teacher, student, example_input=data.train.x[:8], **job["options"]
-    )
-    result = _fit_run(suite, distiller, data, key, seed, suite.epochs, run_dir, False)
-    if job["with_cost"]:
-        cost = inference_cost(distiller, data.test.x[: suite.batch_size])
-        atomic_write_text(run_dir / "inference.json", json.dumps(cost))
-    score = _val_score(suite, result.to_dict())
+    result, _ = _train_run(
+        suite, method, job["options"], teacher, data, data.train.x[:8], key, seed, run_dir,
+        False, job["with_cost"],
+    )  # fmt: skip
+    score = _val_score(suite, result)
     return f"{method} seed {seed}: trained in {run_dir} (validation {score:.4f})"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing as mp
 import shlex
 import sys
 import time
@@ -58,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="runs trained at a time, in processes of their own"
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
 
     suite = get_suite(args.suite)
     lm = suite.task == "lm"
@@ -70,31 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
     epochs = args.epochs or suite.epochs
     base = method_config(suite, args.method)
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    jobs = [
+        {"suite": suite.name, "method": args.method, "options": {**base, **options},
+         "seed": seed, "epochs": epochs, "threads": max(1, torch.get_num_threads() // args.workers)}
+        for options in combos for seed in range(args.seeds)
+    ]  # fmt: skip
+    if args.workers == 1:
+        scores = [_run(job, suite, data, teacher) for job in jobs]
+    else:  # points and seeds trained ``workers`` at a time, each in a process of its own
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            scores = pool.map(_run, jobs, chunksize=1)
     points = []
-    for values in itertools.product(*grid.values()):
-        options = dict(zip(grid, values, strict=True))
-        finals, bests, seconds = [], [], []
-        for seed in range(args.seeds):
-            torch.manual_seed(seed)
-            student = _build(suite.student, data, suite.task)
-            distiller = make_distiller(
-                args.method,
-                teacher,
-                student,
-                example_input=data.train.x[:8],
-                **{**base, **options},
-            )
-            t0 = time.perf_counter()
-            result = fit(
-                distiller,
-                data,
-                suite.optim,
-                _train_config(suite, epochs=epochs, seed=seed, progress=False),
-                batch_size=suite.batch_size,
-            )
-            seconds.append(time.perf_counter() - t0)
-            finals.append(_val_score(suite, result.to_dict()))
-            bests.append(_bits(result.best_val_loss) if lm else result.best_val_acc)
+    for i, options in enumerate(combos):
+        runs = scores[i * args.seeds : (i + 1) * args.seeds]
+        finals, bests, seconds = ([r[k] for r in runs] for k in range(3))
         point = {
             "options": options,
             f"{name}_last": finals,
@@ -122,6 +118,32 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"chosen on validation: {chosen['options']} ({scale * chosen['score']:.4f})")
     return 0
+
+
+def _run(job: dict, suite=None, data=None, teacher=None) -> tuple[float, float, float]:
+    """One grid point and seed: ``(final validation score, best-validation score, seconds)``.
+    In a worker process the suite's data and cached teacher are loaded first."""
+    if suite is None:
+        torch.set_num_threads(job["threads"])
+        suite = get_suite(job["suite"])
+        data = suite.load_data()
+        teacher, _ = _teacher(suite, data, DEFAULT_CACHE, False, lambda *_: None)
+    seed = job["seed"]
+    torch.manual_seed(seed)
+    student = _build(suite.student, data, suite.task)
+    distiller = make_distiller(
+        job["method"], teacher, student, example_input=data.train.x[:8], **job["options"]
+    )
+    t0 = time.perf_counter()
+    result = fit(
+        distiller,
+        data,
+        suite.optim,
+        _train_config(suite, epochs=job["epochs"], seed=seed, progress=False),
+        batch_size=suite.batch_size,
+    )
+    best = _bits(result.best_val_loss) if suite.task == "lm" else result.best_val_acc
+    return _val_score(suite, result.to_dict()), best, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

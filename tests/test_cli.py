@@ -274,3 +274,50 @@ def test_table_refuses_to_merge_different_benches(tmp_path, capsys, change, mess
     b.write_text(json.dumps(_results(["student", "fitnet"], "bench B", **change)))
     assert main(["table", str(a), str(b)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_set_gives_a_method_its_options(tmp_path, capsys):
+    """--set METHOD.OPTION=VALUE reaches training and the record: kd at its default
+    temperature set explicitly trains the default run; another temperature trains another."""
+    common = ["bench", "--suite", "digits", "--methods", "kd", "--seeds", "1", "--epochs", "1",
+              "--teacher-cache", str(tmp_path / "cache"), "--no-progress"]  # fmt: skip
+
+    def bench(name, *extra):
+        assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
+        capsys.readouterr()
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        run = json.loads((tmp_path / name / "runs" / "kd" / "seed0" / "result.json").read_text())
+        return results, [h["train_loss"] for h in run["history"]]
+
+    default, default_loss = bench("default")
+    same, same_loss = bench("same", "--set", "kd.temperature=4.0")
+    other, other_loss = bench("other", "--set", "kd.temperature=1", "--set", "kd.kd_weight=0.5")
+    assert same_loss == default_loss and other_loss != default_loss
+    assert same["summary"]["kd"]["mean"] == default["summary"]["kd"]["mean"]
+    options = other["provenance"]["config"]["method_options"]["kd"]
+    assert options["temperature"] == 1 and options["kd_weight"] == 0.5
+    assert "--set kd.temperature=1" in other["provenance"]["command"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--set", "kd.temperature"], "--set takes METHOD.OPTION=VALUE"),
+        (["--set", "kd.temprature=1"], "kd has no option 'temprature'; did you mean 'temperature'"),
+        (["--set", "fitnet.hint_weight=1"], "'fitnet', which this bench does not run"),
+        (["--set", "kd.temperature=1", "--tune"], "kd.temperature is chosen by --tune"),
+    ],
+)
+def test_bench_set_refuses_what_cannot_apply(extra, message, tmp_path, capsys):
+    args = ["bench", "--suite", "digits", "--methods", "kd", "--out", str(tmp_path / "b")]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before anything trained
+
+
+def test_bench_set_refuses_an_option_a_variant_fixes(tmp_path, capsys):
+    args = ["bench", "--suite", "digits", "--methods", "flowdistill-noinv", "--out", str(tmp_path)]
+    assert main([*args, "--set", "flowdistill-noinv.flow=true"]) == 2
+    assert "fixes flow=False" in capsys.readouterr().err
+    assert main(["bench", "--suite", "nf-digits", "--set", "all_kd.synth=1"]) == 2
+    assert "--set is for classification and language-model suites" in capsys.readouterr().err

@@ -305,3 +305,35 @@ def test_default_field_is_per_position_and_starts_as_identity(pair):
     assert a.shape == t.shape == (4, 4, 8)  # stage2 (8, 2, 2) as 4 rows of 8 channels
     moved = d._transport(key, a, 1.0, d.steps, d._context(s_out), True)
     torch.testing.assert_close(moved, a)  # zero-initialised output: the identity flow
+
+
+def test_anchor_matches_the_adapter_output_itself(pair):
+    """anchor_weight adds w · MSE(A(s), standardised t) on each feature pair, computed here
+    from hooked features and the per-channel batch statistics; it trains the student and
+    adapter, never the flow."""
+    teacher, student, x = pair
+    feats = {}
+    student.stage2.register_forward_hook(lambda m, i, o: feats.__setitem__("s", o.detach()))
+    teacher.stage2.register_forward_hook(lambda m, i, o: feats.__setitem__("t", o.detach()))
+    d = flowdistill.make_distiller(
+        "flowdistill", teacher, student, example_input=x, anchor_weight=2.0, **TAPS
+    )
+    d.train()
+    d.on_epoch_start(9, 10)  # full transfer: the target is the teacher feature itself
+    terms = d(x, torch.tensor([0, 1, 2, 3]))
+    t = feats["t"]
+    mean, var = (
+        t.mean(dim=(0, 2, 3), keepdim=True),
+        t.var(dim=(0, 2, 3), keepdim=True, unbiased=False),
+    )
+    expected = 2.0 * ((d.adapters["p0"](feats["s"]) - (t - mean) / (var + 1e-5).sqrt()) ** 2).mean()
+    torch.testing.assert_close(terms["anchor"], expected)
+    terms["anchor"].backward()
+    assert all(p.grad is None for p in d.velocities.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    plain = flowdistill.make_distiller("flowdistill", teacher, student, example_input=x, **TAPS)
+    assert "anchor" not in plain(x, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ConfigError, match="anchor_weight"):
+        flowdistill.make_distiller(
+            "flowdistill", teacher, student, example_input=x, anchor_weight=-1.0, **TAPS
+        )

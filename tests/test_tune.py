@@ -138,3 +138,42 @@ def test_tune_refuses_a_language_model_suite_without_a_selection_split(monkeypat
         run_bench("nf-digits", out=tmp_path, tune=True, progress=False)
     with pytest.raises(ConfigError, match="tune-seeds"):
         run_bench("digits", ["kd"], out=tmp_path, tune=True, tune_seeds=0, progress=False)
+
+
+def _tune_script():
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:  # importable by name, also in spawned worker processes
+        sys.path.insert(0, folder)
+    import tune
+
+    return tune
+
+
+def test_tune_script_workers_score_as_one_after_another(tmp_path, monkeypatch):
+    """benchmarks/tune.py: each grid point over seeds on validation only; with --workers the
+    runs train in processes of their own and score exactly as when trained in turn."""
+    tune = _tune_script()
+    monkeypatch.chdir(tmp_path)  # the teacher is cached under ./runs
+    threads = torch.get_num_threads()
+    argv = ["--suite", "digits", "--method", "kd", "--grid", "temperature=1,4", "--seeds", "2",
+            "--epochs", "1"]  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        assert tune.main([*argv, "--out", "serial.json"]) == 0
+        torch.set_num_threads(2)  # two workers of one thread each
+        assert tune.main([*argv, "--workers", "2", "--out", "parallel.json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    serial = json.loads((tmp_path / "serial.json").read_text())
+    parallel = json.loads((tmp_path / "parallel.json").read_text())
+    assert [p["options"] for p in serial["points"]] == [{"temperature": 1}, {"temperature": 4}]
+    for a, b in zip(serial["points"], parallel["points"], strict=True):
+        assert a["val_acc_last"] == b["val_acc_last"] and a["val_acc_best"] == b["val_acc_best"]
+        assert len(a["val_acc_last"]) == 2 and a["val_acc_last"][0] != a["val_acc_last"][1]
+    assert serial["points"][0]["val_acc_last"] != serial["points"][1]["val_acc_last"]
+    assert "test" not in json.dumps(serial).replace("benchmarks/tune.py", "")
+    with pytest.raises(SystemExit, match="--workers"):
+        tune.main([*argv, "--workers", "0", "--out", "bad.json"])

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import FlowdistillError
+from .errors import ConfigError, FlowdistillError
 
 __all__ = ["main"]
 
@@ -90,6 +90,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         teacher_epochs=args.teacher_epochs,
         workers=args.workers,
         train_options=_fast_path(args),
+        options=_method_settings(args.set),
     )
     from .engine import distributed
 
@@ -103,10 +104,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
+def _method_settings(items: list[str] | None) -> dict[str, dict]:
+    """``["kd.temperature=1", ...]`` as ``{"kd": {"temperature": 1}}`` (values read as YAML)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        method, dot, key = name.partition(".")
+        if not (eq and dot and method and key):
+            raise ConfigError(
+                f"--set takes METHOD.OPTION=VALUE, e.g. kd.temperature=1; got {item!r}"
+            )
+        out.setdefault(method, {})[key] = yaml.safe_load(value)
+    return out
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     args.suite, args.methods, args.seeds, args.epochs = "digits", None, 3, None
     args.budget, args.teacher_epochs, args.tune, args.tune_seeds = 1.0, None, False, 1
-    args.workers = 1
+    args.workers, args.set = 1, None
     args.out = args.out or "runs/demo"
     args.teacher_cache = None
     return cmd_bench(args)
@@ -266,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="train this many runs at once, one process each (default 1; timings then shared)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="METHOD.OPTION=VALUE",
+        help="a method's option for this bench (repeatable), e.g. --set kd.temperature=1",
     )
     p.add_argument(
         "--channels-last", action="store_true", help="NHWC images and weights (GPU fast path)"

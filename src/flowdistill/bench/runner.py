@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
@@ -20,7 +21,7 @@ import torch
 from ..config import ModelConfig, OptimConfig, TrainConfig
 from ..data.datasets import Split, Splits
 from ..distillers import get_method, list_methods, make_distiller
-from ..distillers.registry import resolve, tune_points
+from ..distillers.registry import method_options, resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
@@ -231,6 +232,7 @@ def run_bench(
     teacher_epochs: int | None = None,
     workers: int = 1,
     train_options: dict[str, Any] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run a suite; write ``results.json``, ``results.md`` and PNG plots into ``out``.
 
@@ -249,6 +251,10 @@ def run_bench(
     they share it; on CPUs they share the cores), once the teacher is trained: the results
     are those of one run after another, but step and inference times are then measured
     under each other's load.
+
+    ``options`` sets methods' options (``{"kd": {"temperature": 1.0}}``) over the suite's
+    defaults; they are part of each run's key, so a run with other options trains anew, and
+    with ``tune`` they may not name an option of the method's grid.
 
     ``train_options`` sets further :class:`~flowdistill.config.TrainConfig` fields of every
     run (``channels_last``, ``compile``, ``amp``, ...): how fast runs train, not what they
@@ -271,6 +277,11 @@ def run_bench(
             raise ConfigError(
                 f"--tune is for classification and language-model suites; {suite.name} "
                 "distils a normalizing flow (benchmarks/nf_tune.py chooses its options)"
+            )
+        if options:
+            raise ConfigError(
+                f"--set is for classification and language-model suites; {suite.name} "
+                "distils a normalizing flow with its suite's options"
             )
 
         return run_nf_bench(
@@ -311,6 +322,8 @@ def run_bench(
         if tune_seeds < 1:
             raise ConfigError(f"--tune-seeds must be >= 1, got {tune_seeds}")
     grids = {m: tune_points(m) for m in methods} if tune else {}  # checked before training
+    if options:
+        suite = _with_options(suite, methods, options, grids)
     out = Path(out or Path("runs") / "bench" / suite.name)
     cache = Path(cache) if cache else DEFAULT_CACHE
     data = budgeted(suite.load_data(), budget)
@@ -533,6 +546,40 @@ def _finished(run_dir: Path, key: dict) -> bool:
     if not result_file.exists():
         return False
     return json.loads(result_file.read_text()).get("key_hash") == _hash(key)
+
+
+def _with_options(
+    suite: Suite, methods: list[str], options: dict[str, dict[str, Any]], grids: dict
+) -> Suite:
+    """``suite`` with ``options`` over its per-method defaults; a method that is not run, an
+    option a method does not accept, one its variant fixes, or one its tuning grid chooses
+    is refused, named."""
+    merged = dict(suite.method_options)
+    for method, values in options.items():
+        if method not in methods:
+            raise ConfigError(
+                f"options are set for {method!r}, which this bench does not run "
+                f"(methods: {', '.join(methods)})"
+            )
+        accepted = method_options(method)
+        _, preset = resolve(method)
+        for key in values:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, list(accepted), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{method} has no option {key!r}{hint}")
+            if key in preset:
+                raise ConfigError(
+                    f"{method} is a variant that fixes {key}={preset[key]!r}; set it on "
+                    f"{resolve(method)[0]} instead"
+                )
+            if any(key in point for point in grids.get(method, [])):
+                raise ConfigError(
+                    f"{method}.{key} is chosen by --tune (its grid); leave it to the grid or "
+                    "run without --tune"
+                )
+        merged[method] = {**method_config(suite, method), **values}
+    return dataclasses.replace(suite, method_options=merged)
 
 
 def _tune_dir(out: Path, method: str, point: dict, seed: int) -> Path:

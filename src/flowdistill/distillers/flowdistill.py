@@ -22,7 +22,10 @@ a K-step transport :math:`\hat s = \Phi_K(a)` is matched to the target (MSE on s
 features, KL or DIST on logits). By default the flow's own parameters learn only from
 :math:`\mathcal{L}_\mathrm{fm}` (``flow_grad="fm"``): the flow is an estimate of where the
 teacher's feature lies given the student's, and the student is pushed to make that estimate
-accurate. As :math:`\Phi` is a bijection the transfer can be diagnosed every epoch on a held
+accurate. With ``anchor_weight`` > 0 the adapter output itself is also matched to the same
+target on each feature pair (:math:`w\,\lVert a - t\rVert^2`): the flow then refines a
+student representation that is held on the teacher's, rather than standing in for it. As
+:math:`\Phi` is a bijection the transfer can be diagnosed every epoch on a held
 batch: the transport error :math:`\lVert\Phi(a) - t\rVert / \lVert t\rVert`, the inverse
 round-trip error :math:`\lVert\Phi^{-1}(\Phi(a)) - a\rVert / \lVert a\rVert` (accurate RK4
 solve), and the negative log-likelihood per dimension of teacher features under
@@ -236,6 +239,7 @@ class FlowDistill(Distiller):
         sigma: float = 0.0,
         fm_weight: float = 1.0,
         feature_weight: float = 1.0,
+        anchor_weight: float = 0.0,
         logit_weight: float = 1.0,
         kd_weight: float = 1.0,
         temperature: float = 4.0,
@@ -281,6 +285,8 @@ class FlowDistill(Distiller):
             raise ConfigError(f"flowdistill: ramp must be in [0, 1], got {ramp}")
         if temperature <= 0 or sigma < 0:
             raise ConfigError("flowdistill: temperature must be positive and sigma >= 0")
+        if anchor_weight < 0:
+            raise ConfigError(f"flowdistill: anchor_weight must be >= 0, got {anchor_weight}")
         if num_tasks < 0 or (num_tasks and not 0 <= task < num_tasks):
             raise ConfigError(f"flowdistill: task {task} is not in [0, num_tasks={num_tasks})")
 
@@ -299,6 +305,7 @@ class FlowDistill(Distiller):
 
         self.steps, self.solver, self.sigma = int(steps), solver, float(sigma)
         self.fm_weight, self.feature_weight = float(fm_weight), float(feature_weight)
+        self.anchor_weight = float(anchor_weight)
         self.logit_weight, self.kd_weight = float(logit_weight), float(kd_weight)
         self.temperature, self.logit_loss = float(temperature), logit_loss
         self.use_flow, self.flow_grad, self.inference = flow, flow_grad, inference
@@ -446,7 +453,7 @@ class FlowDistill(Distiller):
         if self.kd_weight:
             kd = losses.kd(s_out[LOGITS], t_out[LOGITS], self.temperature)
             terms["kd"] = self.kd_weight * kd
-        fm_terms, feat_terms, logit_terms = [], [], []
+        fm_terms, feat_terms, logit_terms, anchor_terms = [], [], [], []
         for i, (key, s_name, a, t) in enumerate(self._endpoints(s_out, t_out)):
             is_logits = s_name == LOGITS
             if self.use_flow:
@@ -459,6 +466,8 @@ class FlowDistill(Distiller):
                 pred = self._transport(
                     key, a, self.tau, self.active_steps, context, self.flow_grad == "fm"
                 )
+                if self.anchor_weight and not is_logits:  # the adapter output itself
+                    anchor_terms.append(F.mse_loss(a, target))
             else:
                 pred, target = a, t
             (logit_terms if is_logits else feat_terms).append(self._match(is_logits, pred, target))
@@ -468,6 +477,8 @@ class FlowDistill(Distiller):
             terms["feature"] = self.feature_weight * torch.stack(feat_terms).sum()
         if logit_terms:
             terms["logit"] = self.logit_weight * torch.stack(logit_terms).sum()
+        if anchor_terms:
+            terms["anchor"] = self.anchor_weight * torch.stack(anchor_terms).sum()
         return self.total(terms)
 
     def _flow_matching(self, key: str, a0: torch.Tensor, t1: torch.Tensor, context):
@@ -557,6 +568,12 @@ register_variant(
 register_variant(
     "flowdistill-nocond", "flowdistill", "without the conditional velocity field",
     conditional=False,
+)  # fmt: skip
+register_variant(
+    "flowdistill-anchored", "flowdistill",
+    "the adapter output also matched to the teacher directly (anchor_weight=1), the target "
+    "not ramped (progressive_target=False)",
+    anchor_weight=1.0, progressive_target=False,
 )  # fmt: skip
 register_variant(
     "flowdistill-spatial", "flowdistill",

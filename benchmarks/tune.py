@@ -20,6 +20,7 @@ import multiprocessing as mp
 import shlex
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers == 1:
         scores = [_run(job, suite, data, teacher) for job in jobs]
     else:  # points and seeds trained ``workers`` at a time, each in a process of its own
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            scores = pool.map(_run, jobs, chunksize=1)
+        context = mp.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+            scores = list(pool.map(_run, jobs))
     points = []
     for i, options in enumerate(combos):
         runs = scores[i * args.seeds : (i + 1) * args.seeds]

@@ -333,6 +333,14 @@ def test_anchor_matches_the_adapter_output_itself(pair):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     plain = flowdistill.make_distiller("flowdistill", teacher, student, example_input=x, **TAPS)
     assert "anchor" not in plain(x, torch.tensor([0, 1, 2, 3]))
+    alone = flowdistill.make_distiller(
+        "flowdistill", teacher, student, example_input=x, anchor_weight=2.0, feature_weight=0.0,
+        **TAPS,
+    )  # fmt: skip
+    alone.train()
+    alone.on_epoch_start(9, 10)
+    terms = alone(x, torch.tensor([0, 1, 2, 3]))
+    assert "feature" not in terms and "anchor" in terms  # the anchor does not need the flow term
     with pytest.raises(ConfigError, match="anchor_weight"):
         flowdistill.make_distiller(
             "flowdistill", teacher, student, example_input=x, anchor_weight=-1.0, **TAPS

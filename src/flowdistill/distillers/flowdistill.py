@@ -458,18 +458,19 @@ class FlowDistill(Distiller):
             is_logits = s_name == LOGITS
             if self.use_flow:
                 fm_terms.append(self._flow_matching(key, a.detach(), t, context))
-            weight = self.logit_weight if is_logits else self.feature_weight
-            if i >= self.active_pairs or not weight:  # (a zero-weight term is not computed)
+            if i >= self.active_pairs:
                 continue
+            target = t
+            if self.use_flow and self.tau < 1.0:  # the target slides from a toward t
+                target = (1 - self.tau) * a.detach() + self.tau * t
+            if self.use_flow and self.anchor_weight and not is_logits:  # the adapter output
+                anchor_terms.append(F.mse_loss(a, target))
+            if not (self.logit_weight if is_logits else self.feature_weight):
+                continue  # (a zero-weight term is not computed)
+            pred = a
             if self.use_flow:
-                target = t if self.tau >= 1.0 else (1 - self.tau) * a.detach() + self.tau * t
-                pred = self._transport(
-                    key, a, self.tau, self.active_steps, context, self.flow_grad == "fm"
-                )
-                if self.anchor_weight and not is_logits:  # the adapter output itself
-                    anchor_terms.append(F.mse_loss(a, target))
-            else:
-                pred, target = a, t
+                detach = self.flow_grad == "fm"
+                pred = self._transport(key, a, self.tau, self.active_steps, context, detach)
             (logit_terms if is_logits else feat_terms).append(self._match(is_logits, pred, target))
         if fm_terms:
             terms["fm"] = self.fm_weight * torch.stack(fm_terms).sum()

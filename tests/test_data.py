@@ -10,6 +10,7 @@ from flowdistill.data import (
     Batches,
     Split,
     digits_splits,
+    idx_holdout_splits,
     idx_splits,
     npz_splits,
     read_idx,
@@ -84,6 +85,42 @@ def test_idx_splits(tmp_path):
     )
     assert (len(s.train), len(s.val), len(s.test)) == (32, 8, 10)
     assert s.input_shape == (1, 6, 6) and s.num_classes == 4
+
+
+def test_idx_holdout_splits_cut_one_file_pair_three_ways(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (50, 5, 5), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(50) * 5  # each image's first pixel names it
+    labels = rng.permutation(np.arange(50, dtype=np.uint8) % 5)
+    _write_idx(tmp_path / "img.gz", images)
+    _write_idx(tmp_path / "lab.gz", labels)
+    s = idx_holdout_splits(str(tmp_path / "img.gz"), str(tmp_path / "lab.gz"), (0.6, 0.2, 0.2))
+    assert (len(s.train), len(s.val), len(s.test)) == (30, 10, 10)
+    assert s.input_shape == (1, 5, 5) and s.num_classes == 5
+    assert torch.bincount(s.val.y).tolist() == [2] * 5  # stratified
+    # one affine map (the training part's standardisation) for every part: read it off the
+    # first pixel, which runs 0, 5, ..., 245 over the images
+    parts = (s.train, s.val, s.test)
+    first = torch.cat([p.x[:, 0, 0, 0] for p in parts]).double()
+    lo, hi = first.min(), first.max()
+    seen = []
+    for part in parts:
+        raw = (part.x.double() - lo) / (hi - lo) * 245  # back to 0..255 pixels
+        index = (raw[:, 0, 0, 0] / 5).round().long()
+        expected = torch.from_numpy(images[index.numpy()]).double()
+        torch.testing.assert_close(raw[:, 0], expected, atol=1e-3, rtol=0)  # float32 storage
+        assert torch.equal(part.y, torch.from_numpy(labels[index.numpy()]).long())
+        seen += index.tolist()
+    assert sorted(seen) == list(range(50))  # every image in exactly one part
+    assert abs(float(s.train.x.mean())) < 1e-5  # standardised on the training part
+    assert abs(float(s.train.x.std(unbiased=False)) - 1) < 1e-4
+    again = idx_holdout_splits(str(tmp_path / "img.gz"), str(tmp_path / "lab.gz"), (0.6, 0.2, 0.2))
+    assert torch.equal(again.test.x, s.test.x)
+    _write_idx(tmp_path / "short.gz", labels[:49])
+    with pytest.raises(DataError, match="do not pair"):
+        idx_holdout_splits(str(tmp_path / "img.gz"), str(tmp_path / "short.gz"))
+    with pytest.raises(DataError, match="fractions"):
+        idx_holdout_splits(str(tmp_path / "img.gz"), str(tmp_path / "lab.gz"), (0.8, 0.2, 0.0))
 
 
 def test_npz_reader_and_errors(tmp_path):
@@ -167,6 +204,26 @@ def test_npz_subset_splits_sizes_strata_and_cache(tmp_path):
         npz_subset_splits(str(tmp_path / "d.npz"), train_size=50, val_size=15)
     with pytest.raises(DataError, match="absent|not found|no such"):
         npz_subset_splits(str(tmp_path / "missing.npz"))
+
+
+def test_mnist_cpu_suite_names_its_missing_files(tmp_path, monkeypatch):
+    from flowdistill.bench.suites import get_suite
+
+    monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz and .*t10k-labels"):
+        get_suite("mnist-cpu").load_data()
+
+
+def test_mnist_cpu_suite_on_the_shared_files(shared_file):
+    from flowdistill.bench.suites import get_suite
+
+    shared_file("mnist", "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(shared_file("mnist", "t10k-labels-idx1-ubyte.gz"))
+    s = get_suite("mnist-cpu").load_data()
+    assert (len(s.train), len(s.val), len(s.test)) == (5999, 2001, 2000)
+    assert s.input_shape == (1, 28, 28) and s.num_classes == 10
+    counts = sum(torch.bincount(p.y, minlength=10) for p in (s.train, s.val, s.test))
+    assert counts.tolist() == np.bincount(labels).tolist()
 
 
 def test_cifar10_cpu_suite_names_its_missing_file(tmp_path, monkeypatch):

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ModelConfig, OptimConfig
-from ..data.datasets import Splits, cifar_splits, digits_splits, npz_splits, npz_subset_splits
+from ..data.datasets import (
+    Splits,
+    cifar_splits,
+    digits_splits,
+    idx_holdout_splits,
+    npz_splits,
+    npz_subset_splits,
+)
 from ..data.readers import read_chars
 from ..data.text import CharTokenizer, char_splits
 from ..errors import ConfigError, DataError
@@ -71,6 +78,21 @@ def _cifar10_cpu() -> Splits:
         )
     cache = os.path.join("runs", "cache", "data")
     return npz_subset_splits(path, train_size=20000, val_size=5000, seed=0, cache_dir=cache)
+
+
+def _mnist_cpu() -> Splits:
+    """MNIST's official test files alone (the training images are not at hand): their
+    10,000 images cut 60/20/20 into train/validation/test (stratified, seed 0)."""
+    folder = os.path.join(data_dir(), "mnist")
+    images = os.path.join(folder, "t10k-images-idx3-ubyte.gz")
+    labels = os.path.join(folder, "t10k-labels-idx1-ubyte.gz")
+    missing = [f for f in (images, labels) if not os.path.isfile(f)]
+    if missing:
+        raise DataError(
+            f"the mnist-cpu suite reads {' and '.join(missing)}, absent; set FLOWDISTILL_DATA "
+            "to the folder holding mnist/"
+        )
+    return idx_holdout_splits(images, labels, fractions=(0.6, 0.2, 0.2), seed=0)
 
 
 def _standard_cifar(classes: int) -> Splits:
@@ -192,6 +214,26 @@ register_suite(
         load_data=_cifar10_cpu,
         teacher=ModelConfig("small_cnn", kwargs={"widths": [32, 64, 128]}),
         student=ModelConfig("small_cnn", kwargs={"widths": [8, 16, 32]}),
+        teacher_optim=OptimConfig(lr=0.1, schedule="cosine"),
+        teacher_epochs=15,
+        optim=OptimConfig(lr=0.1, schedule="cosine"),
+        epochs=10,
+        batch_size=128,
+        method_options={
+            "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
+        },
+    )
+)
+
+register_suite(
+    Suite(
+        name="mnist-cpu",
+        description="MNIST's official 10,000 test images (the training images are not at "
+        "hand), cut 60/20/20 into train/validation/test (stratified, seeded); CNN teacher "
+        "(24.1k params) → CNN student (1.0k params); sized for 2 CPU cores",
+        load_data=_mnist_cpu,
+        teacher=ModelConfig("small_cnn", kwargs={"widths": [16, 32, 64]}),
+        student=ModelConfig("small_cnn", kwargs={"widths": [4, 8, 8]}),
         teacher_optim=OptimConfig(lr=0.1, schedule="cosine"),
         teacher_epochs=15,
         optim=OptimConfig(lr=0.1, schedule="cosine"),

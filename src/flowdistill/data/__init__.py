@@ -9,12 +9,20 @@ from .datasets import (
     Splits,
     cifar_splits,
     digits_splits,
+    idx_holdout_splits,
     idx_splits,
     npz_splits,
     random_crop_flip,
     split,
 )
-from .readers import read_chars, read_cifar, read_idx, read_image_folder, read_npz
+from .readers import (
+    read_chars,
+    read_cifar,
+    read_idx,
+    read_idx_pair,
+    read_image_folder,
+    read_npz,
+)
 from .text import CharTokenizer, char_splits, token_windows
 
 __all__ = [
@@ -25,12 +33,14 @@ __all__ = [
     "char_splits",
     "cifar_splits",
     "digits_splits",
+    "idx_holdout_splits",
     "idx_splits",
     "npz_splits",
     "random_crop_flip",
     "read_chars",
     "read_cifar",
     "read_idx",
+    "read_idx_pair",
     "read_image_folder",
     "read_npz",
     "split",

@@ -9,9 +9,18 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .readers import cached_npz, read_idx, read_npz
+from .readers import cached_npz, read_idx, read_idx_pair, read_npz
 
-__all__ = ["Batches", "Split", "Splits", "digits_splits", "idx_splits", "npz_splits", "split"]
+__all__ = [
+    "Batches",
+    "Split",
+    "Splits",
+    "digits_splits",
+    "idx_holdout_splits",
+    "idx_splits",
+    "npz_splits",
+    "split",
+]
 
 
 @dataclass
@@ -204,6 +213,23 @@ def idx_splits(
         val_fraction,
         seed,
     )
+
+
+def idx_holdout_splits(
+    images: str,
+    labels: str,
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+) -> Splits:
+    """One pair of IDX files (images and their labels) cut into train/validation/test parts
+    of the given ``fractions`` (stratified, seeded): for a dataset of which only one official
+    split is at hand, such as MNIST's test files alone. Standardised with the training
+    part's statistics."""
+    if len(fractions) != 3 or min(fractions) <= 0:
+        raise DataError(f"fractions must be three positive numbers, got {fractions}")
+    x, y = read_idx_pair(images, labels)
+    parts = split(_images(x), y, fractions, seed)
+    return _standardize(parts, channel_axis=1)
 
 
 class Batches:

@@ -19,7 +19,14 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["read_chars", "read_cifar", "read_idx", "read_image_folder", "read_npz"]
+__all__ = [
+    "read_chars",
+    "read_cifar",
+    "read_idx",
+    "read_idx_pair",
+    "read_image_folder",
+    "read_npz",
+]
 
 # IDX type codes → numpy dtypes (big-endian as stored)
 _IDX_TYPES = {
@@ -67,6 +74,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path} is {what}: header {dims} needs {expected} bytes, found {len(raw)}")
     array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return array.astype(dtype.newbyteorder("="))
+
+
+def read_idx_pair(
+    images: str | os.PathLike, labels: str | os.PathLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """An IDX image file ``(N, H, W)`` and its IDX label file ``(N,)``, checked to match."""
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(
+            f"{images} and {labels} do not pair: images {x.shape}, labels {y.shape} "
+            "(expected (N, H, W) and (N,))"
+        )
+    return x, y
 
 
 def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x_train", "y_train")) -> dict:

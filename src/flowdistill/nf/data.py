@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data.datasets import split
-from ..data.readers import read_idx
+from ..data.readers import read_idx_pair
 from ..errors import DataError
 
 __all__ = ["ImageData", "digits_images", "mnist_test_images"]
@@ -73,10 +73,10 @@ def mnist_test_images(
     28x28 images, 256 levels), split into train/val/test (stratified, seeded): for setups
     where the training images are not at hand.  ``pad_to`` zero-pads to a square size
     (32 allows five squeezes)."""
-    images = read_idx(os.path.join(folder, "t10k-images-idx3-ubyte.gz"))
-    labels = read_idx(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
-    if images.ndim != 3 or len(images) != len(labels):
-        raise DataError(f"MNIST files in {folder}: images {images.shape}, labels {labels.shape}")
+    images, labels = read_idx_pair(
+        os.path.join(folder, "t10k-images-idx3-ubyte.gz"),
+        os.path.join(folder, "t10k-labels-idx1-ubyte.gz"),
+    )
     images = images.astype(np.uint8)[:, None]
     if pad_to is not None:
         extra = pad_to - images.shape[-1]

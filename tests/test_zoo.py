@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from flowdistill.models import MODELS, create_model, list_models
+from flowdistill.models import MODELS, create_model, feature_stages, list_models
 from flowdistill.models.cifar import VGG, CifarResNet, WideResNet
 from flowdistill.models.mobile import channel_shuffle
 from flowdistill.taps import FeatureTaps
@@ -126,3 +126,90 @@ def test_channel_shuffle_interleaves_groups() -> None:
 def test_invalid_depth_is_rejected(build) -> None:
     with pytest.raises(ValueError, match="depth"):
         build()
+
+
+# ------------------------------------------------------------------- declared stages of any model
+class _TimmStyleNet(torch.nn.Module):
+    """A stand-in written to timm's documented convention: a ``feature_info`` *list* of
+    ``{"module", "num_chs", "reduction"}`` entries, set in ``__init__``."""
+
+    def __init__(self, width: int = 8, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.stages = torch.nn.Sequential(
+            torch.nn.Conv2d(width, width, 3, padding=1),
+            torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+        )
+        self.head = torch.nn.Linear(2 * width, num_classes)
+        self.feature_info = [
+            {"module": "stem", "num_chs": width, "reduction": 2},
+            {"module": "stages.1", "num_chs": 2 * width, "reduction": 4},
+        ]
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+
+def _check_stages_probe(model, size):
+    stages = feature_stages(model)
+    taps = FeatureTaps(model, [s["name"] for s in stages])
+    shapes = taps.probe(torch.randn(2, 3, size, size))
+    taps.remove()
+    for stage in stages:
+        side = size // stage["stride"]
+        assert shapes[stage["name"]] == (stage["channels"], side, side), stage
+    return stages
+
+
+def test_feature_stages_of_zoo_and_timm_style_models():
+    import flowdistill
+
+    zoo = create_model("resnet8", num_classes=5)
+    assert feature_stages(zoo) == zoo.feature_info()
+    teacher, student = _TimmStyleNet(16), _TimmStyleNet(4)
+    stages = _check_stages_probe(student, 16)
+    assert stages == [
+        {"name": "stem", "channels": 4, "stride": 2},
+        {"name": "stages.1", "channels": 8, "stride": 4},
+    ]
+    # the declared stages serve as taps of a feature method, which trains a step
+    deepest = lambda m: [feature_stages(m)[-1]["name"]]  # noqa: E731
+    x = torch.randn(4, 3, 16, 16)
+    d = flowdistill.make_distiller(
+        "flowdistill", teacher, student, example_input=x,
+        student_taps=deepest(student), teacher_taps=deepest(teacher),
+    )  # fmt: skip
+    assert d.student_shapes["stages.1"] == (8, 4, 4) and d.teacher_shapes["stages.1"] == (32, 4, 4)
+    out = d(x, torch.tensor([0, 1, 2, 3]))
+    out["loss"].backward()
+    assert "feature" in out and student.stem.weight.grad.abs().sum() > 0
+
+
+def test_feature_stages_refuses_a_model_without_them():
+    from flowdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Linear declares no feature stages"):
+        feature_stages(torch.nn.Linear(2, 2))
+    bad = _TimmStyleNet()
+    bad.feature_info = [{"module": "stem", "num_chs": 8}]
+    with pytest.raises(ConfigError, match=r"without \['reduction'\]"):
+        feature_stages(bad)
+
+
+def test_timm_models_as_teacher_and_student():
+    """timm models built through a config's factory path, their declared stages as taps."""
+    pytest.importorskip("timm")
+    import flowdistill
+    from flowdistill.models import build_model
+
+    teacher = build_model("timm:create_model", model_name="resnet18", num_classes=10)
+    student = build_model("timm:create_model", model_name="resnet10t", num_classes=10)
+    t_stages, s_stages = _check_stages_probe(teacher, 64), _check_stages_probe(student, 64)
+    x = torch.randn(2, 3, 64, 64)
+    d = flowdistill.make_distiller(
+        "flowdistill", teacher, student, example_input=x,
+        student_taps=[s_stages[-1]["name"]], teacher_taps=[t_stages[-1]["name"]],
+    )  # fmt: skip
+    out = d(x, torch.tensor([1, 2]))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and "feature" in out

@@ -205,15 +205,19 @@ register_suite(
     )
 )
 
-register_suite(
-    Suite(
-        name="cifar10-cpu",
-        description="CIFAR-10 (JPEG-decoded copy): a stratified 20,000-image training subset, "
-        "5,000 validation images, the full 10,000-image test split; CNN teacher (94.8k "
-        "params) → CNN student (6.4k params); sized for 2 CPU cores",
-        load_data=_cifar10_cpu,
-        teacher=ModelConfig("small_cnn", kwargs={"widths": [32, 64, 128]}),
-        student=ModelConfig("small_cnn", kwargs={"widths": [8, 16, 32]}),
+
+def _cpu_cnn_suite(
+    name: str, description: str, load_data: Callable[[], Splits], teacher: list, student: list
+) -> Suite:
+    """A CPU image suite: :class:`~flowdistill.models.small.SmallCNN` teacher and student of
+    the given stage widths, 15 teacher and 10 student epochs of SGD at lr 0.1 with a cosine
+    schedule, batch 128, the middle stage as the feature tap."""
+    return Suite(
+        name=name,
+        description=description,
+        load_data=load_data,
+        teacher=ModelConfig("small_cnn", kwargs={"widths": teacher}),
+        student=ModelConfig("small_cnn", kwargs={"widths": student}),
         teacher_optim=OptimConfig(lr=0.1, schedule="cosine"),
         teacher_epochs=15,
         optim=OptimConfig(lr=0.1, schedule="cosine"),
@@ -223,25 +227,29 @@ register_suite(
             "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
         },
     )
+
+
+register_suite(
+    _cpu_cnn_suite(
+        "cifar10-cpu",
+        "CIFAR-10 (JPEG-decoded copy): a stratified 20,000-image training subset, 5,000 "
+        "validation images, the full 10,000-image test split; CNN teacher (94.8k params) → "
+        "CNN student (6.4k params); sized for 2 CPU cores",
+        _cifar10_cpu,
+        teacher=[32, 64, 128],
+        student=[8, 16, 32],
+    )
 )
 
 register_suite(
-    Suite(
-        name="mnist-cpu",
-        description="MNIST's official 10,000 test images (the training images are not at "
-        "hand), cut 60/20/20 into train/validation/test (stratified, seeded); CNN teacher "
-        "(24.1k params) → CNN student (1.0k params); sized for 2 CPU cores",
-        load_data=_mnist_cpu,
-        teacher=ModelConfig("small_cnn", kwargs={"widths": [16, 32, 64]}),
-        student=ModelConfig("small_cnn", kwargs={"widths": [4, 8, 8]}),
-        teacher_optim=OptimConfig(lr=0.1, schedule="cosine"),
-        teacher_epochs=15,
-        optim=OptimConfig(lr=0.1, schedule="cosine"),
-        epochs=10,
-        batch_size=128,
-        method_options={
-            "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
-        },
+    _cpu_cnn_suite(
+        "mnist-cpu",
+        "MNIST's official 10,000 test images (the training images are not at hand), cut "
+        "60/20/20 into train/validation/test (stratified, seeded); CNN teacher (24.1k "
+        "params) → CNN student (1.0k params); sized for 2 CPU cores",
+        _mnist_cpu,
+        teacher=[16, 32, 64],
+        student=[4, 8, 8],
     )
 )
 

@@ -116,6 +116,26 @@ def test_sp_pinned():
     close(losses.sp(s, t), ((gt - gs) ** 2).sum() / b**2)
 
 
+def test_rkd_angles_with_equal_embeddings_and_their_gradient():
+    from flowdistill.losses.feature import _angles
+
+    # two equal rows (a vanishing difference, whose angles count as 0) and a far offset,
+    # against the loop oracle
+    s, t = rand(6, 40, seed=3) + 50.0, rand(6, 7, seed=4)
+    s[2] = s[0]
+    t[5] = t[1]
+    close(losses.rkd(s, t, 0.0, 1.0), np_rkd(s.numpy(), t.numpy(), 0.0, 1.0))
+
+    # the gradient against finite differences (float64)
+    weights = torch.randn(6, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = rand(6, 5, seed=5).double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda e: (_angles(e).view(6, 6, 6) * weights).sum(), (x,))
+    # where two embeddings coincide the gradient stays finite and of ordinary size
+    x = s.double().requires_grad_(True)
+    (_angles(x).view(6, 6, 6) * weights).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 1e3
+
+
 def test_rkd_pinned():
     s, t = rand(5, 3, seed=9), rand(5, 6, seed=10)
     close(losses.rkd(s, t), np_rkd(s.numpy(), t.numpy(), 25.0, 50.0))

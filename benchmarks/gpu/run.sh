@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu/run.sh            # results under $OUT (default runs/gpu)
 #
 # 1. the CUDA fast-path test (device-resident data, fused SGD, channels_last, event timing
-#    against the CPU loop);
+#    against the CPU loop), and the timm test (timm models as teacher and student through
+#    their declared stages; the machine's python has timm);
 # 2. step time against the compute floor for resnet32x4 -> resnet8x4 at batch 64, plain and
 #    with channels_last + torch.compile (benchmarks/gpu_speed.py), which also gives the
 #    wall time of the 240-epoch schedule at that speed;
@@ -32,6 +33,7 @@ PY
 if [ "$DEVICE" = cuda ]; then
   "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k cuda 2>&1 | tail -3
 fi
+"$PY" -m pytest -q -p no:cacheprovider tests/test_zoo.py -k timm -rs 2>&1 | tail -3
 "$PY" benchmarks/gpu_speed.py --suite "$SUITE" --methods "$METHODS" --steps "$STEPS" \
   --device "$DEVICE" ${BATCH:+--batch-size "$BATCH"} --out "$OUT/speed-plain.json"
 "$PY" benchmarks/gpu_speed.py --suite "$SUITE" --methods "$METHODS" --steps "$STEPS" \

@@ -345,3 +345,25 @@ def test_anchor_matches_the_adapter_output_itself(pair):
         flowdistill.make_distiller(
             "flowdistill", teacher, student, example_input=x, anchor_weight=-1.0, **TAPS
         )
+
+
+def test_endpoints_are_the_adapted_student_and_standardised_teacher_features(pair):
+    """``endpoints`` gives, per pair, the adapter output of the hooked student feature and
+    the teacher feature standardised with the batch's per-channel statistics (training
+    mode) as rows of positions, without gradients; the logits pair last."""
+    teacher, student, x = pair
+    feats = {}
+    student.stage2.register_forward_hook(lambda m, i, o: feats.__setitem__("s", o.detach()))
+    teacher.stage2.register_forward_hook(lambda m, i, o: feats.__setitem__("t", o.detach()))
+    d = flowdistill.make_distiller("flowdistill", teacher, student, example_input=x, **TAPS)
+    d.train()
+    context, pairs = d.endpoints(x)
+    assert [(k, s) for k, s, _, _ in pairs] == [("p0", "stage2"), ("p1", "logits")]
+    _, _, a, t = pairs[0]
+    rows = lambda m: m.flatten(2).transpose(1, 2)  # noqa: E731  (B, H*W, C)
+    torch.testing.assert_close(a, rows(d.adapters["p0"](feats["s"])))
+    mean = feats["t"].mean(dim=(0, 2, 3), keepdim=True)
+    var = feats["t"].var(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    torch.testing.assert_close(t, rows((feats["t"] - mean) / (var + 1e-5).sqrt()))
+    assert not a.requires_grad and not t.requires_grad and context.shape[0] == len(x)
+    torch.testing.assert_close(pairs[1][2], student(x))  # logits: the identity adapter

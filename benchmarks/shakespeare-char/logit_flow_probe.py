@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.steps):
         idx = torch.randint(0, len(data.train), (suite.batch_size,), generator=gen)
         x = data.train.x[idx]
-        with torch.no_grad():
-            t_out, s_out = d.teacher_forward(x), d.student_forward(x)
-        context = d._context(s_out)
-        pairs = d._endpoints(s_out, t_out)
+        context, pairs = d.endpoints(x)
         fm = sum(d._flow_matching(key, a.detach(), t, context) for key, _, a, t in pairs)
         opt.zero_grad()
         fm.backward()
@@ -79,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     bs = suite.batch_size
     for b in range(args.batches):
         x = data.val.x[b * bs : (b + 1) * bs]
-        with torch.no_grad():
-            t_out, s_out = d.teacher_forward(x), d.student_forward(x)
-            context = d._context(s_out)
-            pairs = d._endpoints(s_out, t_out)
+        context, pairs = d.endpoints(x)
         for key, s_name, a, t in pairs:
             if s_name != LOGITS:
                 with torch.no_grad():

@@ -435,6 +435,14 @@ class FlowDistill(Distiller):
             out.append((key, s_name, a, t))
         return out
 
+    @torch.no_grad()
+    def endpoints(self, inputs: Any) -> tuple[torch.Tensor | None, list]:
+        """The flow's context and, per distilled pair, ``(key, student tap, a, t)``: the
+        adapter output and the (standardised) teacher target for ``inputs``, without
+        gradients, in the module's current mode (for diagnostics and probes)."""
+        t_out, s_out = self.teacher_forward(inputs), self.student_forward(inputs)
+        return self._context(s_out), self._endpoints(s_out, t_out)
+
     def _match(self, is_logits: bool, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not is_logits:
             return F.mse_loss(pred, target)
@@ -521,10 +529,7 @@ class FlowDistill(Distiller):
 
     def _diagnose(self, x: torch.Tensor) -> dict[str, float]:
         out: dict[str, float] = {}
-        with torch.no_grad():
-            t_out, s_out = self.teacher_forward(x), self.student_forward(x)
-            context = self._context(s_out)
-            pairs = self._endpoints(s_out, t_out)
+        context, pairs = self.endpoints(x)
         for key, s_name, a, t in pairs:
             name = "logits" if s_name == LOGITS else s_name
             ctx = self._context_for(a, context)

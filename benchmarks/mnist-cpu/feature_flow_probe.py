@@ -4,13 +4,13 @@
         --out benchmarks/mnist-cpu/feature_flow_probe.json
 
 The flow is fitted by flow matching on *paired* endpoints (adapter output ``a``, teacher
-feature ``t``), so at its optimum it transports ``a`` to an estimate of ``E[t | a]``; the
-student, trained through the frozen flow on ``||Phi(a) - t||²``, then receives a gradient
-``J^T (Phi(a) - t)`` whose mean over the teachers that share an ``a`` is zero: the more
-accurate the flow, the less the term pulls the student's feature toward the teacher's.
-This probe loads the last-epoch distiller of each seed of the bench (``--runs``, weights
-kept by the bench beside each run) and, on the validation split (never the test split),
-compares per batch for the feature pair:
+feature ``t``). At that fit's optimum it would transport ``a`` to an estimate of
+``E[t | a]``, and a student trained through the frozen flow on ``||Phi(a) - t||²`` would
+receive a gradient ``J^T (Phi(a) - t)`` whose mean over the teachers sharing an ``a`` is
+zero. Whether the trained flows come near that is the question asked here. This probe
+loads the last-epoch distiller of each seed of the bench (``--runs``, weights kept by the
+bench beside each run) and, on the validation split (never the test split), compares per
+batch for the feature pair:
 
 - the matching error of the adapter output, ``mse(a, t)``, and of its transport,
   ``mse(Phi(a), t)``;
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mse_adapter": float(direct.detach()),
                     "mse_transported": float(through.detach()),
                     "grad_norm_ratio": float(g_flow.norm() / g_direct.norm().clamp_min(1e-12)),
-                    "grad_cosine": float(
-                        F.cosine_similarity(g_flow.flatten(), g_direct.flatten(), 0)
-                    ),
+                    "grad_cosine": float(F.cosine_similarity(g_flow, g_direct, 0)),
                 }
                 for k, v in found.items():
                     seed_rows.setdefault(k, []).append(v)

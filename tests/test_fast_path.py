@@ -10,13 +10,17 @@ import torch
 import flowdistill
 from flowdistill.config import OptimConfig, TrainConfig
 from flowdistill.data.datasets import Batches, Split
+from flowdistill.distillers import REGISTRY, VARIANTS, get_method
 from flowdistill.distillers.base import Distiller
 from flowdistill.engine import fit
 from flowdistill.engine.checkpoint import load_checkpoint
 from flowdistill.errors import ConfigError, NonFiniteLossError
+from flowdistill.models.gpt import GPT, GPTConfig
 from flowdistill.models.small import SmallCNN
 
 QUIET = {"progress": False}
+ALL_METHODS = sorted(REGISTRY) + sorted(VARIANTS)
+FEATURE_TAPS = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
 
 
 def _distiller(method, pair, **options):
@@ -209,3 +213,48 @@ def test_gpu_speed_script_writes_its_record(tmp_path):
     )
     assert "step_over_floor" not in rows["kd"]  # no GPU peak on a CPU
     assert record["provenance"]["config"]["device"] == "cpu"
+
+
+# ---------------------------------------------------------------------------- no host sync
+# A training step that reads a tensor's value (``.item()``, ``bool(t)``, a boolean-mask
+# index whose size depends on the data) makes the host wait for the GPU, and under
+# ``torch.compile`` it splits the graph. Dynamo reports each such read as a graph break, so
+# tracing a step on the CPU finds them without a GPU.
+def _graph_breaks(distiller, x, y):
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(distiller)(x, y)
+    torch._dynamo.reset()
+    return explained.graph_break_count, [
+        str(r.reason).split("\n")[0] for r in explained.break_reasons
+    ]
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_no_training_step_waits_for_the_device(name, pair):
+    options = FEATURE_TAPS if get_method(name).needs_shapes else {}
+    distiller = _distiller(name, pair, **options)
+    distiller.on_fit_start(16)
+    distiller.on_epoch_start(0, 4)  # mid-schedule: ramps and warm-ups are partial
+    distiller.batch_index = torch.tensor([3, 0, 7, 12])
+    distiller.train()
+    count, reasons = _graph_breaks(distiller, pair[2], torch.tensor([0, 1, 2, 3]))
+    assert count == 0, reasons
+
+
+@pytest.mark.parametrize("name", ["kd", "reverse_kl", "skew_kl", "taid", "fmkt", "flowdistill"])
+def test_no_language_model_step_waits_for_the_device(name):
+    torch.manual_seed(0)
+    config = {"n_head": 2, "vocab_size": 11, "block_size": 8}
+    teacher = GPT(GPTConfig(n_layer=2, n_embd=16, **config))
+    student = GPT(GPTConfig(n_layer=1, n_embd=8, **config))
+    tokens = torch.randint(0, 11, (2, 8))
+    targets = torch.randint(0, 11, (2, 8))
+    targets[1, 5:] = -100  # padding
+    options = {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
+    options = options if get_method(name).needs_shapes else {}
+    distiller = flowdistill.make_distiller(name, teacher, student, example_input=tokens, **options)
+    distiller.on_fit_start(16)
+    distiller.on_epoch_start(0, 4)
+    distiller.train()
+    count, reasons = _graph_breaks(distiller, tokens, targets)
+    assert count == 0, reasons

@@ -155,13 +155,12 @@ class Distiller(nn.Module):
 
     @staticmethod
     def token_mask(targets: torch.Tensor) -> torch.Tensor | None:
-        """``targets != -100`` (the positions that count) for token targets ``(B, T)``, or
-        ``None`` when all count. Class labels ``(B,)`` have no padding: ``None`` at once,
-        without reading the labels (no wait for the device in a training step)."""
+        """``targets != -100`` (the positions that count) for token targets ``(B, T)``;
+        ``None`` for class labels ``(B,)``, which have no padding. Computed on the targets'
+        device and never read back: a training step does not wait for the device."""
         if targets.ndim < 2:
             return None
-        mask = targets != IGNORE_INDEX
-        return None if bool(mask.all()) else mask
+        return targets != IGNORE_INDEX
 
     @torch.no_grad()
     def predict(self, inputs: Any) -> torch.Tensor:

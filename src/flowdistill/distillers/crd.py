@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from .._values import check_index_range
 from ..errors import ConfigError
 from .fitnet import FeatureDistiller
 from .registry import register
@@ -89,6 +90,9 @@ class CRD(FeatureDistiller):
         self.register_buffer("memory_student", None)
         self.register_buffer("memory_teacher", None)
         self.register_buffer("normalizer", None)
+        # whether ``normalizer`` holds Z: known on the host, so that a step never reads the
+        # buffer from the device; None after loading a state dict, read once then
+        self._z_set: bool | None = False
 
     @property
     def num_negatives(self) -> int:
@@ -110,6 +114,7 @@ class CRD(FeatureDistiller):
         self.memory_student = torch.rand(shape, device=device).mul_(2 * stdv).sub_(stdv)
         self.memory_teacher = torch.rand(shape, device=device).mul_(2 * stdv).sub_(stdv)
         self.normalizer = torch.full((2,), -1.0, device=device)
+        self._z_set = False
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint's memory sizes the bank when on_fit_start was not called first
@@ -120,6 +125,7 @@ class CRD(FeatureDistiller):
                 if name == "memory_student":
                     self.num_data = state_dict[key].shape[0]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._z_set = None
 
     def _indices(self, batch: int) -> torch.Tensor:
         if self.memory_student is None:
@@ -138,11 +144,13 @@ class CRD(FeatureDistiller):
             raise ConfigError(
                 f"crd: batch_index holds {idx.numel()} indices for a batch of {batch} samples"
             )
-        if int(idx.min()) < 0 or int(idx.max()) >= self.num_data:
+        try:
+            check_index_range(idx, self.num_data, "")
+        except ValueError:
             raise ConfigError(
                 f"crd: batch_index must lie in [0, {self.num_data}), the training set size "
                 "given to on_fit_start"
-            )
+            ) from None
         return idx
 
     def sample_keys(self, idx: torch.Tensor) -> torch.Tensor:
@@ -172,9 +180,12 @@ class CRD(FeatureDistiller):
             idx = self._indices(v_s.shape[0])
             keys = self.sample_keys(idx)
             m_t, m_s, n = self.memory_teacher, self.memory_student, self.num_data
-            if self.normalizer[0] < 0:
+            if self._z_set is None:  # a loaded state: read once whether it holds Z
+                self._z_set = bool(self.normalizer[0] >= 0)
+            if not self._z_set:  # the authors' code: Z estimated on the first batch, kept
                 self.normalizer[0] = losses.crd_normalizer(v_s, m_t[keys], n, self.nce_t)
                 self.normalizer[1] = losses.crd_normalizer(v_t, m_s[keys], n, self.nce_t)
+                self._z_set = True
             z_s, z_t = self.normalizer.clone().unbind()
             loss = losses.crd_nce_bank(v_s, m_t, keys, n, self.nce_t, z_s) + losses.crd_nce_bank(
                 v_t, m_s, keys, n, self.nce_t, z_t

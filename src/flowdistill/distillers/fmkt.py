@@ -279,7 +279,9 @@ def draw_steps(choices: tuple[int, ...]) -> int:
 
 class _StepStats:
     """Per-epoch means of the drawn step counts and of the ensemble spread (the standard
-    deviation of the step predictions across the steps, averaged over elements)."""
+    deviation of the step predictions across the steps, averaged over elements). The spread
+    is summed on the predictions' device and read once, in :meth:`as_dict`: a training step
+    never waits for the device."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -293,14 +295,14 @@ class _StepStats:
         self.n += 1
         self.steps += len(preds)
         if len(preds) > 1:
-            self.spread += float(torch.stack(preds).float().std(0, correction=0).mean())
+            self.spread = self.spread + torch.stack(preds).float().std(0, correction=0).mean()
 
     def as_dict(self) -> dict[str, float]:
         if not self.n:
             return {}
         return {
             f"{self.prefix}_steps": self.steps / self.n,
-            f"{self.prefix}_spread": self.spread / self.n,
+            f"{self.prefix}_spread": float(self.spread) / self.n,
         }
 
 

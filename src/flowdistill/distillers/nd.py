@@ -227,15 +227,20 @@ class ND(Distiller):
 
     def class_means(self) -> torch.Tensor:
         """The ``(classes, dim)`` class centres the ND loss uses now."""
-        if self.centers == "classifier" and not bool(self.class_fixed):
-            return self._teacher_classifier[0].weight.detach().float()
-        return self.class_sum / self.class_count.clamp_min(1.0)[:, None]
+        means = self.class_sum / self.class_count.clamp_min(1.0)[:, None]
+        if self.centers == "classifier":  # chosen on the device: no wait for it in a step
+            weight = self._teacher_classifier[0].weight.detach().float()
+            return torch.where(self.class_fixed.bool(), means, weight)
+        return means
 
     @torch.no_grad()
     def _accumulate(self, t_emb: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add the batch to the running class sums, unless the means were fixed (a factor
+        of 0 then, computed on the device rather than read from it)."""
         y = targets.reshape(-1).long()
-        self.class_sum.index_add_(0, y, t_emb.float())
-        self.class_count.index_add_(0, y, torch.ones_like(y, dtype=self.class_count.dtype))
+        live = 1.0 - self.class_fixed  # 0-d: 0 once set_class_means has fixed the centres
+        self.class_sum.index_add_(0, y, t_emb.float() * live)
+        self.class_count.index_add_(0, y, live.expand(y.shape[0]).to(self.class_count.dtype))
 
     # ------------------------------------------------------------------ schedule
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -251,7 +256,7 @@ class ND(Distiller):
         t_emb = self._capture["teacher"].take("teacher's classifier").detach()
         s_logits = self.student_forward(inputs)[LOGITS]
         s_emb = self.projector(self._capture["student"].take("student's classifier"))
-        if self.training and self.centers == "running" and not bool(self.class_fixed):
+        if self.training and self.centers == "running":
             self._accumulate(t_emb, targets)
         kd = losses.kd(s_logits, t_logits, self.temperature)
         nd = losses.nd(s_emb, t_emb, self.class_means(), targets)

@@ -92,24 +92,31 @@ class TAID(Distiller):
     @torch.no_grad()
     def update_t(self, loss: float | torch.Tensor, progress: float) -> float:
         """One step of the authors' adaptive update from this step's loss ``loss`` at run
-        fraction ``progress``; returns the new ``t``."""
-        loss = float(loss)
-        if math.isinf(float(self.prev_loss)):
-            self.prev_loss.fill_(loss)
-            return float(self.t)
-        relative = (float(self.prev_loss) - loss) / (float(self.prev_loss) + 1e-15)
-        momentum = self.beta * float(self.momentum) + (1.0 - self.beta) * relative
-        t = float(self.t)
+        fraction ``progress``; returns the new ``t`` (read from the device: a training step
+        calls :meth:`step_t`, which does not wait for it)."""
+        self.step_t(torch.as_tensor(loss, dtype=torch.float32, device=self.t.device), progress)
+        return float(self.t)
+
+    @torch.no_grad()
+    def step_t(self, loss: torch.Tensor, progress: float) -> None:
+        """:meth:`update_t` in tensor operations on the device, nothing read back: the first
+        step only records the loss; then the momentum of the relative loss change moves ``t``
+        up by ``alpha * sigmoid(momentum) * (1 - t)``, never below the linear schedule at
+        ``progress`` nor above ``t_end`` (or ``t`` follows the schedule, not adaptive)."""
+        loss = loss.detach().float().reshape(())
+        first = torch.isinf(self.prev_loss)
+        prev = torch.where(first, loss, self.prev_loss)
+        relative = (prev - loss) / (prev + 1e-15)
+        momentum = self.beta * self.momentum + (1.0 - self.beta) * relative
         target = self.t_start + (self.t_end - self.t_start) * min(max(progress, 0.0), 1.0)
         if self.adaptive:
-            step = self.alpha * (1.0 / (1.0 + math.exp(-momentum))) * (1.0 - t)
-            t = min(self.t_end, max(target, t + step))
+            step = self.alpha * torch.sigmoid(momentum) * (1.0 - self.t)
+            t = (self.t + step).clamp(min=target).clamp(max=self.t_end)
         else:
-            t = target
-        self.momentum.fill_(momentum)
-        self.t.fill_(t)
-        self.prev_loss.fill_(loss)
-        return t
+            t = torch.full_like(self.t, target)
+        self.momentum.copy_(torch.where(first, self.momentum, momentum))
+        self.t.copy_(torch.where(first, self.t, t))
+        self.prev_loss.copy_(loss)
 
     def diagnostics(self) -> dict[str, float]:
         return {"taid_t": float(self.t)}
@@ -118,17 +125,16 @@ class TAID(Distiller):
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_forward(inputs)[LOGITS]
         s_logits = self.student_forward(inputs)[LOGITS]
-        t = float(self.t)
-        s_rows, t_rows = s_logits, t_logits
-        mask = self.token_mask(targets)
-        if mask is not None:  # padding left out: the counted positions as rows
-            s_rows, t_rows = s_logits[mask], t_logits[mask]
-        kl = losses.taid(s_rows, t_rows, t)
+        t = self.t.clone()  # 0-d on the device; the schedule below updates the buffer
+        mask = self.token_mask(targets)  # padding left out (None for class labels)
+        kl = losses.taid(s_logits, t_logits, t, mask)
         if self.training:
             with torch.no_grad():
-                p_t = losses.taid_target(s_rows, t_rows, t)
-                entropy = -torch.xlogy(p_t, p_t).sum(dim=-1).mean()
-            self.update_t(kl.detach() + entropy, self.progress())
+                p_t = losses.taid_target(s_logits, t_logits, t).flatten(0, -2)
+                entropy = -torch.xlogy(p_t, p_t).sum(dim=-1)
+                entropy = entropy.mean() if mask is None else losses.masked_mean(
+                    entropy.view(mask.shape), mask)  # fmt: skip
+            self.step_t(kl.detach() + entropy, self.progress())
             self._seen += int(targets.shape[0])
         return self.total(
             {

@@ -324,11 +324,13 @@ class Dopri5(Solver):
         return x_new, ks[6], err
 
 
-def _check_times(t: Tensor) -> None:
+def _check_times(t: Tensor, values: bool = True) -> None:
     if not isinstance(t, Tensor):
         raise ValueError("t must be a 1-D tensor of times")
     if t.ndim != 1 or t.numel() == 0:
         raise ValueError(f"t must be a non-empty 1-D tensor, got shape {tuple(t.shape)}")
+    if not values:
+        return
     if not bool(torch.isfinite(t).all()):
         raise ValueError("t must be finite")
     if t.numel() > 1:
@@ -347,6 +349,7 @@ def odeint(
     options: dict[str, Any] | None = None,
     *,
     grad: bool = True,
+    check_times: bool = True,
 ) -> Tensor:
     """Solve ``dx/dt = func(t, x)`` from ``x(t[0]) = x0`` and return ``x`` at every ``t``.
 
@@ -360,6 +363,9 @@ def odeint(
         options: solver options, e.g. ``{"step_size": 0.1}``;
             ``{"backend": "torchdiffeq"}`` delegates the solve to torchdiffeq.
         grad: if ``False`` the solve runs under :func:`torch.no_grad`.
+        check_times: check that ``t`` is finite and strictly monotonic. Reading the values
+            of ``t`` waits for its device (and breaks a ``torch.compile`` graph), so a
+            training step that builds its own grid (``torch.linspace``) passes ``False``.
 
     Returns:
         Tensor of shape ``(len(t), *x0.shape)``.
@@ -370,7 +376,7 @@ def odeint(
     """
     if not isinstance(x0, Tensor) or not x0.is_floating_point():
         raise ValueError("x0 must be a floating-point tensor")
-    _check_times(t)
+    _check_times(t, values=check_times)
     options = dict(options or {})
     backend = options.pop("backend", "native")
     if backend not in ("native", "torchdiffeq"):

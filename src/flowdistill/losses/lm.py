@@ -6,9 +6,11 @@ positions are left out. Every loss is the mean over the counted tokens of a per-
 computed in float32 (or wider) whatever the logits' dtype, so that it is exact under bf16
 autocast.
 
-Memory: only the counted rows are gathered, and with ``chunk_size`` the rows are processed
-in chunks whose float32 softmaxes are recomputed in the backward pass instead of being kept
-(activation checkpointing), so the float32 copies alive at once are ``chunk_size x V``.
+The mask weighs the rows rather than selecting them, so that a training step never waits
+for the device to count the kept rows (and a compiled graph keeps static shapes). Memory:
+with ``chunk_size`` the rows are processed in chunks whose float32 softmaxes are recomputed
+in the backward pass instead of being kept (activation checkpointing), so the float32
+copies alive at once are ``chunk_size x V``.
 
 With :math:`p = \mathrm{softmax}(z_t / T)` (teacher) and :math:`q = \mathrm{softmax}(z_s / T)`
 (student):
@@ -58,8 +60,9 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
 
 def _rows(
     name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The counted rows ``(N, V)`` of both logits (teacher detached)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Both logits as rows ``(N, V)`` (teacher detached) and which rows count, ``(N,)``
+    booleans (``None``: all)."""
     if student.shape != teacher.shape:
         hint = " (teacher and student vocabularies differ)" if student.shape[:-1] == (
             teacher.shape[:-1]) else ""  # fmt: skip
@@ -68,38 +71,47 @@ def _rows(
             f"{tuple(teacher.shape)}{hint}"
         )
     s, t = student.flatten(0, -2), teacher.detach().flatten(0, -2)
-    if mask is not None:
-        if tuple(mask.shape) != tuple(student.shape[:-1]):
-            raise ShapeMismatchError(
-                f"{name}: mask {tuple(mask.shape)} must have the logits' leading shape "
-                f"{tuple(student.shape[:-1])}"
-            )
-        keep = mask.flatten().bool()
-        s, t = s[keep], t[keep]
-    return s, t
+    if mask is None:
+        return s, t, None
+    if tuple(mask.shape) != tuple(student.shape[:-1]):
+        raise ShapeMismatchError(
+            f"{name}: mask {tuple(mask.shape)} must have the logits' leading shape "
+            f"{tuple(student.shape[:-1])}"
+        )
+    return s, t, mask.flatten().bool()
 
 
 def _reduce(
     per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     s: torch.Tensor,
     t: torch.Tensor,
+    keep: torch.Tensor | None,
     chunk_size: int | None,
 ) -> torch.Tensor:
-    """Mean over rows of ``per_row(s_chunk, t_chunk)`` (a ``(n,)`` tensor per chunk)."""
+    """Mean of ``per_row(s_chunk, t_chunk)`` (a ``(n,)`` tensor per chunk) over the rows
+    that ``keep`` (0 when none is kept)."""
     n = s.shape[0]
+    dtype = torch.promote_types(s.dtype, torch.float32)
     if n == 0:
-        return s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
+        return s.new_zeros((), dtype=dtype)
+
+    def kept_sum(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        values = per_row(a, b)
+        return (values if k is None else torch.where(k, values, 0.0)).sum()
+
+    count = n if keep is None else keep.sum().clamp_min(1).to(dtype)
     if chunk_size is None or chunk_size >= n:
-        return per_row(s, t).sum() / n
-    total = s.new_zeros((), dtype=torch.promote_types(s.dtype, torch.float32))
+        return kept_sum(s, t, keep) / count
+    total = s.new_zeros((), dtype=dtype)
     for i in range(0, n, chunk_size):
         sc, tc = s[i : i + chunk_size], t[i : i + chunk_size]
+        kc = None if keep is None else keep[i : i + chunk_size]
         if sc.requires_grad:
-            part = checkpoint(lambda a, b: per_row(a, b).sum(), sc, tc, use_reentrant=False)
+            part = checkpoint(kept_sum, sc, tc, kc, use_reentrant=False)
         else:
-            part = per_row(sc, tc).sum()
+            part = kept_sum(sc, tc, kc)
         total = total + part
-    return total / n
+    return total / count
 
 
 def _log_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -129,12 +141,12 @@ def forward_kl(
 ) -> torch.Tensor:
     r""":math:`T^2\,\mathrm{KL}(p_{teacher} \| q_{student})` per token, mean over the mask."""
     _check("forward_kl", temperature)
-    s, t = _rows("forward_kl", student_logits, teacher_logits, mask)
+    s, t, keep = _rows("forward_kl", student_logits, teacher_logits, mask)
 
     def per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _kl(_log_probs(b, temperature), _log_probs(a, temperature))
 
-    return _reduce(per_row, s, t, chunk_size) * temperature**2
+    return _reduce(per_row, s, t, keep, chunk_size) * temperature**2
 
 
 def reverse_kl(
@@ -146,12 +158,12 @@ def reverse_kl(
 ) -> torch.Tensor:
     r""":math:`T^2\,\mathrm{KL}(q_{student} \| p_{teacher})` per token, mean over the mask."""
     _check("reverse_kl", temperature)
-    s, t = _rows("reverse_kl", student_logits, teacher_logits, mask)
+    s, t, keep = _rows("reverse_kl", student_logits, teacher_logits, mask)
 
     def per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _kl(_log_probs(a, temperature), _log_probs(b, temperature))
 
-    return _reduce(per_row, s, t, chunk_size) * temperature**2
+    return _reduce(per_row, s, t, keep, chunk_size) * temperature**2
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -174,13 +186,13 @@ def skew_forward_kl(
     r"""Skew KL :math:`\mathrm{KL}(p \| \alpha p + (1 - \alpha) q)` (DistiLLM); ``alpha=0``
     is the forward KL. Mean over the mask."""
     _check("skew_forward_kl", temperature, alpha=alpha)
-    s, t = _rows("skew_forward_kl", student_logits, teacher_logits, mask)
+    s, t, keep = _rows("skew_forward_kl", student_logits, teacher_logits, mask)
 
     def per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         log_p, log_q = _log_probs(b, temperature), _log_probs(a, temperature)
         return _kl(log_p, _log_mix(log_p, log_q, alpha))
 
-    return _reduce(per_row, s, t, chunk_size) * temperature**2
+    return _reduce(per_row, s, t, keep, chunk_size) * temperature**2
 
 
 def skew_reverse_kl(
@@ -194,13 +206,13 @@ def skew_reverse_kl(
     r"""Skew reverse KL :math:`\mathrm{KL}(q \| \alpha q + (1 - \alpha) p)` (DistiLLM);
     ``alpha=0`` is the reverse KL. Mean over the mask."""
     _check("skew_reverse_kl", temperature, alpha=alpha)
-    s, t = _rows("skew_reverse_kl", student_logits, teacher_logits, mask)
+    s, t, keep = _rows("skew_reverse_kl", student_logits, teacher_logits, mask)
 
     def per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         log_p, log_q = _log_probs(b, temperature), _log_probs(a, temperature)
         return _kl(log_q, _log_mix(log_q, log_p, alpha))
 
-    return _reduce(per_row, s, t, chunk_size) * temperature**2
+    return _reduce(per_row, s, t, keep, chunk_size) * temperature**2
 
 
 def jensen_shannon(
@@ -215,14 +227,14 @@ def jensen_shannon(
     :math:`\beta\,\mathrm{KL}(p \| m) + (1-\beta)\,\mathrm{KL}(q \| m)`,
     :math:`m = \beta p + (1 - \beta) q` (symmetric at ``beta=0.5``). Mean over the mask."""
     _check("jensen_shannon", temperature, beta=beta)
-    s, t = _rows("jensen_shannon", student_logits, teacher_logits, mask)
+    s, t, keep = _rows("jensen_shannon", student_logits, teacher_logits, mask)
 
     def per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         log_p, log_q = _log_probs(b, temperature), _log_probs(a, temperature)
         log_m = _log_mix(log_p, log_q, beta)
         return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
-    return _reduce(per_row, s, t, chunk_size) * temperature**2
+    return _reduce(per_row, s, t, keep, chunk_size) * temperature**2
 
 
 def token_cross_entropy(

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._values import check_index_range, values_readable
 from ..errors import ShapeMismatchError
+from .lm import masked_mean
 
 __all__ = ["dist", "dkd", "kd", "ls", "standardize_logits", "taid", "taid_target"]
 
@@ -73,8 +75,7 @@ def _targets(name: str, target: torch.Tensor, logits: torch.Tensor) -> torch.Ten
         )
     y = target.reshape(-1).long()
     classes = logits.shape[-1]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ValueError(f"{name}: target class indices must lie in [0, {classes})")
+    check_index_range(y, classes, f"{name}: target class indices must lie in [0, {classes})")
     return y
 
 
@@ -118,9 +119,9 @@ def dkd(
     if classes < 2:
         raise ShapeMismatchError(f"dkd: needs at least 2 classes, got {classes}")
     s, t = s / temperature, t / temperature
-    gt = F.one_hot(y, classes).bool()
-    s_other = s[~gt].view(n, classes - 1)
-    t_other = t[~gt].view(n, classes - 1)
+    others = torch.arange(classes - 1, device=y.device)[None, :]  # (1, C-1)
+    others = others + (others >= y[:, None]).long()  # (N, C-1): every class but y
+    s_other, t_other = s.gather(1, others), t.gather(1, others)
     lse_s, lse_t = torch.logsumexp(s, dim=-1), torch.logsumexp(t, dim=-1)
     log_b_s = torch.stack(
         [s.gather(1, y[:, None])[:, 0] - lse_s, torch.logsumexp(s_other, dim=-1) - lse_s], -1
@@ -213,6 +214,8 @@ def ls(
 
 # ---------------------------------------------------------------------------- TAID
 def _check_t(name: str, t: float | torch.Tensor) -> None:
+    if isinstance(t, torch.Tensor) and not values_readable(t):
+        return  # not read from a device (see flowdistill._values)
     value = float(t)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name}: the interpolation parameter t must lie in [0, 1], got {value}")
@@ -236,6 +239,7 @@ def taid(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     t: float | torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Temporally adaptive interpolated distillation (Shing et al., "TAID: Temporally
     Adaptive Interpolated Distillation for Efficient Knowledge Transfer in Language
@@ -244,7 +248,8 @@ def taid(
     .. math:: \mathcal{L} = \mathrm{KL}\big(p_t \,\|\, \mathrm{softmax}(z_s)\big), \qquad
               p_t = \mathrm{softmax}\big((1 - t)\,\mathrm{sg}(z_s) + t\,z_t\big)
 
-    (:func:`taid_target`), averaged over every position; no temperature. At ``t = 1`` this
+    (:func:`taid_target`), averaged over every position (or over those where ``mask``, of
+    the logits' leading shape, is true); no temperature. At ``t = 1`` this
     is the forward KL to the teacher, at ``t = 0`` it is zero. The authors' code reports
     the cross-entropy :math:`-\sum p_t \log q_s`, which differs by the entropy of
     :math:`p_t` (constant for the student's gradient). The schedule of ``t`` lives in the
@@ -254,4 +259,4 @@ def taid(
     s, _ = _rows("taid", student_logits, teacher_logits)
     log_q = F.log_softmax(s, dim=-1)
     kl = (torch.xlogy(p_t, p_t) - p_t * log_q).sum(dim=-1)
-    return kl.mean()
+    return kl.mean() if mask is None else masked_mean(kl.view(mask.shape), mask)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._values import check_index_range
 from ..errors import ShapeMismatchError
 from .logit import _rows, _targets
 
@@ -56,8 +57,8 @@ def nd(
             f"{tuple(target.shape)}"
         )
     y = target.long()
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= class_means.shape[0]):
-        raise ValueError(f"nd: target class indices must lie in [0, {class_means.shape[0]})")
+    classes = class_means.shape[0]
+    check_index_range(y, classes, f"nd: target class indices must lie in [0, {classes})")
     e = F.normalize(class_means.to(dtype)[y], dim=1, eps=1e-12)
     max_norm = torch.maximum(s.norm(dim=1), t.norm(dim=1)).clamp_min(1e-12)
     return (1.0 - (s * e).sum(dim=1) / max_norm).mean()

@@ -78,3 +78,16 @@ def test_load_model_weights_checks_fit(tmp_path):
     assert torch.equal(other.weight, model.weight)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_model_weights(torch.nn.Linear(2, 3, bias=False), tmp_path / "m.safetensors")
+
+
+def test_written_files_follow_the_umask_like_open(tmp_path):
+    """Atomic writes go through a private temporary file; the result has the mode a plain
+    open() would give it, so that others the umask allows can read a run's records."""
+    import os
+
+    from flowdistill.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    (tmp_path / "b.json").write_text("{}")
+    mode = lambda name: os.stat(tmp_path / name).st_mode & 0o777  # noqa: E731
+    assert mode("a.json") == mode("b.json")

@@ -16,7 +16,8 @@ def test_methods_lists_name_then_description(capsys):
     assert [line.split()[0] for line in lines] == sorted(REGISTRY) + sorted(VARIANTS)
     for line in lines[: len(REGISTRY)]:
         name, description = line.split(maxsplit=1)
-        assert description == REGISTRY[name].__doc__.strip().splitlines()[0]
+        first_line = REGISTRY[name].__doc__.strip().splitlines()[0]
+        assert description.startswith(first_line) and description.endswith(".")  # a sentence
 
 
 def test_python_dash_m_entry_point():
@@ -321,3 +322,26 @@ def test_bench_set_refuses_an_option_a_variant_fixes(tmp_path, capsys):
     assert "fixes flow=False" in capsys.readouterr().err
     assert main(["bench", "--suite", "nf-digits", "--set", "all_kd.synth=1"]) == 2
     assert "--set is for classification and language-model suites" in capsys.readouterr().err
+
+
+def test_table_refuses_folders_lists_and_unwritable_outputs(tmp_path, capsys):
+    assert main(["table", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    listed = tmp_path / "list.json"
+    listed.write_text("[]")
+    assert main(["table", str(listed)]) == 2
+    assert "not a mapping" in capsys.readouterr().err
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert main(["table", str(binary)]) == 2
+    assert "is not a flowdistill bench results.json" in capsys.readouterr().err
+
+
+def test_zoo_models_get_the_data_arguments_they_take():
+    """The CLI and the bench give a zoo model the data's classes, and input channels only
+    to the models that take them (the CIFAR zoo reads RGB images alone)."""
+    from flowdistill.models import data_kwargs
+
+    assert data_kwargs("resnet8", 10, 3) == {"num_classes": 10}
+    assert data_kwargs("small_cnn", 4, 1) == {"num_classes": 4, "in_channels": 1}
+    assert data_kwargs("mypkg.nets:make", 4, 1) == {}

@@ -58,3 +58,48 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_overrides_create_nested_keys():
     assert apply_overrides({}, ["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_numbers_in_exponent_form_and_device_names():
+    """YAML 1.1 reads 1e-3 (no dot) as a string: a float field takes it as the number."""
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+    assert load_config({"optim": {"weight_decay": "5e-4"}}).optim.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match="optim.lr must be positive and finite"):
+        load_config(None, ["optim.lr=.inf"])
+    assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
+    for bad in ("cpux", "cuda:abc"):
+        with pytest.raises(ConfigError, match="train.device must be"):
+            load_config(None, [f"train.device={bad}"])
+
+
+def test_a_config_that_is_not_utf8_or_is_a_folder(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("method: kd # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_method_options_are_checked_against_their_types():
+    import flowdistill
+    from flowdistill.models.small import SmallCNN
+
+    teacher, student = SmallCNN(1, 4, (8, 8, 16)), SmallCNN(1, 4, (4, 4, 8))
+    with pytest.raises(ConfigError, match="'kd.temperature' must be a number, got 'abc'"):
+        flowdistill.make_distiller("kd", teacher, student, temperature="abc")
+    assert flowdistill.make_distiller("kd", teacher, student, temperature="5e-1").temperature == 0.5
+    with pytest.raises(ConfigError, match="'dkd.warmup_epochs'"):
+        flowdistill.make_distiller("dkd", teacher, student, warmup_epochs=[1])
+
+
+def test_a_step_schedule_needs_milestones_and_options_get_a_did_you_mean():
+    import flowdistill
+    from flowdistill.models.small import SmallCNN
+
+    with pytest.raises(ConfigError, match="needs optim.milestones"):
+        load_config(None, ["optim.schedule=step"])
+    teacher, student = SmallCNN(1, 4, (8, 8, 16)), SmallCNN(1, 4, (4, 4, 8))
+    with pytest.raises(ConfigError, match="did you mean 'temperature'") as err:
+        flowdistill.make_distiller("kd", teacher, student, tempreature=2.0)
+    assert "example_input" not in str(err.value)

@@ -42,7 +42,7 @@ def test_mismatched_classes_are_reported(pair):
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_trains_one_step(name, pair):
     teacher, student, x = pair
-    options = FEATURE_TAPS if get_method(name).needs_shapes else {}
+    options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     distiller.on_fit_start(16)
     distiller.batch_index = torch.tensor([3, 0, 7, 12])
@@ -104,7 +104,7 @@ def test_distiller_in_a_users_own_loop(pair):
 def test_every_method_fits_checkpoints_and_resumes(name, pair, tiny_data, tmp_path):
     """The engine drives every method: an epoch, a checkpoint, and an exact resume."""
     teacher, student, x = pair
-    options = FEATURE_TAPS if get_method(name).needs_shapes else {}
+    options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     quiet = {"progress": False, "deterministic": True}
     optim = flowdistill.OptimConfig(lr=0.02)
@@ -143,3 +143,46 @@ def test_variants_preset_options_and_explicit_options_win(pair):
     assert d.use_flow
     with pytest.raises(UnknownMethodError, match="flowdistill-noinv"):
         flowdistill.make_distiller("flowdistill-noin", teacher, student)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not get_method(n).uses_feature_taps])
+def test_a_method_without_feature_taps_refuses_them(name, pair):
+    """Taps a method would ignore are an error, not a silent no-op."""
+    teacher, student, x = pair
+    with pytest.raises(ConfigError, match=rf"{name!r} does not distil features.*'stage2'"):
+        flowdistill.make_distiller(name, teacher, student, example_input=x, **FEATURE_TAPS)
+
+
+def test_fm_kt_names_its_own_feature_option(pair):
+    teacher, student, x = pair
+    with pytest.raises(ConfigError, match="tap=<student module>"):
+        flowdistill.make_distiller("fmkt", teacher, student, example_input=x, **FEATURE_TAPS)
+    d = flowdistill.make_distiller("fmkt", teacher, student, example_input=x, tap="stage2")
+    assert d.student_shapes["stage2"][0] == 4  # the tapped stage, 4 channels
+
+
+def test_teacher_and_student_sharing_parameters_are_refused(pair):
+    teacher, _, _ = pair
+    with pytest.raises(ConfigError, match="share the same module"):
+        flowdistill.make_distiller("kd", teacher, teacher)
+    student = SmallCNN(1, 4, (4, 4, 8))
+    student.stage1 = teacher.stage1  # a shared trunk would be frozen with the teacher
+    with pytest.raises(ConfigError, match=r"share \d+ parameters \(stage1\."):
+        flowdistill.make_distiller("kd", teacher, student)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_trains_a_float64_pair_in_float64(name):
+    torch.manual_seed(0)
+    teacher, student = SmallCNN(1, 4, (8, 8, 16)).double(), SmallCNN(1, 4, (4, 4, 8)).double()
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
+    d = flowdistill.make_distiller(name, teacher, student, example_input=x, **options).double()
+    d.on_fit_start(16)
+    d.batch_index = torch.tensor([3, 0, 7, 12])
+    d.train()
+    terms = d(x, torch.tensor([0, 1, 2, 3]))
+    assert terms["loss"].dtype == torch.float64
+    terms["loss"].backward()
+    assert d.eval().predict(x).dtype == torch.float64

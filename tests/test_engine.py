@@ -6,10 +6,17 @@ import torch
 
 import flowdistill
 from flowdistill.config import OptimConfig, TrainConfig
+from flowdistill.data.datasets import Split, Splits
 from flowdistill.distillers.base import Distiller
 from flowdistill.engine import fit, lr_factor
 from flowdistill.engine.checkpoint import load_checkpoint
-from flowdistill.errors import CheckpointError, NonFiniteLossError
+from flowdistill.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    ShapeMismatchError,
+)
 from flowdistill.models.small import SmallCNN
 
 QUIET = {"progress": False}
@@ -137,16 +144,17 @@ def test_existing_run_is_never_overwritten(tmp_path, pair, tiny_data):
 
 
 class _NaNAtEpoch(Distiller):
-    """Cross-entropy, then NaN from the second epoch on (for the test only)."""
+    """Cross-entropy, then NaN from epoch ``nan_epoch`` on (the second; for the test only)."""
 
     uses_teacher = False
+    nan_epoch = 1
 
     def on_epoch_start(self, epoch, epochs):
         self.epoch = epoch
 
     def forward(self, inputs, targets):
         ce = self.cross_entropy(self.student_forward(inputs)["logits"], targets)
-        return self.total({"ce": ce * (math.nan if self.epoch >= 1 else 1.0)})
+        return self.total({"ce": ce * (math.nan if self.epoch >= self.nan_epoch else 1.0)})
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data):
@@ -230,3 +238,114 @@ def test_augmentation_crops_and_flips_training_batches_only(tiny_data):
     )
     with pytest.raises(ConfigError, match="crops and flips images"):
         fit(flat, flat_data, OptimConfig(lr=0.01), train, batch_size=32)
+
+
+def test_non_finite_loss_at_the_first_epoch_says_there_is_no_checkpoint(tmp_path, tiny_data):
+    d = _NaNAtEpoch(None, _student())
+    d.nan_epoch = 0
+    with pytest.raises(NonFiniteLossError, match="no epoch had finished, so there is no"):
+        fit(d, tiny_data, train=TrainConfig(epochs=2, **QUIET), out_dir=tmp_path, batch_size=16)
+
+
+# ---------------------------------------------------------------------------- fit's inputs
+def _labels(data, y_train):
+    return Splits(Split(data.train.x, y_train), data.val, data.test, data.num_classes)
+
+
+def test_fit_refuses_what_it_cannot_train_on_with_a_named_error(pair, tiny_data):
+    d = flowdistill.make_distiller("kd", pair[0], _student())
+    loader = torch.utils.data.TensorDataset(tiny_data.train.x, tiny_data.train.y)
+    with pytest.raises(DataError, match="data must be a flowdistill.data.Splits.*TensorDataset"):
+        fit(d, loader, train=TrainConfig(epochs=1, **QUIET))
+    with pytest.raises(ConfigError, match="expected a distiller.*SmallCNN"):
+        fit(_student(), tiny_data, train=TrainConfig(epochs=1, **QUIET))
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer, got 0"):
+        fit(d, tiny_data, train=TrainConfig(epochs=1, **QUIET), batch_size=0)
+    y = tiny_data.train.y.clone()
+    with pytest.raises(DataError, match="data.train labels must be integer.*float32"):
+        fit(d, _labels(tiny_data, y.float()), train=TrainConfig(epochs=1, **QUIET))
+    y[5] = 4  # 4 classes: 0..3
+    with pytest.raises(DataError, match=r"data.train labels run from 0 to 4.*\[0, 4\)"):
+        fit(d, _labels(tiny_data, y), train=TrainConfig(epochs=1, **QUIET))
+    with pytest.raises(DataError, match="data.train has 96 inputs but 95 labels"):
+        fit(d, _labels(tiny_data, tiny_data.train.y[:95]), train=TrainConfig(epochs=1, **QUIET))
+    with pytest.raises(ConfigError, match="unknown key 'train.epoch'.*'train.epochs'"):
+        fit(d, tiny_data, train={"epoch": 1})
+    wide = flowdistill.make_distiller("kd", SmallCNN(1, 5, (8, 8, 16)), SmallCNN(1, 5, (4, 4, 8)),
+                                      example_input=tiny_data.train.x[:2])  # fmt: skip
+    with pytest.raises(ShapeMismatchError, match="predicts 5 classes but data.num_classes is 4"):
+        fit(wide, tiny_data, train=TrainConfig(epochs=1, **QUIET))
+
+
+def test_fit_takes_int32_labels_and_config_dicts(pair, tiny_data):
+    d = flowdistill.make_distiller("kd", pair[0], _student())
+    data = _labels(tiny_data, tiny_data.train.y.to(torch.int32))
+    result = fit(d, data, optim={"lr": 0.05}, train={"epochs": 1, "progress": False})
+    assert result.epochs == 1 and math.isfinite(result.test_acc_last)
+
+
+def test_a_nan_validation_loss_never_loses_the_run(tmp_path, pair, tiny_data):
+    """select_by='val_loss' with a validation loss that is NaN at every epoch: the first
+    epoch stands as the best-validation one, and the run's files are written."""
+    x = tiny_data.val.x.clone()
+    x[0] = float("nan")
+    data = Splits(tiny_data.train, Split(x, tiny_data.val.y), tiny_data.test, 4)
+    d = flowdistill.make_distiller("kd", pair[0], _student())
+    train = TrainConfig(epochs=2, select_by="val_loss", **QUIET)
+    result = fit(d, data, train=train, out_dir=tmp_path, batch_size=32)
+    assert result.best_val_epoch == 1 and math.isnan(result.best_val_loss)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "result.json").exists()
+
+
+def test_resume_refuses_another_method_architecture_or_fewer_epochs(tmp_path, pair, tiny_data):
+    teacher = pair[0]
+    fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data,
+        train=TrainConfig(epochs=2, **QUIET), out_dir=tmp_path, batch_size=32)  # fmt: skip
+    again = dict(out_dir=tmp_path, resume=True, batch_size=32)
+    with pytest.raises(CheckpointError, match="a run of method 'kd'.*as 'dkd'"):
+        fit(flowdistill.make_distiller("dkd", teacher, _student()), tiny_data,
+            train=TrainConfig(epochs=3, **QUIET), **again)  # fmt: skip
+    with pytest.raises(ConfigError, match="has 2 epochs done; train.epochs=1"):
+        fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data,
+            train=TrainConfig(epochs=1, **QUIET), **again)  # fmt: skip
+    wider = SmallCNN(1, 4, (4, 4, 16))
+    with pytest.raises(CheckpointError, match="does not fit this distiller"):
+        fit(flowdistill.make_distiller("kd", teacher, wider), tiny_data,
+            train=TrainConfig(epochs=3, **QUIET), **again)  # fmt: skip
+
+
+def test_a_bench_run_resumes_only_its_own_checkpoint(tmp_path, pair, tiny_data):
+    """fit's meta identifies a bench run: an unfinished checkpoint of another key is
+    refused, and so is a finished record without its checkpoint (it would be overwritten)."""
+    teacher = pair[0]
+    with pytest.raises(_Interrupted):
+        fit(_kd(pair, stop_at=1), tiny_data, train=TrainConfig(epochs=3, **QUIET),
+            out_dir=tmp_path / "a", batch_size=32, meta={"key_hash": "one"})  # fmt: skip
+    with pytest.raises(CheckpointError, match="another configuration \\(key_hash differs\\)"):
+        fit(_kd(pair), tiny_data, train=TrainConfig(epochs=3, **QUIET), out_dir=tmp_path / "a",
+            resume=True, batch_size=32, meta={"key_hash": "two"})  # fmt: skip
+    fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data,
+        train=TrainConfig(epochs=1, **QUIET), out_dir=tmp_path / "b", batch_size=32)  # fmt: skip
+    (tmp_path / "b" / "last.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="finished run \\(result.json\\) without its"):
+        fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data,
+            train=TrainConfig(epochs=1, **QUIET), out_dir=tmp_path / "b", resume=True)  # fmt: skip
+
+
+def test_an_out_dir_under_a_file_is_refused_before_training(tmp_path, pair, tiny_data):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        fit(flowdistill.make_distiller("kd", pair[0], _student()), tiny_data,
+            train=TrainConfig(epochs=1, **QUIET), out_dir=tmp_path / "file" / "run")  # fmt: skip
+
+
+def test_fit_gives_the_distiller_back_in_its_mode_and_the_teacher_stays_frozen(pair, tiny_data):
+    teacher = pair[0]
+    d = flowdistill.make_distiller("kd", teacher, _student()).eval()
+    fit(d, tiny_data, train=TrainConfig(epochs=1, **QUIET), batch_size=32)
+    assert not d.training and not d.student.training
+    stats = teacher.stage1[1].running_mean.clone()
+    d.train()
+    teacher.train()  # a caller's slip in their own loop: the BatchNorm statistics stay
+    d(tiny_data.train.x[:8], tiny_data.train.y[:8])["loss"].backward()
+    torch.testing.assert_close(teacher.stage1[1].running_mean, stats)

@@ -231,7 +231,7 @@ def _graph_breaks(distiller, x, y):
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_no_training_step_waits_for_the_device(name, pair):
-    options = FEATURE_TAPS if get_method(name).needs_shapes else {}
+    options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = _distiller(name, pair, **options)
     distiller.on_fit_start(16)
     distiller.on_epoch_start(0, 4)  # mid-schedule: ramps and warm-ups are partial
@@ -251,7 +251,7 @@ def test_no_language_model_step_waits_for_the_device(name):
     targets = torch.randint(0, 11, (2, 8))
     targets[1, 5:] = -100  # padding
     options = {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
-    options = options if get_method(name).needs_shapes else {}
+    options = options if get_method(name).uses_feature_taps else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=tokens, **options)
     distiller.on_fit_start(16)
     distiller.on_epoch_start(0, 4)

@@ -160,10 +160,12 @@ def test_taid_leaves_padding_out(lm):
 def test_feature_methods_on_hidden_states(method, lm):
     data, _, teacher, student = lm  # widths 32 (teacher) and 16 (student)
     x, y = data.train.x[:4], data.train.y[:4]
-    distiller = make_distiller(
-        method, teacher, student, example_input=x,
-        student_taps=["blocks.0"], teacher_taps=["blocks.1"],
-    )  # fmt: skip
+    taps = (
+        {"tap": "blocks.0", "teacher_tap": "blocks.1"}  # FM-KT takes one feature pair
+        if method == "fmkt"
+        else {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
+    )
+    distiller = make_distiller(method, teacher, student, example_input=x, **taps)
     assert distiller.student_shapes["blocks.0"] == (16, 16)
     assert distiller.teacher_shapes["blocks.1"] == (16, 32)
     terms = distiller(x, y)
@@ -363,10 +365,7 @@ def test_deployed_flow_modules_and_causality(method, options, causal, lm):
     attention encoder does not (which is why the shakespeare-char suite picks "mlp")."""
     data, _, teacher, student = lm
     x = data.train.x[:2]
-    distiller = make_distiller(
-        method, teacher, student, example_input=x, student_taps=["blocks.0"],
-        teacher_taps=["blocks.1"], **options,
-    ).eval()  # fmt: skip
+    distiller = make_distiller(method, teacher, student, example_input=x, **options).eval()
     with torch.no_grad():
         for net in distiller.parameters():  # zero-initialised last layers: move them
             net.add_(0.05 * torch.randn_like(net))

@@ -186,7 +186,7 @@ def test_taid_progress_follows_the_engine(pair, tiny_data):
 # ---------------------------------------------------------------------------- ND
 def test_nd_terms_embeddings_and_running_class_means(pair):
     teacher, student, x = pair
-    d = make("nd", teacher, student, x, student_taps=["stage2"], teacher_taps=["stage2"])
+    d = make("nd", teacher, student, x)
     assert isinstance(d.projector, nn.Module) and d.num_extra_params() > 0  # 8 -> 16 dims
     d.train()
     terms = d(x, Y)

@@ -115,3 +115,42 @@ def test_a_deep_copied_distiller_reads_its_own_features():
     mine, theirs = d.student_forward(x)["stage2"], twin.student_forward(x)["stage2"]
     assert torch.equal(theirs, twin.student.stage2(twin.student.stage1(x)))
     assert not torch.equal(mine, theirs)
+
+
+def test_a_tap_changed_in_place_later_is_refused_at_probe():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    x[0] = -10.0  # some pre-activations are negative, so the in-place ReLU changes them
+    with pytest.raises(TapError, match=r"'0'.*changed in place.*ReLU\(inplace=True\)"):
+        FeatureTaps(net, ["0"]).probe(x)
+    assert FeatureTaps(net, ["1"]).probe(x) == {"1": (8,)}  # the module that changes it
+
+
+def test_a_module_run_twice_per_forward_is_refused_at_probe():
+    act = nn.Tanh()
+    net = nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act)
+    with pytest.raises(TapError, match=r"'1'.*runs 2 times"):
+        FeatureTaps(net, ["1"]).probe(torch.randn(2, 4))
+
+
+def test_hooks_go_with_their_taps_when_a_model_outlives_them():
+    """A teacher reused for several distillers keeps no hook of a discarded one (which
+    would hold its last activation and run on every forward pass)."""
+    import gc
+
+    import flowdistill
+
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    for _ in range(3):
+        student = nn.Sequential(nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 3))
+        d = flowdistill.make_distiller(
+            "fitnet", teacher, student, example_input=torch.randn(2, 4),
+            student_taps=["1"], teacher_taps=["1"],
+        )  # fmt: skip
+        assert len(teacher[1]._forward_hooks) == 1
+        del d
+        gc.collect()
+        assert len(teacher[1]._forward_hooks) == 0
+    taps = FeatureTaps(teacher, ["1"])
+    teacher(torch.randn(2, 4))  # the model run on its own: the taps keep nothing
+    assert taps._store == {}

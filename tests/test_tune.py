@@ -42,7 +42,7 @@ def test_every_method_gets_the_same_grid_budget_of_buildable_points(name):
     x = torch.randn(4, 1, 8, 8)
     taps = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
     for point in points:
-        options = {**(taps if REGISTRY[resolve(name)[0]].needs_shapes else {}), **point}
+        options = {**(taps if REGISTRY[resolve(name)[0]].uses_feature_taps else {}), **point}
         distiller = make_distiller(name, teacher, student, example_input=x, **options)
         for key, value in point.items():  # the option reached the method
             held = getattr(distiller, key, None)
@@ -59,7 +59,7 @@ def _fingerprint(name: str, point: dict) -> torch.Tensor:
     student = build_model("digits_student", num_classes=10, in_channels=1)
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
     taps = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
-    options = {**(taps if REGISTRY[resolve(name)[0]].needs_shapes else {}), **point}
+    options = {**(taps if REGISTRY[resolve(name)[0]].uses_feature_taps else {}), **point}
     distiller = make_distiller(name, teacher, student, example_input=x[:4], **options)
     distiller.on_fit_start(8)
     distiller.batch_index = torch.arange(8)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flowdistill.bench import run_bench
-from flowdistill.errors import ConfigError, FlowdistillError
+from flowdistill.errors import ConfigError, DataError, FlowdistillError
 
 
 def _accuracies(results):
@@ -85,3 +85,32 @@ def test_a_failing_run_names_itself_and_the_others_are_kept(tmp_path, one_thread
 def test_workers_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="--workers must be >= 1"):
         run_bench("digits", methods=["kd"], seeds=1, workers=0, out=tmp_path)
+
+
+def test_workers_refuse_a_folder_of_another_configuration(tmp_path, one_thread):
+    """A finished run of other settings is never resumed as this one (its records kept)."""
+    kw = dict(seeds=1, progress=False, out=tmp_path / "b", cache=tmp_path / "cache",
+              log=lambda *_: None, teacher_epochs=1)  # fmt: skip
+    run_bench("digits", methods=["student"], epochs=1, **kw)
+    record = (tmp_path / "b" / "runs" / "student" / "seed0" / "result.json").read_text()
+    with pytest.raises(ConfigError, match="holds a run of another configuration"):
+        run_bench("digits", methods=["student"], epochs=2, workers=2, **kw)
+    assert (tmp_path / "b" / "runs" / "student" / "seed0" / "result.json").read_text() == record
+
+
+def test_a_damaged_run_record_is_named(tmp_path):
+    kw = dict(seeds=1, progress=False, out=tmp_path / "b", cache=tmp_path / "cache",
+              log=lambda *_: None, teacher_epochs=1, epochs=1)  # fmt: skip
+    run_bench("digits", methods=["student"], **kw)
+    record = tmp_path / "b" / "runs" / "student" / "seed0" / "result.json"
+    record.write_text("<<<<<<< HEAD\n")
+    with pytest.raises(DataError, match=r"result.json is damaged.*remove its run folder"):
+        run_bench("digits", methods=["student"], **kw)
+
+
+def test_a_method_named_twice_runs_once(tmp_path):
+    results = run_bench(
+        "digits", methods=["kd", "kd"], seeds=1, epochs=1, teacher_epochs=1, progress=False,
+        out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None,
+    )  # fmt: skip
+    assert [r["method"] for r in results["runs"]] == ["student", "kd"]

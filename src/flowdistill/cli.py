@@ -14,7 +14,9 @@ __all__ = ["main"]
 
 
 def _describe(cls) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0]
+    """The first paragraph of a method's docstring, on one line."""
+    first = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in first.splitlines())
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -27,21 +29,28 @@ def cmd_table(args: argparse.Namespace) -> int:
     parts = []
     for path in args.results:
         try:
-            parts.append(json.loads(open(path, encoding="utf-8").read()))
+            parts.append(json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError as err:
             raise DataError(f"no benchmark results at {path}") from err
-        except json.JSONDecodeError as err:
+        except IsADirectoryError as err:
+            raise DataError(f"{path} is a directory; give its results.json") from err
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"{path} is not a flowdistill bench results.json ({err})") from err
+        if not isinstance(parts[-1], dict):
+            raise DataError(f"{path} is not a flowdistill bench results.json (not a mapping)")
     try:
         results = parts[0] if len(parts) == 1 else merge_results(parts, list(args.results))
         table = (compact_table(results, timing=not args.no_timing) if args.compact
                  else markdown_table(results))  # fmt: skip
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise DataError(
             f"{' + '.join(args.results)} is not a flowdistill bench results.json ({err!r})"
         ) from err
     if args.merged_out:
-        Path(args.merged_out).write_text(json.dumps(results, indent=1) + "\n")
+        try:
+            Path(args.merged_out).write_text(json.dumps(results, indent=1) + "\n")
+        except OSError as err:
+            raise DataError(f"cannot write --merged-out {args.merged_out}: {err}") from err
     print(table, end="")
     return 0
 
@@ -136,7 +145,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     from .engine import fit
     from .engine.checkpoint import load_model_weights
     from .errors import ConfigError
-    from .models import build_model
+    from .models import build_model, data_kwargs
 
     cfg = load_config(args.config, args.overrides)
     d = cfg.data
@@ -155,10 +164,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         )
 
     def build(spec):
-        kwargs = dict(spec.kwargs)
-        if ":" not in spec.name:
-            kwargs.setdefault("num_classes", data.num_classes)
-            kwargs.setdefault("in_channels", data.input_shape[0])
+        kwargs = {**data_kwargs(spec.name, data.num_classes, data.input_shape[0]), **spec.kwargs}
         return build_model(spec.name, **kwargs)
 
     import torch

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,14 +100,19 @@ class OptimConfig:
             raise ConfigError(
                 f"optim.schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}"
             )
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"optim.lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf or not 0 <= self.momentum < 1:
             raise ConfigError("optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"optim.gamma must be in (0, 1], got {self.gamma}")
+        if self.schedule == "step" and not self.milestones:
+            raise ConfigError(
+                "optim.schedule='step' needs optim.milestones (the epochs where the rate "
+                "decays); without them the rate would stay constant"
+            )
 
 
 @dataclass
@@ -146,9 +153,9 @@ class TrainConfig:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.augment_padding < 0:
             raise ConfigError(f"train.augment_padding must be >= 0, got {self.augment_padding}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
+        if self.device != "auto" and not re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", self.device):
             raise ConfigError(
-                f"train.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}"
+                f"train.device must be 'auto', 'cpu', 'mps' or 'cuda[:i]', got {self.device!r}"
             )
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
@@ -230,6 +237,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key!r} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key!r} must be a number, got {value!r}")
         return float(value)
@@ -290,12 +302,16 @@ def load_config(
         values = source
     else:
         path = Path(source)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping at its top level")
     values = apply_overrides(values, list(overrides or []))

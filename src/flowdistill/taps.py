@@ -18,8 +18,10 @@ torch.Size([5, 8])
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -80,13 +82,28 @@ def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
 
 class _Capture:
     """The forward hook of one tap: an object, not a closure, so that ``copy.deepcopy`` of
-    a model together with its taps gives hooks that fill the *copied* taps."""
+    a model together with its taps gives hooks that fill the *copied* taps. It holds its
+    taps weakly: a model outliving its taps (a teacher reused for several distillers) keeps
+    no hook that stores activations, as the taps remove their hooks when collected."""
 
     def __init__(self, taps: FeatureTaps, name: str, index: int | None) -> None:
-        self.taps, self.name, self.index = taps, name, index
+        self.taps_ref, self.name, self.index = weakref.ref(taps), name, index
 
     def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self.taps._store[self.name] = first_tensor(output, self.index)
+        taps = self.taps_ref()
+        if taps is None or not taps._active:
+            return
+        value = first_tensor(output, self.index)
+        if taps._probing is not None:  # which taps ran, how often, at which tensor version
+            taps._probing.setdefault(self.name, []).append(value._version)
+        taps._store[self.name] = value
+
+    def __deepcopy__(self, memo: dict) -> _Capture:
+        taps = self.taps_ref()
+        new = copy.copy(self)
+        if taps is not None:  # the copied taps (the copied model's own, via the memo)
+            new.taps_ref = weakref.ref(copy.deepcopy(taps, memo))
+        return new
 
 
 class FeatureTaps:
@@ -103,6 +120,8 @@ class FeatureTaps:
         self.names = list(dict.fromkeys(names))
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._store: dict[str, torch.Tensor] = {}
+        self._probing: dict[str, list[int]] | None = None  # set during probe()
+        self._active = False  # whether a call of the taps is running the model
         self._handles = []
         for name in self.names:
             if name == LOGITS:
@@ -117,7 +136,11 @@ class FeatureTaps:
 
     def __call__(self, *inputs: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         self._store.clear()  # (one dict, filled in place: torch.compile traces the hooks)
-        output = self.model(*inputs, **kwargs)
+        self._active = True  # the model run by itself leaves nothing in the store
+        try:
+            output = self.model(*inputs, **kwargs)
+        finally:
+            self._active = False
         features = dict(self._store)
         if LOGITS in self.names:
             features[LOGITS] = first_tensor(output)
@@ -132,12 +155,35 @@ class FeatureTaps:
         """Run one forward pass in eval mode and record every tap's per-sample shape."""
         was_training = self.model.training
         self.model.eval()
+        self._probing = {}
         try:
             _, features = self(*example, **kwargs)
+            runs = self._probing
         finally:
             self.model.train(was_training)
+            self._probing = None
+        for name, versions in runs.items():
+            self._check_capture(name, versions, features[name])
         self.shapes = {name: tuple(features[name].shape[1:]) for name in self.names}
         return dict(self.shapes)
+
+    def _check_capture(self, name: str, versions: list[int], value: torch.Tensor) -> None:
+        """A tap must hold what its module returned: the module runs once per forward pass
+        and its output is not changed in place afterwards."""
+        model = type(self.model).__name__
+        if len(versions) > 1:
+            raise TapError(
+                f"tap {name!r}: the module runs {len(versions)} times in one forward pass of "
+                f"{model} (a module reused, such as one activation for several layers), so "
+                "the tap would hold its last output only; tap a module that runs once"
+            )
+        if value._version != versions[0]:
+            raise TapError(
+                f"tap {name!r}: its output is changed in place later in the forward pass of "
+                f"{model} (by an in-place operation such as ReLU(inplace=True)), so the tap "
+                "would hold the changed values; tap the module that changes it, or make that "
+                "operation out of place"
+            )
 
     def remove(self) -> None:
         """Detach every hook from the model."""

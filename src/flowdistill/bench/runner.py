@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import inspect
 import json
 import math
 import shlex
@@ -25,8 +24,8 @@ from ..distillers.registry import method_options, resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_model_weights
 from ..engine.trainer import BEST, fit
-from ..errors import ConfigError, FlowdistillError
-from ..models import MODELS, build_model
+from ..errors import ConfigError, DataError, FlowdistillError
+from ..models import MODELS, build_model, data_kwargs
 from .provenance import provenance
 from .report import markdown_table, plot_diagnostics, plot_results
 from .suites import Suite, get_suite
@@ -53,12 +52,25 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def _build(spec: ModelConfig, data: Splits, task: str = "classification") -> torch.nn.Module:
     if task == "lm":  # a causal language model over the data's token vocabulary
         return build_model(spec.name, **{"vocab_size": data.num_classes, **spec.kwargs})
-    kwargs = {"num_classes": data.num_classes, **spec.kwargs}
-    factory = MODELS.get(spec.name)
-    params = inspect.signature(factory).parameters if factory is not None else {"in_channels"}
-    if "in_channels" in params:  # (the CIFAR zoo takes RGB images only)
-        kwargs.setdefault("in_channels", data.input_shape[0])
+    if spec.name in MODELS:  # the data's classes (and input channels where it takes them)
+        kwargs = {**data_kwargs(spec.name, data.num_classes, data.input_shape[0]), **spec.kwargs}
+    else:  # a user factory: num_classes and in_channels as before
+        kwargs = {"num_classes": data.num_classes, "in_channels": data.input_shape[0]}
+        kwargs.update(spec.kwargs)
     return build_model(spec.name, **kwargs)
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A run's JSON record; a damaged one (a cut write, a merge conflict) is named."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise DataError(
+            f"{path} is damaged ({err}); remove its run folder to train that run again"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path} is damaged (not a JSON object); remove its run folder")
+    return record
 
 
 def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
@@ -117,7 +129,7 @@ def method_config(suite: Suite, method: str) -> dict[str, Any]:
     that use features, then any per-method defaults of the suite. A variant with no
     defaults of its own takes its method's, except the options its preset sets."""
     options: dict[str, Any] = {}
-    if get_method(method).needs_shapes:
+    if get_method(method).uses_feature_taps:
         options.update(suite.method_options.get("_features", {}))
     base, preset = resolve(method)
     if method not in suite.method_options and base != method:
@@ -187,7 +199,7 @@ def _teacher(
     result_file = folder / "result.json"
     if result_file.exists():
         log(f"teacher: reusing the cached teacher in {folder}")
-        result = json.loads(result_file.read_text())
+        result = _read_record(result_file)
     else:
         log(f"teacher: training {suite.teacher.name} for {suite.teacher_epochs} epochs → {folder}")
         train = _train_config(suite, epochs=suite.teacher_epochs, seed=0, progress=progress)
@@ -290,7 +302,7 @@ def run_bench(
     if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
         log = _quiet
         progress = False
-    methods = list(methods) if methods else list_methods()
+    methods = list(dict.fromkeys(methods)) if methods else list_methods()  # each once
     for m in methods:
         get_method(m)
     if "student" in methods:
@@ -360,13 +372,13 @@ def run_bench(
             key = _run_key(suite, method, options, seed, epochs, teacher_info, budget)
             run_dir = out / "runs" / method / f"seed{seed}"
             result_file = run_dir / "result.json"
-            cached = json.loads(result_file.read_text()) if result_file.exists() else None
+            cached = _read_record(result_file) if result_file.exists() else None
             cost_file = run_dir / "inference.json"
             same = cached is not None and cached.get("key_hash") == _hash(key)
             if same and cost_file.exists():
                 log(f"{method} seed {seed}: reusing {run_dir}")
                 result = cached
-                cost = json.loads(cost_file.read_text())
+                cost = _read_record(cost_file)
             else:
                 if cached is not None and not same:  # another configuration: keep it aside
                     raise ConfigError(
@@ -545,7 +557,7 @@ def _finished(run_dir: Path, key: dict) -> bool:
     result_file = run_dir / "result.json"
     if not result_file.exists():
         return False
-    return json.loads(result_file.read_text()).get("key_hash") == _hash(key)
+    return _read_record(result_file).get("key_hash") == _hash(key)
 
 
 def _with_options(
@@ -601,7 +613,7 @@ def _tune_method(
             key = _run_key(suite, method, options, seed, epochs, teacher_info, budget)
             run_dir = _tune_dir(out, method, point, seed)
             result_file = run_dir / "result.json"
-            result = json.loads(result_file.read_text()) if result_file.exists() else None
+            result = _read_record(result_file) if result_file.exists() else None
             if result is not None and result.get("key_hash") != _hash(key):
                 raise ConfigError(
                     f"{run_dir} holds a run of another configuration; "
@@ -645,6 +657,12 @@ class _Pool:
         for method, options, seed, run_dir, with_cost in jobs:
             key = _run_key(self.suite, method, options, seed, self.spec["epochs"],
                            teacher_info, self.spec["budget"])  # fmt: skip
+            result_file = run_dir / "result.json"
+            if result_file.exists() and not _finished(run_dir, key):
+                raise ConfigError(
+                    f"{run_dir} holds a run of another configuration; "
+                    "choose another --out directory"
+                )
             done = _finished(run_dir, key) and (
                 not with_cost or (run_dir / "inference.json").exists()
             )
@@ -659,14 +677,21 @@ class _Pool:
 
         self.log(f"training {len(todo)} runs, {self.workers} at a time")
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context) as ex:
+        ex = ProcessPoolExecutor(self.workers, mp_context=context)
+        errors = []
+        try:
             futures = [ex.submit(_pool_job, job) for job in todo]
-            errors = []
             for job, future in zip(todo, futures, strict=True):
                 try:
                     self.log(future.result())
                 except Exception as err:  # the others finish and are kept
                     errors.append(f"{job['method']} seed {job['seed']} ({job['run_dir']}): {err}")
+        except BaseException:  # Ctrl-C: stop the workers now (finished epochs are saved)
+            for process in list((getattr(ex, "_processes", None) or {}).values()):
+                process.terminate()
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown()
         if errors:
             raise FlowdistillError(
                 f"{len(errors)} of {len(todo)} runs failed (the finished ones are kept): "

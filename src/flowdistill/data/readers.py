@@ -96,6 +96,11 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x_train", "y_tra
     (images ``(N, H, W, C)`` or ``(N, H, W)`` uint8, integer labels) and ``class_names``.
     """
     path = _require(path)
+    if not zipfile.is_zipfile(path):  # (np.load would take it for a pickle)
+        raise DataError(
+            f"cannot read {path}: truncated or corrupted archive (not a readable .npz, which "
+            "is a zip file)"
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in keys if k not in archive.files]

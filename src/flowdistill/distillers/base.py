@@ -38,6 +38,11 @@ class Distiller(nn.Module):
     uses_teacher: ClassVar[bool] = True
     #: whether the method needs probed feature shapes (and thus ``example_input``)
     needs_shapes: ClassVar[bool] = False
+    #: whether the method distils the features named by ``student_taps``/``teacher_taps``;
+    #: ``make_distiller`` refuses them for a method that would ignore them (``taps_hint``
+    #: says what it takes instead)
+    uses_feature_taps: ClassVar[bool] = False
+    taps_hint: ClassVar[str] = ""
     #: whether the method needs each sample's dataset index (``self.batch_index``), e.g. a
     #: memory bank keyed by sample; the engine sets it before every training step
     uses_indices: ClassVar[bool] = False
@@ -68,6 +73,7 @@ class Distiller(nn.Module):
         self.student = student
         self.teacher = teacher if self.uses_teacher else None
         if self.teacher is not None:
+            _refuse_shared(self.teacher, student)
             self.teacher.requires_grad_(False)
             self.teacher.eval()
         self.ce_weight = float(ce_weight)
@@ -146,12 +152,17 @@ class Distiller(nn.Module):
         """Teacher features by tap name, computed without gradients."""
         if self.teacher_taps is None:
             raise RuntimeError(f"method {self.name!r} has no teacher")
+        if self.teacher.training:  # put in training mode by the caller: its BN stats stay
+            self.teacher.eval()
         return {k: v.detach() for k, v in self.teacher_taps(inputs)[1].items()}
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Task loss on the student's logits (class dimension last); targets equal to -100
         (padding) are not counted."""
-        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+        rows = logits.flatten(0, -2)  # float32 or wider, under autocast too
+        return F.cross_entropy(
+            rows.to(torch.promote_types(rows.dtype, torch.float32)), targets.flatten()
+        )
 
     @staticmethod
     def token_mask(targets: torch.Tensor) -> torch.Tensor | None:
@@ -187,3 +198,16 @@ class Distiller(nn.Module):
         terms = dict(terms)
         terms["loss"] = sum(terms.values())
         return terms
+
+
+def _refuse_shared(teacher: nn.Module, student: nn.Module) -> None:
+    """The teacher is frozen: a parameter it shares with the student would be frozen too."""
+    ids = {id(p) for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if id(p) in ids]
+    if shared:
+        what = "the same module" if teacher is student else f"{len(shared)} parameters"
+        raise ConfigError(
+            f"teacher and student share {what} ({', '.join(shared[:3])}"
+            f"{', ...' if len(shared) > 3 else ''}); the teacher is frozen, so the student "
+            "would be too: give the student its own copy (copy.deepcopy)"
+        )

@@ -28,7 +28,8 @@ class _Embed(nn.Module):
         self.linear = nn.Linear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.linear(x.flatten(1)).float(), p=2, dim=1)
+        z = self.linear(x.flatten(1))
+        return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), p=2, dim=1)
 
 
 @register("crd")

@@ -367,6 +367,7 @@ class DiffKD(Distiller):
     tune_grid = {"inference_steps": [3, 5], "feat_weight": [1.0, 2.0]}
 
     needs_shapes = True
+    uses_feature_taps = True
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ class FeatureDistiller(Distiller):
     """Base of the feature baselines (not a registered method): tap pairs, checks, CE + KD."""
 
     needs_shapes = True
+    uses_feature_taps = True
     #: feature kinds the method is defined on ("vector", "map", "tokens")
     kinds: ClassVar[tuple[str, ...]] = ("vector", "map", "tokens")
     #: whether a pair must be of the same family (both vectors, or both spatial)

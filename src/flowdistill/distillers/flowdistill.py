@@ -97,6 +97,11 @@ _PER_POSITION = ("pointwise", "lean")  # fields that act on each position alone
 _FIELDS = ("spatial", *_PER_POSITION)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 or wider (bf16/fp16 under autocast are widened, float64 is kept)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _pool(x: torch.Tensor) -> torch.Tensor:
     """Per-sample vector of a feature: mean over positions (maps) or tokens."""
     if x.ndim == 4:
@@ -224,6 +229,7 @@ class FlowDistill(Distiller):
     tune_grid = {"temperature": [1.0, 4.0], "logit_weight": [0.0, 1.0]}
 
     needs_shapes = True
+    uses_feature_taps = True
 
     def __init__(
         self,
@@ -367,8 +373,8 @@ class FlowDistill(Distiller):
         """``(B, cond_dim)``, or ``(B, T, cond_dim)`` for a causal context (one per token)."""
         if not self.conditional:
             return None
-        probs = F.softmax(s_out[LOGITS].float() / self.temperature, dim=-1)
-        feats = [s_out[s].float() for s, _ in self.pairs if s != LOGITS]
+        probs = F.softmax(_wide(s_out[LOGITS]) / self.temperature, dim=-1)
+        feats = [_wide(s_out[s]) for s, _ in self.pairs if s != LOGITS]
         if self.causal:  # position i pools positions <= i
             steps = probs.shape[1]
             parts = [
@@ -426,8 +432,8 @@ class FlowDistill(Distiller):
         out = []
         for i, (s_name, t_name) in enumerate(self.pairs):
             key = f"p{i}"
-            a = self.adapters[key](s_out[s_name]).float()
-            t = t_out[t_name].float()
+            a = _wide(self.adapters[key](s_out[s_name]))
+            t = _wide(t_out[t_name])
             if key in self.norms:
                 t = self.norms[key](t)
             if self.rows and a.ndim == 4:  # per-position fields: maps as rows of positions
@@ -512,7 +518,7 @@ class FlowDistill(Distiller):
             return s_out[LOGITS]
         key = f"p{len(self.pairs) - 1}"
         context = self._context(s_out)
-        return self._transport(key, s_out[LOGITS].float(), 1.0, self.steps, context, True)
+        return self._transport(key, _wide(s_out[LOGITS]), 1.0, self.steps, context, True)
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
@@ -577,8 +583,7 @@ register_variant(
 )  # fmt: skip
 register_variant(
     "flowdistill-anchored", "flowdistill",
-    "the adapter output also matched to the teacher directly (anchor_weight=1), the target "
-    "not ramped (progressive_target=False)",
+    "the adapter output also matched to the teacher directly, the target not ramped",
     anchor_weight=1.0, progressive_target=False,
 )  # fmt: skip
 register_variant(

@@ -360,6 +360,7 @@ class FMKT(Distiller):
     tune_grid = {"inference_steps": [2, 4], "fm_weight": [1.0, 2.0]}
 
     needs_shapes = True
+    taps_hint = "it takes one feature as tap=<student module> (and teacher_tap=)"
 
     def __init__(
         self,

@@ -229,7 +229,7 @@ class ND(Distiller):
         """The ``(classes, dim)`` class centres the ND loss uses now."""
         means = self.class_sum / self.class_count.clamp_min(1.0)[:, None]
         if self.centers == "classifier":  # chosen on the device: no wait for it in a step
-            weight = self._teacher_classifier[0].weight.detach().float()
+            weight = self._teacher_classifier[0].weight.detach().to(means.dtype)
             return torch.where(self.class_fixed.bool(), means, weight)
         return means
 
@@ -239,7 +239,7 @@ class ND(Distiller):
         of 0 then, computed on the device rather than read from it)."""
         y = targets.reshape(-1).long()
         live = 1.0 - self.class_fixed  # 0-d: 0 once set_class_means has fixed the centres
-        self.class_sum.index_add_(0, y, t_emb.float() * live)
+        self.class_sum.index_add_(0, y, t_emb.to(self.class_sum.dtype) * live)
         self.class_count.index_add_(0, y, live.expand(y.shape[0]).to(self.class_count.dtype))
 
     # ------------------------------------------------------------------ schedule

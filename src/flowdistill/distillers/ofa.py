@@ -168,6 +168,7 @@ class OFA(Distiller):
     tune_grid = {"temperature": [1.0, 4.0], "eps": [1.0, 1.5]}
 
     needs_shapes = True
+    uses_feature_taps = True
 
     def __init__(
         self,

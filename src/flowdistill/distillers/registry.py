@@ -5,9 +5,12 @@ from __future__ import annotations
 import difflib
 import inspect
 import itertools
+import types
+import typing
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, UnknownMethodError
+from ..taps import LOGITS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -127,6 +130,35 @@ def tune_points(name: str) -> list[dict[str, Any]]:
     return out or [{}]
 
 
+_SIMPLE = (bool, int, float, str)
+
+
+def _typed(cls: type, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the types the method's ``__init__`` annotates (a number
+    for a float option, and so on; a numeric string such as ``"1e-3"`` read as a number),
+    so that a wrong type is named before anything is built. Options of other types
+    (sequences, modules, tensors) pass as given."""
+    from ..config import _coerce
+
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is not None:
+            try:
+                hints.update(typing.get_type_hints(init))
+            except Exception:  # an annotation that does not resolve: left unchecked
+                continue
+    out = dict(options)
+    for key, value in options.items():
+        tp = hints.get(key)
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if union else []
+        simple = tp in _SIMPLE or (args and all(a in _SIMPLE for a in args))
+        if simple:
+            out[key] = _coerce(value, tp, f"{name}.{key}")
+    return out
+
+
 def make_distiller(
     name: str, teacher: nn.Module | None, student: nn.Module, **options: Any
 ) -> Distiller:
@@ -140,8 +172,19 @@ def make_distiller(
     options = {**resolve(name)[1], **options}
     unknown = sorted(set(options) - set(accepted))
     if unknown:
+        public = sorted(k for k in accepted if k != "example_input")
+        close = difflib.get_close_matches(unknown[0], public, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"method {name!r} has no option(s) {', '.join(map(repr, unknown))}; "
-            f"its options are: {', '.join(sorted(accepted))}"
+            f"method {name!r} has no option(s) {', '.join(map(repr, unknown))}{hint}; "
+            f"its options are: {', '.join(public)}"
         )
-    return cls(teacher, student, **options)
+    taps = [options.get(k, ()) for k in ("student_taps", "teacher_taps")]
+    given = [n for names in taps if not isinstance(names, str) for n in names if n != LOGITS]
+    if given and not cls.uses_feature_taps:
+        raise ConfigError(
+            f"method {name!r} does not distil features by tap: student_taps/teacher_taps "
+            f"({', '.join(map(repr, given))}) would be ignored"
+            + (f"; {cls.taps_hint}" if cls.taps_hint else "")
+        )
+    return cls(teacher, student, **_typed(cls, name, options))

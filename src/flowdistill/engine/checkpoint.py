@@ -49,6 +49,15 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # (the only way to read it is to set it; read once, at import)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,6 +66,7 @@ def _atomic_replace(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 made what open() would make
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import OptimConfig, TrainConfig
+from ..config import OptimConfig, TrainConfig, _build
 from ..data.datasets import Batches, Split, Splits, random_crop_flip
 from ..distillers.base import IGNORE_INDEX, Distiller
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeMismatchError
+from ..taps import LOGITS
 from . import distributed
 from .checkpoint import (
     atomic_write_text,
@@ -168,6 +169,105 @@ def _write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(out / "metrics.csv", buf.getvalue())
 
 
+def _config(value: Any, cls: type, what: str) -> Any:
+    """An ``OptimConfig``/``TrainConfig`` as given, the default for ``None``, or one built
+    from a dict of its fields (unknown keys named)."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        return _build(cls, value, prefix=f"{what}.")
+    if not isinstance(value, cls):
+        raise ConfigError(
+            f"fit: {what} must be a flowdistill.{cls.__name__} or a dict of its fields, got "
+            f"{type(value).__name__}"
+        )
+    return value
+
+
+def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
+    """What ``fit`` is given, checked before anything trains: a distiller, a ``Splits`` of
+    tensors whose labels are integer class indices in range, a positive batch size. Integer
+    labels of another width are widened to int64; the data are returned."""
+    if not isinstance(distiller, Distiller):
+        raise ConfigError(
+            f"fit: expected a distiller (flowdistill.make_distiller(method, teacher, student)), "
+            f"got {type(distiller).__name__}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"fit: batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(data, Splits):
+        raise DataError(
+            "fit: data must be a flowdistill.data.Splits (train, val and test Split(x, y) of "
+            f"tensors, and num_classes), got {type(data).__name__}"
+        )
+    parts = {}
+    for name in ("train", "val", "test"):
+        part = getattr(data, name)
+        if not isinstance(part, Split) or not all(
+            isinstance(v, torch.Tensor) for v in (part.x, part.y)
+        ):
+            raise DataError(f"fit: data.{name} must be a Split(x, y) of tensors")
+        x, y = part.x, part.y
+        if len(x) != len(y):
+            raise DataError(f"fit: data.{name} has {len(x)} inputs but {len(y)} labels")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise DataError(
+                f"fit: data.{name} labels must be integer class indices, got dtype {y.dtype}"
+            )
+        y = y.long()
+        counted = y[y != IGNORE_INDEX] if y.ndim > 1 else y  # token targets: padding left out
+        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= data.num_classes):
+            low, high, classes = int(counted.min()), int(counted.max()), data.num_classes
+            raise DataError(
+                f"fit: data.{name} labels run from {low} to {high}, outside the "
+                f"{classes} classes [0, {classes}) of data.num_classes"
+            )
+        parts[name] = Split(x, y)
+    if not len(parts["train"]):
+        raise DataError("fit: data.train is empty")
+    logits = distiller.student_shapes.get(LOGITS)
+    if logits and logits[-1] != data.num_classes:
+        raise ShapeMismatchError(
+            f"fit: the student predicts {logits[-1]} classes but data.num_classes is "
+            f"{data.num_classes}"
+        )
+    return Splits(parts["train"], parts["val"], parts["test"], data.num_classes)
+
+
+#: the entries of ``fit``'s ``meta`` that identify a run's configuration (the bench's)
+_RUN_KEYS = ("key_hash", "teacher_key")
+
+
+def _refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
+    """A checkpoint resumes only the run that wrote it: the identifying entries of ``meta``
+    (a bench run's key) must match those it was saved with."""
+    for key in _RUN_KEYS:
+        if key in saved and key in meta and saved[key] != meta[key]:
+            raise CheckpointError(
+                f"{path} holds an unfinished run of another configuration ({key} differs); "
+                "choose another output directory, or remove that one to start afresh"
+            )
+
+
+def _refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
+    """``resume`` with a finished run's ``result.json`` but no checkpoint: only the same
+    run (same key) may be trained again; anything else would overwrite a finished record."""
+    result = out / "result.json"
+    if not result.exists():
+        return
+    try:
+        saved = json.loads(result.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    same = bool(meta) and all(saved.get(k) == meta[k] for k in _RUN_KEYS if k in meta)
+    if not same or not any(k in (meta or {}) for k in _RUN_KEYS):
+        raise CheckpointError(
+            f"{out} holds a finished run (result.json) without its checkpoint "
+            f"({CHECKPOINT}): there is nothing to resume, and starting again would overwrite "
+            "it; choose another output directory"
+        )
+
+
 def _tensorboard(out: Path | None):
     if out is None:
         return None
@@ -197,11 +297,17 @@ def fit(
     checkpoint in place. An ``out_dir`` that already holds a run is never overwritten unless
     ``resume`` is set.
     """
-    optim = optim or OptimConfig()
-    train = train or TrainConfig()
+    optim = _config(optim, OptimConfig, "optim")
+    train = _config(train, TrainConfig, "train")
     optim.validate()
     train.validate()
+    data = _check_inputs(distiller, data, batch_size)
+    was_training = distiller.training  # the mode the caller left it in, given back at the end
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:  # a folder it can write, known before the first epoch trains
+        blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise ConfigError(f"out_dir {out}: {blocked} is a file, not a folder")
     ckpt_path = out / CHECKPOINT if out else None
     if out is not None and not resume and (ckpt_path.exists() or (out / "result.json").exists()):
         raise CheckpointError(
@@ -239,14 +345,41 @@ def fit(
     start_epoch, history = 0, []
     best_score, best_epoch, best_state = -math.inf, -1, None
     best_val, best_val_loss = -1.0, math.nan
+    if resume and ckpt_path is not None and not ckpt_path.exists():
+        _refuse_finished_without_checkpoint(out, meta)
     if resume and ckpt_path is not None and ckpt_path.exists():
         tensors, state = load_checkpoint(ckpt_path)
+        _refuse_other_configuration(ckpt_path, state.get("meta") or {}, meta or {})
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
         missing = set(distiller.trainable_state_dict()) - set(model_state)
         if missing:
             raise CheckpointError(f"checkpoint {ckpt_path} lacks weights {sorted(missing)[:5]}")
-        distiller.load_state_dict(model_state, strict=False)
-        unpack_optimizer(optimizer, tensors, state["optimizer"])
+        saved_method = state.get("method")
+        if saved_method is not None and saved_method != distiller.name:
+            raise CheckpointError(
+                f"{ckpt_path} is a run of method {saved_method!r}; it cannot resume as "
+                f"{distiller.name!r}"
+            )
+        if state["epoch"] + 1 > train.epochs:
+            raise ConfigError(
+                f"{ckpt_path} has {state['epoch'] + 1} epochs done; train.epochs="
+                f"{train.epochs} cannot resume it (give at least that many epochs)"
+            )
+        try:
+            distiller.load_state_dict(model_state, strict=False)
+        except RuntimeError as exc:  # a shape that differs: another architecture
+            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+            raise CheckpointError(
+                f"{ckpt_path} does not fit this distiller (another student or method "
+                f"configuration?): {first[0].strip()}"
+            ) from None
+        try:
+            unpack_optimizer(optimizer, tensors, state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{ckpt_path}: its optimizer state does not fit this run's optimizer "
+                f"({optim.name}; another optimizer or parameter set?): {exc}"
+            ) from None
         set_rng_state(tensors, state["rng"])
         if rank:  # rank 0's generator state, moved on to a stream of this rank's own
             torch.manual_seed(torch.randint(2**62, ()).item() + rank)
@@ -323,7 +456,13 @@ def fit(
                     where = (f"step {i + 1}" if first_unchecked == i
                              else f"steps {first_unchecked + 1}-{i + 1}")  # fmt: skip
                     terms_now = {k: float(v.detach()) for k, v in terms.items()}
-                    kept = f"; the last good checkpoint is kept at {ckpt_path}" if ckpt_path else ""
+                    kept = ""
+                    if ckpt_path is not None:
+                        kept = (
+                            f"; the last good checkpoint is kept at {ckpt_path}"
+                            if ckpt_path.exists()
+                            else "; no epoch had finished, so there is no checkpoint"
+                        )
                     raise NonFiniteLossError(
                         f"non-finite loss at epoch {epoch + 1}, {where}: {terms_now}{kept}. "
                         "Lower the learning rate or check the inputs"
@@ -379,7 +518,7 @@ def fit(
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch + 1)
         score = -val_loss if train.select_by == "val_loss" else val_acc
-        if score > best_score:
+        if best_state is None or score > best_score:  # (a NaN score is never better)
             best_score, best_epoch = score, epoch + 1
             best_val, best_val_loss = val_acc, val_loss
             best_state = {
@@ -404,6 +543,7 @@ def fit(
                     "best_val_loss": best_val_loss,
                     "best_val_score": best_score,
                     "best_val_epoch": best_epoch,
+                    "method": distiller.name,
                     "meta": meta or {},
                 },
             )
@@ -437,4 +577,5 @@ def fit(
             out / "result.json", json.dumps({**result.to_dict(), **(meta or {})}, indent=1)
         )
     distributed.barrier()
+    distiller.train(was_training)
     return result

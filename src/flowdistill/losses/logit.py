@@ -28,7 +28,7 @@ def kd(
     gradient magnitudes comparable across temperatures. Computed in float32 or wider.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
+        raise ShapeMismatchError(
             f"kd: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape"
         )

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 from . import cifar, gpt, imagenet, mobile, small  # noqa: F401  (importing registers the models)
-from .registry import MODELS, build_model, create_model, list_models, register_model
+from .registry import (
+    MODELS,
+    build_model,
+    create_model,
+    data_kwargs,
+    list_models,
+    register_model,
+)
 from .stages import feature_stages
 
 __all__ = [
     "MODELS",
     "build_model",
     "create_model",
+    "data_kwargs",
     "feature_stages",
     "list_models",
     "register_model",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,14 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["MODELS", "build_model", "create_model", "list_models", "register_model"]
+__all__ = [
+    "MODELS",
+    "build_model",
+    "create_model",
+    "data_kwargs",
+    "list_models",
+    "register_model",
+]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -68,3 +76,16 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model factory {name!r} returned {type(model).__name__}, not nn.Module")
     return model
+
+
+def data_kwargs(name: str, num_classes: int, in_channels: int) -> dict[str, int]:
+    """What the data say about zoo model ``name``: its number of classes, and its input
+    channels where it takes them (the CIFAR zoo reads RGB images only)."""
+    factory = MODELS.get(name)
+    if factory is None:
+        return {}
+    params = inspect.signature(factory).parameters
+    out = {"num_classes": num_classes} if "num_classes" in params else {}
+    if "in_channels" in params:
+        out["in_channels"] = in_channels
+    return out

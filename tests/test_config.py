@@ -103,3 +103,9 @@ def test_a_step_schedule_needs_milestones_and_options_get_a_did_you_mean():
     with pytest.raises(ConfigError, match="did you mean 'temperature'") as err:
         flowdistill.make_distiller("kd", teacher, student, tempreature=2.0)
     assert "example_input" not in str(err.value)
+
+
+def test_a_model_section_without_a_name_is_refused():
+    with pytest.raises(ConfigError, match="teacher.name is required"):
+        load_config({"teacher": {"checkpoint": "runs/t/best.safetensors"}})
+    assert load_config({}).student.name == "digits_student"  # the default student stays

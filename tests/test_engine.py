@@ -349,3 +349,13 @@ def test_fit_gives_the_distiller_back_in_its_mode_and_the_teacher_stays_frozen(p
     teacher.train()  # a caller's slip in their own loop: the BatchNorm statistics stay
     d(tiny_data.train.x[:8], tiny_data.train.y[:8])["loss"].backward()
     torch.testing.assert_close(teacher.stage1[1].running_mean, stats)
+
+
+def test_empty_splits_and_resume_without_a_folder_are_refused(pair, tiny_data):
+    d = flowdistill.make_distiller("kd", pair[0], _student())
+    empty = Split(tiny_data.val.x[:0], tiny_data.val.y[:0])
+    data = Splits(tiny_data.train, empty, tiny_data.test, 4)
+    with pytest.raises(DataError, match=r"data.val is empty \(no epoch could be chosen\)"):
+        fit(d, data, train=TrainConfig(epochs=1, **QUIET))
+    with pytest.raises(ConfigError, match="resume=True continues the run in out_dir"):
+        fit(d, tiny_data, train=TrainConfig(epochs=1, **QUIET), resume=True)

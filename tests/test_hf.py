@@ -69,3 +69,17 @@ def test_different_vocabularies_are_refused_clearly(data):
     student = GPT(GPTConfig(vocab, 16, n_layer=1, n_head=2, n_embd=16))
     with pytest.raises(ShapeMismatchError, match="vocabular"):
         make_distiller("kd", teacher, student, example_input=splits.train.x[:2])
+
+
+def test_a_hugging_face_teacher_fills_a_top_k_cache(data):
+    """Its output is a ModelOutput, read for its logits like any teacher's."""
+    from flowdistill.distillers.cached import build_topk_cache
+
+    splits, vocab = data
+    teacher = _hf(vocab).eval()
+    x = splits.train.x[:6]
+    cache = build_topk_cache(teacher, x, k=4)
+    with torch.no_grad():
+        top = teacher(x).logits.float().topk(4, dim=-1)
+    torch.testing.assert_close(cache.values.float(), top.values, atol=1e-2, rtol=1e-2)
+    assert torch.equal(cache.indices.long(), top.indices)

@@ -335,6 +335,21 @@ def test_cached_kd_trains_without_the_teacher(lm, trained_teacher, tmp_path):
     with pytest.raises(DataError, match="made for other data"):
         fit(CachedKD(cache, student), Splits(wrong, data.val, data.test, data.num_classes),
             OptimConfig("adamw"), train)  # fmt: skip
+    shuffled = Split(data.train.x.flip(0), data.train.y.flip(0))  # as many rows, other order
+    with pytest.raises(DataError, match="made from other training inputs"):
+        fit(CachedKD(cache, student), Splits(shuffled, data.val, data.test, data.num_classes),
+            OptimConfig("adamw"), train)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["student", "kd", "taid", "reverse_kl"])
+def test_a_batch_of_padding_alone_gives_a_finite_loss(method, lm):
+    """Every target of the batch is padding: nothing counts, and the loss is 0, not NaN."""
+    data, _, teacher, student = lm
+    x = data.train.x[:2]
+    d = make_distiller(method, teacher, student, example_input=x).train()
+    terms = d(x, torch.full_like(data.train.y[:2], -100))
+    loss = terms["loss"].detach()
+    assert torch.isfinite(loss) and float(loss) == 0.0
 
 
 def test_budget_trains_on_a_fraction_and_keeps_runs_apart(tmp_path):

@@ -40,7 +40,7 @@ __all__ = [
 class ModelConfig:
     """A zoo model name or ``package.module:function``, its kwargs, an optional checkpoint."""
 
-    name: str = "digits_student"
+    name: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
 
@@ -179,7 +179,7 @@ class RunConfig:
     method: str = "kd"
     method_options: dict[str, Any] = field(default_factory=dict)
     teacher: ModelConfig | None = None
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig("digits_student"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -189,6 +189,12 @@ class RunConfig:
         from .distillers import get_method
 
         get_method(self.method)  # raises UnknownMethodError listing the registered ones
+        for role, model in (("teacher", self.teacher), ("student", self.student)):
+            if model is not None and not model.name:
+                raise ConfigError(
+                    f"{role}.name is required: a zoo model (flowdistill.models.list_models()) "
+                    "or your own factory as 'package.module:function'"
+                )
         for part in (self.data, self.optim, self.train):
             part.validate()
 

@@ -160,9 +160,12 @@ class Distiller(nn.Module):
         """Task loss on the student's logits (class dimension last); targets equal to -100
         (padding) are not counted."""
         rows = logits.flatten(0, -2)  # float32 or wider, under autocast too
-        return F.cross_entropy(
-            rows.to(torch.promote_types(rows.dtype, torch.float32)), targets.flatten()
-        )
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        if targets.ndim < 2:  # class labels: no padding
+            return F.cross_entropy(rows, targets.flatten())
+        # tokens: mean over the counted ones, 0 (not NaN) for a batch of padding alone
+        total = F.cross_entropy(rows, targets.flatten(), reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     @staticmethod
     def token_mask(targets: torch.Tensor) -> torch.Tensor | None:
@@ -181,6 +184,10 @@ class Distiller(nn.Module):
     def on_fit_start(self, num_train_samples: int) -> None:  # noqa: B027
         """Called once by the engine before the optimizer is built (and before a resumed
         run's weights are loaded); sample-keyed state such as a memory bank is sized here."""
+
+    def on_fit_data(self, inputs: torch.Tensor) -> None:  # noqa: B027
+        """Called once by the engine with the training inputs, before anything trains: a
+        method whose state was built for particular data (a cache) checks them here."""
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:  # noqa: B027
         """Called by the engine before each epoch (0-based); schedules live here."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..engine.checkpoint import digest, load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError, DataError
-from ..taps import LOGITS
+from ..taps import LOGITS, first_tensor
 from .base import Distiller
 
 __all__ = ["CachedKD", "TopKCache", "build_topk_cache", "sparse_kd"]
@@ -115,7 +115,7 @@ def build_topk_cache(
     device = next(teacher.parameters()).device
     values, indices, vocab = [], [], None
     for i in range(0, len(inputs), batch_size):
-        logits = teacher(inputs[i : i + batch_size].to(device)).float()
+        logits = first_tensor(teacher(inputs[i : i + batch_size].to(device))).float()
         vocab = logits.shape[-1]
         if k > vocab:
             raise ConfigError(f"k = {k} exceeds the teacher's vocabulary of {vocab}")
@@ -186,6 +186,13 @@ class CachedKD(Distiller):
             raise DataError(
                 f"the cache holds {len(self.cache.values)} rows but the training split has "
                 f"{num_train_samples}: it was made for other data"
+            )
+
+    def on_fit_data(self, inputs: torch.Tensor) -> None:
+        if _data_fingerprint(inputs) != self.cache.data_fingerprint:
+            raise DataError(
+                "the cache was made from other training inputs than the ones given to fit "
+                "(its rows would pair with the wrong samples); build it from this split"
             )
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -223,8 +223,10 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
                 f"{classes} classes [0, {classes}) of data.num_classes"
             )
         parts[name] = Split(x, y)
-    if not len(parts["train"]):
-        raise DataError("fit: data.train is empty")
+    for name, why in (("train", "nothing to train on"), ("val", "no epoch could be chosen"),
+                      ("test", "nothing to report")):  # fmt: skip
+        if not len(parts[name]):
+            raise DataError(f"fit: data.{name} is empty ({why})")
     logits = distiller.student_shapes.get(LOGITS)
     if logits and logits[-1] != data.num_classes:
         raise ShapeMismatchError(
@@ -304,6 +306,8 @@ def fit(
     data = _check_inputs(distiller, data, batch_size)
     was_training = distiller.training  # the mode the caller left it in, given back at the end
     out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ConfigError("fit: resume=True continues the run in out_dir; give out_dir")
     if out is not None:  # a folder it can write, known before the first epoch trains
         blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
         if blocked is not None:
@@ -325,6 +329,7 @@ def fit(
         )
     seed_everything(train.seed + rank, train.deterministic)
     distiller.on_fit_start(len(data.train))
+    distiller.on_fit_data(data.train.x)
     distiller.to(device)
     if train.channels_last:
         distiller.to(memory_format=torch.channels_last)

@@ -438,3 +438,43 @@ def test_gpu_suite_pairs_the_usual_character_gpt_with_a_tenth_of_it():
     s = sum(p.numel() for p in student.parameters())
     assert (teacher.config.n_layer, teacher.config.n_embd) == (6, 384)
     assert 8 < t / s < 14
+
+
+def test_samples_come_from_each_method_s_deployed_model(lm, tmp_path):
+    """FM-KT keeps its flow at inference: its sample is drawn through it, not from the
+    student alone; a method that deploys the student alone samples the student."""
+    import dataclasses
+
+    from flowdistill.bench import get_suite
+    from flowdistill.bench.runner import _lm_samples
+    from flowdistill.config import ModelConfig
+    from flowdistill.engine.checkpoint import save_checkpoint
+
+    data, tok, teacher, student = lm
+    spec = ModelConfig("gpt", kwargs={"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16})
+    suite = dataclasses.replace(get_suite("shakespeare-char"), student=spec, decode=tok.decode)
+    options = {"fmkt": {"encoder": "mlp"}, "kd": {}}
+    trained = {}
+    for method in options:
+        torch.manual_seed(1)
+        d = make_distiller(method, teacher, GPT(student.config), example_input=data.train.x[:2],
+                           **options[method])  # fmt: skip
+        with torch.no_grad():
+            for p in d.trainable_parameters():  # move every weight, zero-initialised ones too
+                p.add_(0.3 * torch.randn_like(p))
+        save_checkpoint(tmp_path / "runs" / method / "seed0" / "model.safetensors",
+                        d.trainable_state_dict(), {})  # fmt: skip
+        trained[method] = d.eval()
+    texts = _lm_samples(suite, data, teacher, ["kd", "fmkt"], tmp_path, options, 8, 12)
+
+    def sample(predict):  # the oracle: the same stream, drawn by hand
+        g, idx = torch.Generator().manual_seed(0), data.test.x[:1, :8].clone()
+        for _ in range(12):
+            probs = torch.softmax(predict(idx[:, -16:])[:, -1].float() / 0.8, dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
+        return tok.decode(idx[0].tolist())
+
+    with torch.no_grad():
+        assert texts["fmkt"] == sample(trained["fmkt"].predict)
+        assert texts["fmkt"] != sample(trained["fmkt"].student)  # (the flow changes it)
+        assert texts["kd"] == sample(trained["kd"].student)

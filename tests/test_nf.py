@@ -244,3 +244,23 @@ def test_linear_anneal_scales_the_distillation_terms(tiny_images):
         assert torch.allclose(terms["loss"], expected)
     with pytest.raises(ConfigError, match="anneal"):
         FlowKDConfig(anneal="cosine").validate()
+
+
+def test_resume_continues_only_the_run_that_wrote_the_checkpoint(tiny_images, tmp_path):
+    def run(kd=None, epochs=2, steps=2, resume=False):
+        torch.manual_seed(0)
+        teacher = _flow(tiny_images)
+        distiller = FlowDistiller(_flow(tiny_images, steps=steps), teacher, kd=kd, n_bins=5)
+        train = FlowTrainConfig(**{**FAST.__dict__, "epochs": epochs})
+        return fit_flow(distiller, tiny_images, train, tmp_path / "r", resume=resume)
+
+    run(FlowKDConfig(final=1.0))
+    with pytest.raises(CheckpointError, match="distillation terms .* cannot resume as"):
+        run(FlowKDConfig(synth=1.0, synth_batch=8), epochs=3, resume=True)
+    with pytest.raises(ConfigError, match="2 epochs done; epochs=1"):
+        run(FlowKDConfig(final=1.0), epochs=1, resume=True)
+    with pytest.raises(CheckpointError, match="does not fit this student flow"):
+        run(FlowKDConfig(final=1.0), epochs=3, steps=3, resume=True)
+    (tmp_path / "r" / "last.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="finished run \\(result.json\\) without its"):
+        run(FlowKDConfig(final=1.0), epochs=3, resume=True)

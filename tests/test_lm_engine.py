@@ -478,3 +478,28 @@ def test_samples_come_from_each_method_s_deployed_model(lm, tmp_path):
         assert texts["fmkt"] == sample(trained["fmkt"].predict)
         assert texts["fmkt"] != sample(trained["fmkt"].student)  # (the flow changes it)
         assert texts["kd"] == sample(trained["kd"].student)
+
+
+@pytest.mark.parametrize("options", [{}, {"anchor_weight": 1.0, "logit_weight": 1.0}])
+def test_flowdistill_leaves_padding_out_of_every_term(options, lm):
+    """Tokens at padded positions (target -100) change no term: the causal student and
+    teacher see them only at those positions, which the terms leave out (evaluation mode:
+    the standardisation's running statistics, not the batch's)."""
+    data, _, teacher, student = lm
+    x, y = data.train.x[:2].clone(), data.train.y[:2].clone()
+    y[:, 10:] = -100
+    d = make_distiller("flowdistill", teacher, student, example_input=x, context="causal",
+                       student_taps=["blocks.0"], teacher_taps=["blocks.1"], **options)  # fmt: skip
+    d.eval()
+    other = x.clone()
+    other[:, 10:] = (other[:, 10:] + 3) % data.num_classes
+    torch.manual_seed(0)
+    a = d(x, y)
+    torch.manual_seed(0)
+    b = d(other, y)
+    assert set(a) == set(b) and {"kd", "fm", "feature"} <= set(a)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    torch.manual_seed(0)
+    unmasked = d(other, data.train.y[:2])  # oracle of the test: counted, they would differ
+    assert not torch.allclose(unmasked["feature"], a["feature"])

@@ -212,6 +212,7 @@ def plot_results(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     percent = results.get("unit", "%") == "%"
     scale = 100 if percent else 1
@@ -222,9 +223,10 @@ def plot_results(
         length = min(len(r) for r in runs)
         arr = np.array([r[:length] for r in runs]) * scale
         epochs = np.arange(1, length + 1)
-        ax.plot(epochs, arr.mean(0), label=method)
+        ax.plot(epochs, arr.mean(0), label=method, marker="o" if len(epochs) < 3 else None)
         ax.fill_between(epochs, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.15)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # (whole epochs only)
     ax.set_ylabel(f"validation {what}")
     ax.set_title(f"{results['suite']}: validation {what.split(' ')[0]} (mean ± std over seeds)")
     ax.legend(fontsize=7, ncol=2)
@@ -272,7 +274,8 @@ def plot_diagnostics(diags: dict[str, dict[str, list[float]]], out: Path) -> str
             for name, values in sorted(d.items()):
                 if name.endswith("/" + kind):
                     tap = name.rsplit("/", 1)[0]
-                    ax.plot(range(1, len(values) + 1), values, label=f"{method} {tap}")
+                    ax.plot(range(1, len(values) + 1), values, label=f"{method} {tap}",
+                            marker="o" if len(values) < 3 else None)  # fmt: skip
         ax.set_title(kind.replace("_", " "))
         ax.set_xlabel("epoch")
         if kind == "roundtrip_error":

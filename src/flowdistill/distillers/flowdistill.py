@@ -449,12 +449,26 @@ class FlowDistill(Distiller):
         t_out, s_out = self.teacher_forward(inputs), self.student_forward(inputs)
         return self._context(s_out), self._endpoints(s_out, t_out)
 
-    def _match(self, is_logits: bool, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not is_logits:
+    @staticmethod
+    def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
+        """Mean squared error; on token sequences ``(B, T, D)`` with a padding ``mask``
+        ``(B, T)``, the mean over the counted positions only."""
+        if mask is None or pred.ndim != 3 or tuple(pred.shape[:2]) != tuple(mask.shape):
             return F.mse_loss(pred, target)
+        return losses.masked_mean((pred - target).pow(2).mean(-1), mask)
+
+    def _kl(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
+        """Hinton's KD at the flow's temperature; padding left out of per-token logits."""
+        if mask is None:
+            return losses.kd(pred, target, self.temperature)
+        return losses.forward_kl(pred, target, mask, self.temperature)
+
+    def _match(self, is_logits: bool, pred: torch.Tensor, target: torch.Tensor, mask=None):
+        if not is_logits:
+            return self._mse(pred, target, mask)
         if self.logit_loss == "dist":
             return losses.dist(pred, target)
-        return losses.kd(pred, target, self.temperature)
+        return self._kl(pred, target, mask)
 
     # ------------------------------------------------------------------ training
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -463,29 +477,31 @@ class FlowDistill(Distiller):
         t_out = self.teacher_forward(inputs)
         s_out = self.student_forward(inputs)
         context = self._context(s_out)
+        mask = self.token_mask(targets)  # padding of token targets (None for class labels)
         terms = {"ce": self.ce_weight * self.cross_entropy(s_out[LOGITS], targets)}
         if self.kd_weight:
-            kd = losses.kd(s_out[LOGITS], t_out[LOGITS], self.temperature)
+            kd = self._kl(s_out[LOGITS], t_out[LOGITS], mask)
             terms["kd"] = self.kd_weight * kd
         fm_terms, feat_terms, logit_terms, anchor_terms = [], [], [], []
         for i, (key, s_name, a, t) in enumerate(self._endpoints(s_out, t_out)):
             is_logits = s_name == LOGITS
             if self.use_flow:
-                fm_terms.append(self._flow_matching(key, a.detach(), t, context))
+                fm_terms.append(self._flow_matching(key, a.detach(), t, context, mask))
             if i >= self.active_pairs:
                 continue
             target = t
             if self.use_flow and self.tau < 1.0:  # the target slides from a toward t
                 target = (1 - self.tau) * a.detach() + self.tau * t
             if self.use_flow and self.anchor_weight and not is_logits:  # the adapter output
-                anchor_terms.append(F.mse_loss(a, target))
+                anchor_terms.append(self._mse(a, target, mask))
             if not (self.logit_weight if is_logits else self.feature_weight):
                 continue  # (a zero-weight term is not computed)
             pred = a
             if self.use_flow:
                 detach = self.flow_grad == "fm"
                 pred = self._transport(key, a, self.tau, self.active_steps, context, detach)
-            (logit_terms if is_logits else feat_terms).append(self._match(is_logits, pred, target))
+            matched = self._match(is_logits, pred, target, mask)
+            (logit_terms if is_logits else feat_terms).append(matched)
         if fm_terms:
             terms["fm"] = self.fm_weight * torch.stack(fm_terms).sum()
         if feat_terms:
@@ -496,14 +512,14 @@ class FlowDistill(Distiller):
             terms["anchor"] = self.anchor_weight * torch.stack(anchor_terms).sum()
         return self.total(terms)
 
-    def _flow_matching(self, key: str, a0: torch.Tensor, t1: torch.Tensor, context):
+    def _flow_matching(self, key: str, a0: torch.Tensor, t1: torch.Tensor, context, mask=None):
         shape = [a0.shape[0]] + [1] * (a0.ndim - 1)
         u = torch.rand(shape, device=a0.device, dtype=a0.dtype)
         x_u = (1 - u) * a0 + u * t1
         if self.sigma > 0:
             x_u = x_u + self.sigma * torch.randn_like(x_u)
         v = self.velocities[key](x_u, u.reshape(-1), context=self._context_for(a0, context))
-        return F.mse_loss(v, t1 - a0)
+        return self._mse(v, t1 - a0, mask)
 
     # ------------------------------------------------------------------ inference
     def deployed_modules(self) -> list[nn.Module]:

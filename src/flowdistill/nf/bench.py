@@ -195,7 +195,7 @@ def _plot_curves(results: dict[str, Any], curves: dict[str, list[list[float]]], 
         length = min(len(r) for r in runs)
         arr = np.array([r[:length] for r in runs])
         epochs = np.arange(1, length + 1)
-        ax.plot(epochs, arr.mean(0), label=method)
+        ax.plot(epochs, arr.mean(0), label=method, marker="o" if len(epochs) < 3 else None)
         ax.fill_between(epochs, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.15)
     ax.axhline(results["teacher"]["metric"], color="k", ls="--", label="teacher (test)")
     ax.set_xlabel("epoch")

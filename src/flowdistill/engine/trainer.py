@@ -240,7 +240,7 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
 _RUN_KEYS = ("key_hash", "teacher_key")
 
 
-def _refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
+def refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
     """A checkpoint resumes only the run that wrote it: the identifying entries of ``meta``
     (a bench run's key) must match those it was saved with."""
     for key in _RUN_KEYS:
@@ -251,7 +251,28 @@ def _refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
             )
 
 
-def _refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
+def refuse_fewer_epochs(path: Path, state: dict, epochs: int, name: str) -> None:
+    """A checkpoint with more epochs done than the run has cannot be resumed by it."""
+    if state["epoch"] + 1 > epochs:
+        raise ConfigError(
+            f"{path} has {state['epoch'] + 1} epochs done; {name}={epochs} cannot resume it "
+            "(give at least that many epochs)"
+        )
+
+
+def load_or_refuse(
+    module: torch.nn.Module, weights: dict, path: Path, what: str, strict: bool = True
+) -> None:
+    """``module.load_state_dict(weights)``; a shape that differs (another architecture) is
+    a :class:`CheckpointError` naming ``path`` and the first mismatch."""
+    try:
+        module.load_state_dict(weights, strict=strict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[1:2] or [str(exc)]
+        raise CheckpointError(f"{path} does not fit {what}: {first[0].strip()}") from None
+
+
+def refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
     """``resume`` with a finished run's ``result.json`` but no checkpoint: only the same
     run (same key) may be trained again; anything else would overwrite a finished record."""
     result = out / "result.json"
@@ -351,10 +372,10 @@ def fit(
     best_score, best_epoch, best_state = -math.inf, -1, None
     best_val, best_val_loss = -1.0, math.nan
     if resume and ckpt_path is not None and not ckpt_path.exists():
-        _refuse_finished_without_checkpoint(out, meta)
+        refuse_finished_without_checkpoint(out, meta)
     if resume and ckpt_path is not None and ckpt_path.exists():
         tensors, state = load_checkpoint(ckpt_path)
-        _refuse_other_configuration(ckpt_path, state.get("meta") or {}, meta or {})
+        refuse_other_configuration(ckpt_path, state.get("meta") or {}, meta or {})
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
         missing = set(distiller.trainable_state_dict()) - set(model_state)
         if missing:
@@ -365,19 +386,11 @@ def fit(
                 f"{ckpt_path} is a run of method {saved_method!r}; it cannot resume as "
                 f"{distiller.name!r}"
             )
-        if state["epoch"] + 1 > train.epochs:
-            raise ConfigError(
-                f"{ckpt_path} has {state['epoch'] + 1} epochs done; train.epochs="
-                f"{train.epochs} cannot resume it (give at least that many epochs)"
-            )
-        try:
-            distiller.load_state_dict(model_state, strict=False)
-        except RuntimeError as exc:  # a shape that differs: another architecture
-            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
-            raise CheckpointError(
-                f"{ckpt_path} does not fit this distiller (another student or method "
-                f"configuration?): {first[0].strip()}"
-            ) from None
+        refuse_fewer_epochs(ckpt_path, state, train.epochs, "train.epochs")
+        load_or_refuse(
+            distiller, model_state, ckpt_path, "this distiller (another student or method "
+            "configuration?)", strict=False,
+        )  # fmt: skip
         try:
             unpack_optimizer(optimizer, tensors, state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as exc:

@@ -26,8 +26,10 @@ from ..engine.checkpoint import (
     unpack_optimizer,
 )
 from ..engine.trainer import (
-    _refuse_finished_without_checkpoint,
-    _refuse_other_configuration,
+    load_or_refuse,
+    refuse_fewer_epochs,
+    refuse_finished_without_checkpoint,
+    refuse_other_configuration,
     resolve_device,
     seed_everything,
 )
@@ -286,28 +288,18 @@ def fit_flow(
     best_val, best_epoch, best_state = math.inf, -1, None
     kd_config = asdict(distiller.kd)
     if resume and ckpt is not None and not ckpt.exists():
-        _refuse_finished_without_checkpoint(out, meta)
+        refuse_finished_without_checkpoint(out, meta)
     if resume and ckpt is not None and ckpt.exists():
         tensors, state = load_checkpoint(ckpt)
-        _refuse_other_configuration(ckpt, state.get("meta") or {}, meta or {})
+        refuse_other_configuration(ckpt, state.get("meta") or {}, meta or {})
         if state.get("kd", kd_config) != kd_config:
             raise CheckpointError(
                 f"{ckpt} is a run of distillation terms {state['kd']}; it cannot resume as "
                 f"{kd_config}"
             )
-        if state["epoch"] + 1 > train.epochs:
-            raise ConfigError(
-                f"{ckpt} has {state['epoch'] + 1} epochs done; epochs={train.epochs} cannot "
-                "resume it (give at least that many epochs)"
-            )
+        refuse_fewer_epochs(ckpt, state, train.epochs, "epochs")
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
-        try:
-            student.load_state_dict(weights)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[1:2] or [str(exc)]
-            raise CheckpointError(
-                f"{ckpt} does not fit this student flow: {first[0].strip()}"
-            ) from None
+        load_or_refuse(student, weights, ckpt, "this student flow")
         unpack_optimizer(optimizer, tensors, state["optimizer"])
         set_rng_state(tensors, state["rng"])
         start, history = state["epoch"] + 1, state["history"]

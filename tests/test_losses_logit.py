@@ -321,3 +321,13 @@ def test_ofa_takes_sequences():
 def test_losses_are_exported():
     for name in ("dkd", "dist", "ls", "taid", "taid_target", "nd", "ofa", "standardize_logits"):
         assert name in losses.__all__ and callable(getattr(losses, name))
+
+
+def test_class_indices_out_of_range_are_a_library_error_naming_the_range():
+    from flowdistill.errors import FlowdistillError, ValueRangeError
+
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueRangeError, match=r"dkd: target class indices must lie in \[0, 5\) "
+                       r"\(got -100 to 2\)") as err:  # fmt: skip
+        losses.dkd(s, t, torch.tensor([0, 2, -100]))  # padding where DKD needs a label
+    assert isinstance(err.value, FlowdistillError) and isinstance(err.value, ValueError)

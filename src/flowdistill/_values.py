@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ValueRangeError
+
 __all__ = ["check_index_range", "values_readable"]
 
 
@@ -20,8 +22,10 @@ def values_readable(t: torch.Tensor) -> bool:
 
 
 def check_index_range(index: torch.Tensor, high: int, message: str) -> None:
-    """Raise ``ValueError(message)`` when an entry of ``index`` lies outside ``[0, high)``;
-    checked only where :func:`values_readable` (see the module's documentation)."""
+    """Raise :class:`~flowdistill.errors.ValueRangeError` (a ``ValueError``) with
+    ``message`` when an entry of ``index`` lies outside ``[0, high)``; checked only where
+    :func:`values_readable` (see the module's documentation)."""
     if index.numel() and values_readable(index):
-        if int(index.min()) < 0 or int(index.max()) >= high:
-            raise ValueError(message)
+        low, top = int(index.min()), int(index.max())
+        if low < 0 or top >= high:
+            raise ValueRangeError(f"{message} (got {low} to {top})")

@@ -15,6 +15,7 @@ __all__ = [
     "ShapeMismatchError",
     "TapError",
     "UnknownMethodError",
+    "ValueRangeError",
 ]
 
 
@@ -51,3 +52,8 @@ class CheckpointError(FlowdistillError, OSError):
 
 class NonFiniteLossError(FlowdistillError, FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class ValueRangeError(FlowdistillError, ValueError):
+    """A tensor holds values outside the range an operation accepts (a class index beyond
+    the classes, padding where a loss needs a label for every position)."""

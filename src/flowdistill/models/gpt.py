@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeMismatchError
 from .registry import register_model
 
 __all__ = ["GPT", "GPTConfig", "gpt"]
@@ -127,11 +127,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         if idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"GPT expects integer token ids (B, T), got {idx.dtype} "
-                             f"{tuple(idx.shape)}")  # fmt: skip
+            raise ShapeMismatchError(
+                f"GPT expects integer token ids (B, T), got {idx.dtype} {tuple(idx.shape)}"
+            )
         b, t = idx.shape
         if t > self.config.block_size:
-            raise ValueError(f"sequence of {t} tokens exceeds block_size {self.config.block_size}")
+            raise ShapeMismatchError(
+                f"sequence of {t} tokens exceeds block_size {self.config.block_size}"
+            )
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:

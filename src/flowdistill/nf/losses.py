@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 from .model import FlowOutput, MultiScaleFlow
 
 __all__ = ["check_pair", "final_latent_kd", "intermediate_latent_kd", "synthesized_kd"]
@@ -71,7 +71,7 @@ def synthesized_kd(
     between the student's decoding of ``eps`` and ``y~``.
     """
     if target not in ("latent", "sample"):
-        raise ValueError(f"target must be 'latent' or 'sample', got {target!r}")
+        raise ConfigError(f"target must be 'latent' or 'sample', got {target!r}")
     with torch.no_grad():
         y = teacher.sample(n, temperature, generator).clamp(0.0, 1.0)
         eps = teacher.encode(y).noise

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError, ShapeMismatchError
 from ..flows.layers import (
     ActNorm,
     AffineCoupling,
@@ -95,7 +96,7 @@ class LogitTransform(InvertibleLayer):
     def __init__(self, alpha: float = 0.05) -> None:
         super().__init__()
         if not 0.0 <= alpha < 0.5:
-            raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
+            raise ConfigError(f"alpha must lie in [0, 0.5), got {alpha}")
         self.alpha = float(alpha)
 
     def forward(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,17 +179,17 @@ class MultiScaleFlow(nn.Module):
         super().__init__()
         c, h, w = (int(v) for v in image_shape)
         if levels < 1:
-            raise ValueError(f"levels must be >= 1, got {levels}")
+            raise ConfigError(f"levels must be >= 1, got {levels}")
         if h % 2**levels or w % 2**levels:
-            raise ValueError(
+            raise ConfigError(
                 f"image {h}x{w} cannot be squeezed {levels} times: H and W must be divisible "
                 f"by 2**levels = {2**levels}"
             )
         per_level = [steps] * levels if isinstance(steps, int) else list(steps)
         if len(per_level) != levels or min(per_level) < 1:
-            raise ValueError(f"steps must be >= 1 per level ({levels} levels), got {steps}")
+            raise ConfigError(f"steps must be >= 1 per level ({levels} levels), got {steps}")
         if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
+            raise ConfigError(f"hidden must be >= 1, got {hidden}")
         self.image_shape = (c, h, w)
         self.num_levels, self.steps, self.hidden = levels, per_level, hidden
         self.preprocess = LogitTransform(alpha) if logit else None
@@ -225,7 +226,7 @@ class MultiScaleFlow(nn.Module):
 
     def _check(self, y: Tensor) -> None:
         if y.ndim != 4 or tuple(y.shape[1:]) != self.image_shape:
-            raise ValueError(
+            raise ShapeMismatchError(
                 f"MultiScaleFlow expects images (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(y.shape)}"
             )
@@ -265,7 +266,7 @@ class MultiScaleFlow(nn.Module):
     def decode(self, noise: list[Tensor]) -> Tensor:
         """Latents ``eps_l`` (one tensor per level) back to data ``y``."""
         if len(noise) != self.num_levels:
-            raise ValueError(f"decode needs {self.num_levels} latents, got {len(noise)}")
+            raise ShapeMismatchError(f"decode needs {self.num_levels} latents, got {len(noise)}")
         x = noise[-1]
         for level in reversed(range(self.num_levels)):
             if level < self.num_levels - 1:

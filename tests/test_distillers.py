@@ -186,3 +186,10 @@ def test_every_method_trains_a_float64_pair_in_float64(name):
     assert terms["loss"].dtype == torch.float64
     terms["loss"].backward()
     assert d.eval().predict(x).dtype == torch.float64
+
+
+def test_a_method_that_cannot_be_built_says_so_with_its_options(pair):
+    teacher, student, _ = pair
+    rgb = torch.randn(2, 3, 8, 8)  # the pair reads one channel
+    with pytest.raises(ConfigError, match=r"'fitnet' could not be built.*channels.*\(2, 3, 8, 8\)"):
+        flowdistill.make_distiller("fitnet", teacher, student, example_input=rgb, **FEATURE_TAPS)

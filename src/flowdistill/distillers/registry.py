@@ -9,7 +9,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, UnknownMethodError
+from ..errors import ConfigError, FlowdistillError, UnknownMethodError
 from ..taps import LOGITS
 
 if TYPE_CHECKING:
@@ -187,4 +187,17 @@ def make_distiller(
             f"({', '.join(map(repr, given))}) would be ignored"
             + (f"; {cls.taps_hint}" if cls.taps_hint else "")
         )
-    return cls(teacher, student, **_typed(cls, name, options))
+    typed = _typed(cls, name, options)
+    try:
+        return cls(teacher, student, **typed)
+    except FlowdistillError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # from torch or a model
+        example = options.get("example_input")
+        shape = tuple(example.shape) if hasattr(example, "shape") else None
+        given = {k: v for k, v in options.items() if k != "example_input"}
+        raise ConfigError(
+            f"method {name!r} could not be built around this teacher and student "
+            f"({type(exc).__name__}: {exc}); its options {given}, example_input of shape "
+            f"{shape}"
+        ) from exc

@@ -231,7 +231,8 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
     if logits and logits[-1] != data.num_classes:
         raise ShapeMismatchError(
             f"fit: the student predicts {logits[-1]} classes but data.num_classes is "
-            f"{data.num_classes}"
+            f"{data.num_classes} (of a model that returns several tensors, the first, or the "
+            "'logits' entry of a dict, is taken as its logits)"
         )
     return Splits(parts["train"], parts["val"], parts["test"], data.num_classes)
 

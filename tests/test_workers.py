@@ -93,7 +93,7 @@ def test_workers_refuse_a_folder_of_another_configuration(tmp_path, one_thread):
               log=lambda *_: None, teacher_epochs=1)  # fmt: skip
     run_bench("digits", methods=["student"], epochs=1, **kw)
     record = (tmp_path / "b" / "runs" / "student" / "seed0" / "result.json").read_text()
-    with pytest.raises(ConfigError, match="holds a run of another configuration"):
+    with pytest.raises(ConfigError, match=r"another configuration \(epochs differ\)"):
         run_bench("digits", methods=["student"], epochs=2, workers=2, **kw)
     assert (tmp_path / "b" / "runs" / "student" / "seed0" / "result.json").read_text() == record
 
@@ -114,3 +114,13 @@ def test_a_method_named_twice_runs_once(tmp_path):
         out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None,
     )  # fmt: skip
     assert [r["method"] for r in results["runs"]] == ["student", "kd"]
+
+
+def test_an_option_a_method_refuses_stops_the_bench_before_anything_trains(tmp_path):
+    with pytest.raises(ConfigError, match="direction must be 'forward' or 'reverse'"):
+        run_bench(
+            "digits", methods=["kd", "skew_kl"], seeds=1, epochs=1, progress=False,
+            out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None,
+            options={"skew_kl": {"direction": "sideways"}},
+        )  # fmt: skip
+    assert not (tmp_path / "b").exists() and not (tmp_path / "cache").exists()

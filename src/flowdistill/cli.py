@@ -147,7 +147,8 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     from .errors import ConfigError
     from .models import build_model, data_kwargs
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
+    cfg = load_config(args.config, overrides)
     d = cfg.data
     if d.name == "digits":
         data = digits_splits(d.split_seed, d.val_fraction, d.test_fraction)
@@ -237,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="YAML run configuration")
         p.add_argument("--resume", action="store_true", help="continue the run in out_dir")
+        p.add_argument(
+            "--no-progress", action="store_true", help="hide progress bars (train.progress)"
+        )
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.1")
         p.set_defaults(func=lambda a, t=teacher_mode: _run(a, t))
 
@@ -254,10 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_table)
 
+    from .bench.suites import SUITES
+
     p = sub.add_parser("bench", help="run a benchmark suite side by side")
-    p.add_argument("--suite", required=True)
+    p.add_argument("--suite", required=True, help=f"one of: {', '.join(sorted(SUITES))}")
     p.add_argument("--methods", default=None, help="comma-separated, or 'all' (default)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
     p.add_argument(
         "--epochs",
         type=int,

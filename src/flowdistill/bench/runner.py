@@ -74,6 +74,31 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def _other_configuration(run_dir: Path, record: dict, key: dict) -> ConfigError:
+    """The error for a run folder holding a run of another configuration, naming the
+    entries of its key that differ from this run's."""
+    old = record.get("key") if isinstance(record.get("key"), dict) else {}
+    differ = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    what = f" ({', '.join(differ)} differ)" if old and differ else ""
+    return ConfigError(
+        f"{run_dir} holds a run of another configuration{what}; choose another --out directory"
+    )
+
+
+def _check_buildable(
+    suite: Suite, data: Splits, methods: list[str], grids: dict[str, list[dict]], example
+) -> None:
+    """Build every method (at every grid point) around untrained copies of the suite's
+    models, so that an option value a method refuses stops the bench before anything
+    trains rather than after the runs before it."""
+    teacher = _build(suite.teacher, data, suite.task)
+    for method in methods:
+        for point in grids.get(method) or [{}]:
+            student = _build(suite.student, data, suite.task)
+            options = {**method_config(suite, method), **point}
+            make_distiller(method, teacher, student, example_input=example, **options)
+
+
 def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
     if suite.task == "lm":  # the best epoch by validation loss (bits per character)
         kw.setdefault("select_by", "val_loss")
@@ -340,8 +365,9 @@ def run_bench(
     out = Path(out or Path("runs") / "bench" / suite.name)
     cache = Path(cache) if cache else DEFAULT_CACHE
     data = budgeted(suite.load_data(), budget)
-    teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
     example = data.train.x[:8]
+    _check_buildable(suite, data, methods, grids, example)  # before any run trains
+    teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
 
     rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
     student_params = _params(_build(suite.student, data, suite.task))
@@ -382,10 +408,7 @@ def run_bench(
                 cost = _read_record(cost_file)
             else:
                 if cached is not None and not same:  # another configuration: keep it aside
-                    raise ConfigError(
-                        f"{run_dir} holds a run of another configuration; "
-                        "choose another --out directory"
-                    )
+                    raise _other_configuration(run_dir, cached, key)
                 tuned = _tune_dir(out, method, chosen.get(method, {}), seed)
                 if tune and not run_dir.exists() and _finished(tuned, key):
                     log(f"{method} seed {seed}: the tuning run {tuned} is this run")
@@ -616,10 +639,7 @@ def _tune_method(
             result_file = run_dir / "result.json"
             result = _read_record(result_file) if result_file.exists() else None
             if result is not None and result.get("key_hash") != _hash(key):
-                raise ConfigError(
-                    f"{run_dir} holds a run of another configuration; "
-                    "choose another --out directory"
-                )
+                raise _other_configuration(run_dir, result, key)
             if result is None:
                 result, _ = _train_run(
                     suite, method, options, teacher, data, example, key, seed, run_dir,
@@ -660,10 +680,7 @@ class _Pool:
                            teacher_info, self.spec["budget"])  # fmt: skip
             result_file = run_dir / "result.json"
             if result_file.exists() and not _finished(run_dir, key):
-                raise ConfigError(
-                    f"{run_dir} holds a run of another configuration; "
-                    "choose another --out directory"
-                )
+                raise _other_configuration(run_dir, _read_record(result_file), key)
             done = _finished(run_dir, key) and (
                 not with_cost or (run_dir / "inference.json").exists()
             )

@@ -679,11 +679,10 @@ class _Pool:
             key = _run_key(self.suite, method, options, seed, self.spec["epochs"],
                            teacher_info, self.spec["budget"])  # fmt: skip
             result_file = run_dir / "result.json"
-            if result_file.exists() and not _finished(run_dir, key):
-                raise _other_configuration(run_dir, _read_record(result_file), key)
-            done = _finished(run_dir, key) and (
-                not with_cost or (run_dir / "inference.json").exists()
-            )
+            record = _read_record(result_file) if result_file.exists() else None
+            if record is not None and record.get("key_hash") != _hash(key):
+                raise _other_configuration(run_dir, record, key)
+            done = record is not None and (not with_cost or (run_dir / "inference.json").exists())
             if not done:
                 todo.append({**self.spec, "method": method, "options": options, "seed": seed,
                              "run_dir": str(run_dir), "key": key, "with_cost": with_cost,

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError
+from ..losses.lm import token_cross_entropy
 from ..taps import LOGITS, FeatureTaps
 
 __all__ = ["IGNORE_INDEX", "Distiller"]
@@ -159,13 +160,12 @@ class Distiller(nn.Module):
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Task loss on the student's logits (class dimension last); targets equal to -100
         (padding) are not counted."""
+        if targets.ndim >= 2:  # tokens: mean over the counted ones (0 for padding alone)
+            return token_cross_entropy(logits, targets, self.token_mask(targets))
         rows = logits.flatten(0, -2)  # float32 or wider, under autocast too
-        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        if targets.ndim < 2:  # class labels: no padding
-            return F.cross_entropy(rows, targets.flatten())
-        # tokens: mean over the counted ones, 0 (not NaN) for a batch of padding alone
-        total = F.cross_entropy(rows, targets.flatten(), reduction="sum")
-        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+        return F.cross_entropy(
+            rows.to(torch.promote_types(rows.dtype, torch.float32)), targets.flatten()
+        )
 
     @staticmethod
     def token_mask(targets: torch.Tensor) -> torch.Tensor | None:

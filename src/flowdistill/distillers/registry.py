@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import itertools
 import types
@@ -140,6 +141,17 @@ def _typed(cls: type, name: str, options: dict[str, Any]) -> dict[str, Any]:
     (sequences, modules, tensors) pass as given."""
     from ..config import _coerce
 
+    types_of = _simple_option_types(cls)
+    return {
+        k: _coerce(v, types_of[k], f"{name}.{k}") if k in types_of else v
+        for k, v in options.items()
+    }
+
+
+@functools.cache
+def _simple_option_types(cls: type) -> dict[str, Any]:
+    """The options of ``cls`` annotated with a plain type (bool, int, float, str, or an
+    optional one), read from the ``__init__`` of every class of its MRO."""
     hints: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         init = vars(klass).get("__init__")
@@ -148,14 +160,12 @@ def _typed(cls: type, name: str, options: dict[str, Any]) -> dict[str, Any]:
                 hints.update(typing.get_type_hints(init))
             except Exception:  # an annotation that does not resolve: left unchecked
                 continue
-    out = dict(options)
-    for key, value in options.items():
-        tp = hints.get(key)
+    out = {}
+    for key, tp in hints.items():
         union = typing.get_origin(tp) in (typing.Union, types.UnionType)
         args = [a for a in typing.get_args(tp) if a is not type(None)] if union else []
-        simple = tp in _SIMPLE or (args and all(a in _SIMPLE for a in args))
-        if simple:
-            out[key] = _coerce(value, tp, f"{name}.{key}")
+        if tp in _SIMPLE or (args and all(a in _SIMPLE for a in args)):
+            out[key] = tp
     return out
 
 
@@ -195,9 +205,9 @@ def make_distiller(
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # from torch or a model
         example = options.get("example_input")
         shape = tuple(example.shape) if hasattr(example, "shape") else None
-        given = {k: v for k, v in options.items() if k != "example_input"}
+        shown = {k: v for k, v in options.items() if k != "example_input"}
         raise ConfigError(
             f"method {name!r} could not be built around this teacher and student "
-            f"({type(exc).__name__}: {exc}); its options {given}, example_input of shape "
+            f"({type(exc).__name__}: {exc}); its options {shown}, example_input of shape "
             f"{shape}"
         ) from exc

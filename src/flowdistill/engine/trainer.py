@@ -216,8 +216,9 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
             )
         y = y.long()
         counted = y[y != IGNORE_INDEX] if y.ndim > 1 else y  # token targets: padding left out
-        if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= data.num_classes):
-            low, high, classes = int(counted.min()), int(counted.max()), data.num_classes
+        low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
+        if low < 0 or high >= data.num_classes:
+            classes = data.num_classes
             raise DataError(
                 f"fit: data.{name} labels run from {low} to {high}, outside the "
                 f"{classes} classes [0, {classes}) of data.num_classes"
@@ -283,8 +284,8 @@ def refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
         saved = json.loads(result.read_text())
     except (OSError, ValueError):
         saved = {}
-    same = bool(meta) and all(saved.get(k) == meta[k] for k in _RUN_KEYS if k in meta)
-    if not same or not any(k in (meta or {}) for k in _RUN_KEYS):
+    keys = [k for k in _RUN_KEYS if k in (meta or {})]  # what identifies the run, if anything
+    if not keys or any(saved.get(k) != meta[k] for k in keys):
         raise CheckpointError(
             f"{out} holds a finished run (result.json) without its checkpoint "
             f"({CHECKPOINT}): there is nothing to resume, and starting again would overwrite "

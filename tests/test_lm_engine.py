@@ -9,13 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowdistill import OptimConfig, TrainConfig, fit, make_distiller
+from flowdistill import OptimConfig, TrainConfig, fit, losses, make_distiller
 from flowdistill.data import CharTokenizer, Split, char_splits, read_chars, token_windows
+from flowdistill.distillers.ofmkt import smoothed_cross_entropy
+from flowdistill.distillers.registry import REGISTRY, VARIANTS, get_method
 from flowdistill.engine import evaluate
-from flowdistill.errors import DataError
+from flowdistill.errors import ConfigError, DataError, ShapeMismatchError
 from flowdistill.losses import forward_kl, reverse_kl, skew_reverse_kl
 from flowdistill.models.gpt import GPT, GPTConfig
 
+ALL_METHODS = sorted(REGISTRY) + sorted(VARIANTS)
 TEXT = ("the quick brown fox jumps over the lazy dog. " * 40).strip()
 
 
@@ -503,3 +506,131 @@ def test_flowdistill_leaves_padding_out_of_every_term(options, lm):
     torch.manual_seed(0)
     unmasked = d(other, data.train.y[:2])  # oracle of the test: counted, they would differ
     assert not torch.allclose(unmasked["feature"], a["feature"])
+
+
+# ---------------------------------------------------------------------------- padding
+def _padded(shape=(3, 7), cut=4):
+    keep = torch.ones(shape, dtype=torch.bool)
+    keep[0, cut:] = False
+    keep[2, :2] = False  # left padding too
+    return keep
+
+
+@pytest.mark.parametrize(
+    "name,loss",
+    [
+        ("kd", lambda s, t, y, m: losses.kd(s, t, 2.0, m)),
+        ("ls", lambda s, t, y, m: losses.ls(s, t, 2.0, m)),
+        ("dist", lambda s, t, y, m: losses.dist(s, t, temperature=2.0, mask=m)),
+        ("dkd", lambda s, t, y, m: losses.dkd(s, t, y, 1.0, 8.0, 4.0, m)),
+        ("smoothed_ce", lambda s, t, y, m: smoothed_cross_entropy(s, y, 0.1, m)),
+    ],
+)
+def test_masked_logit_losses_equal_the_loss_on_the_counted_positions(name, loss):
+    """The oracle: the same function on the counted rows alone, as a plain (N, V) batch."""
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 7, 11, dtype=torch.float64), torch.randn(3, 7, 11, dtype=torch.float64)
+    y = torch.randint(0, 11, (3, 7))
+    keep = _padded()
+    y_padded = torch.where(keep, y, -100)  # padded targets are -100: they must not be read
+    got = loss(s, t, y_padded, keep)
+    expected = loss(s[keep], t[keep], y[keep], None)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(loss(s, t, y, None), expected)  # counted, they would differ
+
+
+@pytest.mark.parametrize("name", ["hint", "pkd"])
+def test_masked_feature_losses_equal_the_loss_on_the_counted_positions(name):
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(3, 7, 5, dtype=torch.float64)
+    keep = _padded()
+    fn = getattr(losses, name)
+    got = fn(s, t, mask=keep)
+    expected = fn(s[keep], t[keep])  # (N, 5) vectors: pkd standardises over the batch
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(fn(s, t), expected)
+
+
+def test_smoothed_cross_entropy_is_the_authors_formula():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+    soft = torch.full((6, 5), 0.1 / 4, dtype=torch.float64)
+    soft[torch.arange(6), y] = 0.9
+    expected = -(soft * torch.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(smoothed_cross_entropy(logits, y, 0.1), expected)
+
+
+def test_a_mask_of_another_shape_is_refused():
+    s = torch.randn(2, 4, 6)
+    with pytest.raises(ShapeMismatchError, match=r"mask \(2, 3\)"):
+        losses.kd(s, s, 1.0, torch.ones(2, 3, dtype=torch.bool))
+
+
+def _gpt_pair():
+    torch.manual_seed(0)
+    config = {"n_head": 2, "vocab_size": 13, "block_size": 16}
+    return GPT(GPTConfig(n_layer=2, n_embd=32, **config)), GPT(
+        GPTConfig(n_layer=1, n_embd=16, **config)
+    )
+
+
+#: methods defined on whole samples only (one logit vector per sample)
+SAMPLE_LEVEL = {"nd", "ofa"}
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_every_method_leaves_padding_out_or_refuses_it(name):
+    """Token targets with padding (-100): a method that says it masks padding gives terms
+    that no token at a padded position can change (the causal models see those tokens only
+    at those positions); any other refuses the padded targets with a ConfigError naming the
+    methods that take them, and methods defined on whole samples refuse token logits."""
+    teacher, student = _gpt_pair()
+    x = torch.randint(0, 13, (4, 16))
+    y = torch.randint(0, 13, (4, 16))
+    padded = y.clone()
+    padded[:, 10:] = -100
+    options = {}
+    if get_method(name).uses_feature_taps:
+        options = {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
+    if name == "fmkt":
+        options = {"tap": "blocks.0", "teacher_tap": "blocks.1"}
+    if name in SAMPLE_LEVEL:
+        with pytest.raises(ShapeMismatchError, match="per-sample"):
+            make_distiller(name, teacher, student, example_input=x, **options)
+        return
+    d = make_distiller(name, teacher, student, example_input=x, **options)
+    d.on_fit_start(4)
+    d.on_epoch_start(2, 4)  # mid-schedule: ramps are partial
+    d.batch_index = torch.arange(4)
+    d.eval()  # running statistics, not the batch's
+    if not d.masks_padding:
+        with pytest.raises(ConfigError, match=rf"method '{name}' would count padded positions"):
+            d(x, padded)
+        return
+    other = x.clone()
+    other[:, 10:] = (other[:, 10:] + 3) % 13
+    torch.manual_seed(0)
+    a = d(x, padded)
+    torch.manual_seed(0)
+    b = d(other, padded)
+    for term in a:
+        torch.testing.assert_close(a[term], b[term], msg=term)
+    torch.manual_seed(0)
+    counted = d(other, y)  # the test's oracle: with the padding counted, the loss moves
+    assert not torch.allclose(counted["loss"], a["loss"])
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_METHODS if not get_method(n).masks_padding
+                                  and n not in SAMPLE_LEVEL])  # fmt: skip
+def test_fit_refuses_padded_targets_a_method_would_count(name, lm, tmp_path):
+    data, _, teacher, student = lm
+    y = data.train.y.clone()
+    y[0, 12:] = -100
+    train = Split(data.train.x, y)
+    splits = type(data)(train, data.val, data.test, data.num_classes)
+    options = {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
+    d = make_distiller(name, teacher, student, example_input=data.train.x[:2], **options)
+    with pytest.raises(ConfigError, match="would count padded positions") as info:
+        fit(d, splits, OptimConfig("adamw"), TrainConfig(epochs=1, progress=False), tmp_path)
+    assert "fitnet" in str(info.value)  # names the methods that take padding
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._values import values_readable
 from ..errors import ConfigError, ShapeMismatchError
 from ..losses.lm import token_cross_entropy
 from ..taps import LOGITS, FeatureTaps
+from .registry import get_method, list_methods
 
 __all__ = ["IGNORE_INDEX", "Distiller"]
 
@@ -47,6 +49,9 @@ class Distiller(nn.Module):
     #: whether the method needs each sample's dataset index (``self.batch_index``), e.g. a
     #: memory bank keyed by sample; the engine sets it before every training step
     uses_indices: ClassVar[bool] = False
+    #: whether every term of the method leaves padded positions (token targets -100) out;
+    #: a method that would count them refuses padded targets (:meth:`check_targets`)
+    masks_padding: ClassVar[bool] = False
     #: the method's main hyper-parameters for ``flowdistill bench --tune``: option -> values
     #: (every combination is a point) or a list of option dicts; each method of the project
     #: holds four points, so that every method gets the same grid budget
@@ -159,13 +164,24 @@ class Distiller(nn.Module):
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Task loss on the student's logits (class dimension last); targets equal to -100
-        (padding) are not counted."""
+        (padding) are not counted (:meth:`check_targets` first)."""
+        self.check_targets(targets)
         if targets.ndim >= 2:  # tokens: mean over the counted ones (0 for padding alone)
             return token_cross_entropy(logits, targets, self.token_mask(targets))
         rows = logits.flatten(0, -2)  # float32 or wider, under autocast too
         return F.cross_entropy(
             rows.to(torch.promote_types(rows.dtype, torch.float32)), targets.flatten()
         )
+
+    def check_targets(self, targets: torch.Tensor) -> None:
+        """Refuse padded token targets (-100) for a method whose terms would count the
+        padded positions (``masks_padding`` false). Checked where the values are free to
+        read (CPU tensors outside compilation); ``fit`` checks the training targets once
+        before anything trains, wherever they are."""
+        if self.masks_padding or targets.ndim < 2 or not values_readable(targets):
+            return
+        if bool((targets == IGNORE_INDEX).any()):
+            raise ConfigError(padding_refusal(self.name or type(self).__name__))
 
     @staticmethod
     def token_mask(targets: torch.Tensor) -> torch.Tensor | None:
@@ -175,6 +191,21 @@ class Distiller(nn.Module):
         if targets.ndim < 2:
             return None
         return targets != IGNORE_INDEX
+
+    def feature_mask(
+        self, targets: torch.Tensor, feature: torch.Tensor, what: str
+    ) -> torch.Tensor | None:
+        """:meth:`token_mask` for a feature with one vector per token, ``(B, T, D)`` for
+        targets ``(B, T)``; ``None`` for class labels. A feature of another layout under
+        token targets is refused, as its padded positions could not be left out."""
+        mask = self.token_mask(targets)
+        if mask is not None and tuple(feature.shape[:-1]) != tuple(mask.shape):
+            raise ShapeMismatchError(
+                f"{self.name}: {what} has shape {tuple(feature.shape)}, not one vector per "
+                f"token of the targets {tuple(mask.shape)}, so its padded positions could not "
+                "be left out: tap a module whose output is (batch, tokens, width)"
+            )
+        return mask
 
     @torch.no_grad()
     def predict(self, inputs: Any) -> torch.Tensor:
@@ -205,6 +236,16 @@ class Distiller(nn.Module):
         terms = dict(terms)
         terms["loss"] = sum(terms.values())
         return terms
+
+
+def padding_refusal(name: str) -> str:
+    """The message for a method given padded targets it cannot leave out."""
+    able = [m for m in list_methods() if get_method(m).masks_padding]
+    return (
+        f"method {name!r} would count padded positions (targets -100) in its distillation "
+        "terms: give it unpadded sequences (fixed-length windows, as the character suites "
+        f"use), or use a method that leaves padding out: {', '.join(able)}"
+    )
 
 
 def _refuse_shared(teacher: nn.Module, student: nn.Module) -> None:

@@ -162,6 +162,8 @@ class CachedKD(Distiller):
     ``kd_weight`` x :func:`sparse_kd`; targets of -100 are left out.
     """
 
+    masks_padding = True
+
     name = "cached_kd"
     uses_teacher = False
     uses_indices = True

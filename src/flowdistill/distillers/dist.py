@@ -28,6 +28,8 @@ class DIST(Distiller):
     ``temperature = 1`` with the same weights.
     """
 
+    masks_padding = True
+
     tune_grid = {"temperature": [1.0, 4.0], "dist_weight": [1.0, 2.0]}
 
     def __init__(
@@ -53,7 +55,8 @@ class DIST(Distiller):
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_forward(inputs)[LOGITS]
         s_logits = self.student_forward(inputs)[LOGITS]
-        dist = losses.dist(s_logits, t_logits, self.beta, self.gamma, self.temperature)
+        mask = self.token_mask(targets)  # padding left out (None for class labels)
+        dist = losses.dist(s_logits, t_logits, self.beta, self.gamma, self.temperature, mask=mask)
         return self.total(
             {
                 "ce": self.ce_weight * self.cross_entropy(s_logits, targets),

@@ -53,6 +53,8 @@ class DKD(Distiller):
     call) the term is not scaled.
     """
 
+    masks_padding = True
+
     tune_grid = {"temperature": [1.0, 4.0], "beta": [2.0, 8.0]}
 
     def __init__(
@@ -90,7 +92,8 @@ class DKD(Distiller):
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_forward(inputs)[LOGITS]
         s_logits = self.student_forward(inputs)[LOGITS]
-        dkd = losses.dkd(s_logits, t_logits, targets, self.alpha, self.beta, self.temperature)
+        mask = self.token_mask(targets)  # padding left out (None for class labels)
+        dkd = losses.dkd(s_logits, t_logits, targets, self.alpha, self.beta, self.temperature, mask)
         return self.total(
             {
                 "ce": self.ce_weight * self.cross_entropy(s_logits, targets),

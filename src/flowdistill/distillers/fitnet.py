@@ -124,7 +124,9 @@ class FeatureDistiller(Distiller):
         """``ce`` (and ``kd`` when ``kd_weight`` is not zero)."""
         terms = {"ce": self.ce_weight * self.cross_entropy(s_logits, targets)}
         if self.kd_weight:
-            terms["kd"] = self.kd_weight * losses.kd(s_logits, t_logits, self.temperature)
+            mask = self.token_mask(targets)  # padding left out (None for class labels)
+            kd = losses.kd(s_logits, t_logits, self.temperature, mask)
+            terms["kd"] = self.kd_weight * kd
         return terms
 
 
@@ -175,6 +177,8 @@ class FitNet(FeatureDistiller):
     jointly, not in FitNets' original two stages.
     """
 
+    masks_padding = True
+
     tune_grid = {"hint_weight": [10.0, 100.0], "kd_weight": [0.0, 1.0]}
 
     def __init__(
@@ -194,10 +198,10 @@ class FitNet(FeatureDistiller):
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         s_feats, t_feats, s_logits, t_logits = self.features(inputs)
-        hint = sum(
-            losses.hint(reg(s), t)
-            for reg, s, t in zip(self.regressors, s_feats, t_feats, strict=True)
-        )
+        hint = 0.0
+        for reg, s, t, (_, tap) in zip(self.regressors, s_feats, t_feats, self.pairs, strict=True):
+            mask = self.feature_mask(targets, t, f"teacher tap {tap!r}")
+            hint = hint + losses.hint(reg(s), t, mask)
         terms = self.logit_terms(s_logits, t_logits, targets)
         terms["fitnet"] = self.hint_weight * hint
         return self.total(terms)

@@ -226,6 +226,8 @@ class FlowDistill(Distiller):
     Invertible knowledge mapping, flow-guided progressive transfer and a conditional velocity
     field, as described in this module's documentation; every part is an option."""
 
+    masks_padding = True
+
     tune_grid = {"temperature": [1.0, 4.0], "logit_weight": [0.0, 1.0]}
 
     needs_shapes = True

@@ -229,6 +229,7 @@ def step_metric(
     dist_beta: float = 2.0,
     dist_gamma: float = 2.0,
     dist_temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The metric-based loss of one FM-KT step between a prediction and its target.
 
@@ -238,12 +239,13 @@ def step_metric(
     is KD's and DKD's). Defaults are those of the authors' FM-KT code: KD at ``T = 4``,
     DKD with ``alpha = 1, beta = 2, T = 4``, DIST with ``beta = gamma = 2, T = 1``. KD and
     DIST treat the channels of a feature map (the
-    last dimension of vectors and tokens) as the classes of each position.
+    last dimension of vectors and tokens) as the classes of each position. ``mask`` (the
+    leading shape of token logits or features) leaves padded positions out.
     """
     if name == "pkd":
-        return losses.pkd(pred, target)
+        return losses.pkd(pred, target, mask=mask)
     if name == "kd":
-        return losses.kd(_channels_last(pred), _channels_last(target), temperature)
+        return losses.kd(_channels_last(pred), _channels_last(target), temperature, mask)
     if name == "dist":
         return losses.dist(
             _channels_last(pred),
@@ -251,11 +253,12 @@ def step_metric(
             beta=dist_beta,
             gamma=dist_gamma,
             temperature=dist_temperature,
+            mask=mask,
         )
     if name == "dkd":
         if labels is None or pred.ndim != 2:
             raise ConfigError("fmkt: metric 'dkd' needs logits (B, classes) and class labels")
-        return losses.dkd(pred, target, labels, dkd_alpha, dkd_beta, temperature)
+        return losses.dkd(pred, target, labels, dkd_alpha, dkd_beta, temperature, mask)
     raise ConfigError(f"fmkt: metric must be one of {METRICS}, got {name!r}")
 
 
@@ -354,6 +357,8 @@ class FMKT(Distiller):
     metric loss (KD/DKD/PKD/DIST) at every step, VP/VE/straight paths, serial insertion of
     the flow into the student for features and an implicit ensemble over the steps for logits
     (see this module's documentation)."""
+
+    masks_padding = True
 
     # (the loss weight, not KD's temperature: the default metric on logits is DIST, whose
     # temperature is its own, and PKD on features has none)
@@ -460,8 +465,8 @@ class FMKT(Distiller):
         return [self.student, self.flow]
 
     # ------------------------------------------------------------------ pieces
-    def _metric(self, pred, target, labels) -> torch.Tensor:
-        return step_metric(self.metric, pred, target, labels, **self.metric_options)
+    def _metric(self, pred, target, labels, mask=None) -> torch.Tensor:
+        return step_metric(self.metric, pred, target, labels, mask=mask, **self.metric_options)
 
     def _student_with_flow(self, inputs: Any, steps: int):
         """Student features with the flow inserted at ``tap`` and the step predictions."""
@@ -482,13 +487,14 @@ class FMKT(Distiller):
         if self.feature_mode:
             s_out, preds = self._student_with_flow(inputs, steps)
             target = self.target_proj(t_out[self.teacher_tap].to(preds[0].dtype))
-            fm = torch.stack([self._metric(p, target, None) for p in preds]).mean()
+            mask = self.feature_mask(targets, target, f"tap {self.tap!r}")
+            fm = torch.stack([self._metric(p, target, None, mask) for p in preds]).mean()
             ce = self.cross_entropy(s_out[LOGITS], targets)
         else:
             s_logits = self.student_forward(inputs)[LOGITS]
             _, preds = self.flow.unroll(s_logits, steps)
-            t_logits = t_out[LOGITS]
-            fm = torch.stack([self._metric(p, t_logits, targets) for p in preds]).mean()
+            t_logits, mask = t_out[LOGITS], self.token_mask(targets)
+            fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
             ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()
         if self.training:
             self._stats.add(preds)

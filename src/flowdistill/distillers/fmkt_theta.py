@@ -60,12 +60,13 @@ class FMKTTheta(FMKT):
         s_logits = self.student_forward(inputs)[LOGITS]
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
         _, preds = self.flow.unroll(s_logits, steps)
-        fm = torch.stack([self._metric(p, t_logits, targets) for p in preds]).mean()
+        mask = self.token_mask(targets)  # padding left out (None for class labels)
+        fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
         ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()
         if self.training:
             self._stats.add(preds)
         target = torch.stack(preds).mean(0).detach()
-        theta = self.warmup_factor * self._metric(s_logits, target, targets)
+        theta = self.warmup_factor * self._metric(s_logits, target, targets, mask)
         theta = theta + self.cross_entropy(s_logits, targets)
         return self.total(
             {

@@ -16,6 +16,8 @@ from .registry import register
 class KD(Distiller):
     """Hinton KD: cross-entropy plus T²-scaled KL between softened teacher and student outputs."""
 
+    masks_padding = True
+
     tune_grid = [
         {"temperature": t, "ce_weight": c, "kd_weight": w}
         for t in (1.0, 4.0)

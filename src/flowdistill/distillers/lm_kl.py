@@ -24,6 +24,8 @@ class ReverseKL(Distiller):
     Tokens whose target is -100 (padding) are left out of both terms. Works on ``(B, V)``
     class logits as well as ``(B, T, V)`` token logits."""
 
+    masks_padding = True
+
     tune_grid = {"temperature": [1.0, 4.0], "ce_weight": [0.0, 1.0]}
 
     def __init__(

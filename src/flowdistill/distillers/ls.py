@@ -26,6 +26,8 @@ class LS(Distiller):
     (``--logit-stand --base-temp 2 --kd-weight 9`` on mdistiller's KD configuration).
     """
 
+    masks_padding = True
+
     tune_grid = {"temperature": [1.0, 2.0], "kd_weight": [1.0, 9.0]}
 
     def __init__(
@@ -50,6 +52,7 @@ class LS(Distiller):
         return self.total(
             {
                 "ce": self.ce_weight * self.cross_entropy(s_logits, targets),
-                "kd": self.kd_weight * losses.ls(s_logits, t_logits, self.temperature),
+                "kd": self.kd_weight
+                * losses.ls(s_logits, t_logits, self.temperature, self.token_mask(targets)),
             }
         )

@@ -203,6 +203,12 @@ class OFA(Distiller):
         self.temperature = float(temperature)
         self.ofa_weight = float(ofa_weight)
         self.kd_weight = float(kd_weight)
+        if len(self.student_shapes[LOGITS]) != 1:
+            raise ShapeMismatchError(
+                f"ofa: the student's logits have per-sample shape {self.student_shapes[LOGITS]};"
+                " OFA's branches classify whole samples and need one logit vector per sample "
+                "(batch, classes), not per-token logits"
+            )
         num_classes = self.student_shapes[LOGITS][-1]
         example = base["example_input"]
         shapes = [self.student_shapes[tap] for tap in self.branch_taps]

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from .._values import check_index_range
+from ..errors import ConfigError, ShapeMismatchError
+from ..losses.lm import masked_mean
+from ..losses.logit import position_mask
 from ..taps import LOGITS
 from .base import Distiller
 from .fmkt import (
@@ -44,15 +47,32 @@ __all__ = ["OFMKT", "smoothed_cross_entropy"]
 
 
 def smoothed_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.1
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    smoothing: float = 0.1,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy against labels smoothed as the authors' code: :math:`1 - \epsilon` on
-    the label and :math:`\epsilon / (C - 1)` on each other class (``logits`` ``(B, C)``)."""
-    logits = logits.float()
-    classes = logits.shape[-1]
-    soft = torch.full_like(logits, smoothing / max(classes - 1, 1))
-    soft.scatter_(-1, targets.long().reshape(-1, 1), 1.0 - smoothing)
-    return F.cross_entropy(logits, soft)
+    the label and :math:`\epsilon / (C - 1)` on each other class (``logits`` ``(B, C)`` or
+    ``(B, T, C)``, classes last), averaged over the positions where ``mask`` (the targets'
+    shape) is true, or over all."""
+    rows = logits.flatten(0, -2)
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ShapeMismatchError(
+            f"smoothed_cross_entropy: targets {tuple(targets.shape)} must have the logits' "
+            f"leading shape {tuple(logits.shape[:-1])}"
+        )
+    keep = position_mask("smoothed_cross_entropy", mask, logits)
+    labels = targets.reshape(-1).long()
+    if keep is not None:
+        labels = torch.where(keep, labels, 0)  # any class: not counted
+    classes = rows.shape[-1]
+    check_index_range(labels, classes, f"ofmkt: class indices must lie in [0, {classes})")
+    soft = torch.full_like(rows, smoothing / max(classes - 1, 1))
+    soft.scatter_(-1, labels[:, None], 1.0 - smoothing)
+    per_row = -(soft * F.log_softmax(rows, dim=-1)).sum(dim=-1)
+    return masked_mean(per_row, keep)
 
 
 @register("ofmkt")
@@ -62,6 +82,8 @@ class OFMKT(Distiller):
     The meta-encoder flow on the student's logits, trained at every Euler step with
     label-smoothed cross-entropy and a metric loss toward the detached mean of the step
     predictions; the prediction is that mean (see this module's documentation)."""
+
+    masks_padding = True
 
     # (the loss weight, not KD's temperature: the default metric on logits is DIST, whose
     # temperature is its own, and PKD on features has none)
@@ -138,11 +160,13 @@ class OFMKT(Distiller):
         if self.training:
             self._stats.add(preds)
         target = torch.stack(preds).mean(0).detach()
+        mask = self.token_mask(targets)  # padding left out (None for class labels)
         ce = torch.stack(
-            [smoothed_cross_entropy(p, targets, self.label_smoothing) for p in preds]
+            [smoothed_cross_entropy(p, targets, self.label_smoothing, mask) for p in preds]
         ).mean()
+        options = self.metric_options
         fm = torch.stack(
-            [step_metric(self.metric, p, target, targets, **self.metric_options) for p in preds]
+            [step_metric(self.metric, p, target, targets, mask=mask, **options) for p in preds]
         ).mean()
         return self.total(
             {"ce": self.ce_weight * ce, "ofmkt": self.fm_weight * self.warmup_factor * fm}

@@ -51,6 +51,8 @@ class PKD(FeatureDistiller):
     a 1×1 convolution / linear adapter first (the paper assumes equal widths).
     """
 
+    masks_padding = True
+
     tune_grid = {"pkd_weight": [0.1, 1.0], "kd_weight": [0.0, 1.0]}
 
     def __init__(self, teacher, student, *, pkd_weight: float = 1.0, **base: Any) -> None:
@@ -68,10 +70,12 @@ class PKD(FeatureDistiller):
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         s_feats, t_feats, s_logits, t_logits = self.features(inputs)
-        loss = sum(
-            losses.pkd(adapter(s), t)
-            for adapter, s, t in zip(self.adapters, s_feats, t_feats, strict=True)
-        )
+        loss = 0.0
+        for adapter, s, t, (_, tap) in zip(
+            self.adapters, s_feats, t_feats, self.pairs, strict=True
+        ):
+            mask = self.feature_mask(targets, t, f"teacher tap {tap!r}")
+            loss = loss + losses.pkd(adapter(s), t, mask=mask)
         terms = self.logit_terms(s_logits, t_logits, targets)
         terms["pkd"] = self.pkd_weight * loss
         return self.total(terms)

@@ -14,6 +14,8 @@ from .registry import register
 class Student(Distiller):
     """Student trained alone with cross-entropy; no teacher (the reference row)."""
 
+    masks_padding = True
+
     uses_teacher = False
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -39,6 +39,8 @@ class TAID(Distiller):
     distillation weight 1 with cross-entropy weight 0 (their ``distil_ratio = 1``).
     """
 
+    masks_padding = True
+
     tune_grid = {"t_start": [0.2, 0.4], "ce_weight": [0.0, 1.0]}
 
     def __init__(

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import OptimConfig, TrainConfig, _build
 from ..data.datasets import Batches, Split, Splits, random_crop_flip
-from ..distillers.base import IGNORE_INDEX, Distiller
+from ..distillers.base import IGNORE_INDEX, Distiller, padding_refusal
 from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeMismatchError
 from ..taps import LOGITS
 from . import distributed
@@ -223,6 +223,9 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
                 f"fit: data.{name} labels run from {low} to {high}, outside the "
                 f"{classes} classes [0, {classes}) of data.num_classes"
             )
+        if name == "train" and y.ndim > 1 and not distiller.masks_padding:
+            if bool((y == IGNORE_INDEX).any()):
+                raise ConfigError(f"fit: {padding_refusal(distiller.name)}")
         parts[name] = Split(x, y)
     for name, why in (("train", "nothing to train on"), ("val", "no epoch could be chosen"),
                       ("test", "nothing to report")):  # fmt: skip

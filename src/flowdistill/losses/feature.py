@@ -6,6 +6,10 @@ paper with the defaults of its authors' public code; the registered distiller of
 method calls it, so a user's own loop gets the engine's numbers. Every loss is computed in
 float32 or wider whatever the input precision.
 
+``hint`` and ``pkd`` also take a ``mask`` for token sequences ``(B, N, D)``: booleans
+``(B, N)``, true at the positions that count, so that padding is left out (a masked loss
+equals the same loss on the counted positions alone).
+
 Besides the losses, two helpers used by the map-based methods live here (not exported by
 ``flowdistill.losses``): :func:`as_map` views any feature as a ``(B, C, H, W)`` map and
 :func:`pool_to_common` average-pools two maps to their common spatial size.
@@ -20,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeMismatchError
+from .lm import masked_mean
+from .logit import position_mask
 
 __all__ = [
     "at",
@@ -120,18 +126,26 @@ def pool_to_common(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 # ---------------------------------------------------------------------------- FitNets
-def hint(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+def hint(
+    student_feature: torch.Tensor,
+    teacher_feature: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""FitNets hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015).
 
     .. math:: \mathcal{L} = \frac{1}{n}\sum_i \big(r(s)_i - t_i\big)^2
 
     the mean squared error between the *regressed* student feature :math:`r(s)` (the caller
     applies the regressor) and the teacher's hint feature, averaged over every element, as
-    in the authors' and RepDistiller's code (``nn.MSELoss``).
+    in the authors' and RepDistiller's code (``nn.MSELoss``); with ``mask`` (the leading
+    shape of token features), over the elements of the counted positions.
     """
     _same_shape("hint", student_feature, teacher_feature)
     s, t = _wide(student_feature, teacher_feature)
-    return F.mse_loss(s, t)
+    if mask is None:
+        return F.mse_loss(s, t)
+    keep = position_mask("hint", mask, s)
+    return masked_mean((s - t).pow(2).mean(dim=-1).reshape(-1), keep)
 
 
 # ---------------------------------------------------------------------------- AT
@@ -471,6 +485,16 @@ def hcl(
 
 
 # ---------------------------------------------------------------------------- PKD
+def _standardize_rows(x: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each column of ``x`` ``(N, D)`` standardised over its kept rows (others set to 0)."""
+    w = keep.to(x.dtype)[:, None]
+    count = w.sum()
+    mean = (x * w).sum(dim=0, keepdim=True) / count.clamp_min(1.0)
+    correction = (count > 1).to(x.dtype)
+    var = ((x - mean).pow(2) * w).sum(dim=0, keepdim=True) / (count - correction).clamp_min(1.0)
+    return (x - mean) / (var.sqrt() + eps) * w
+
+
 def _standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
     dim = 1 if x.ndim == 4 else x.ndim - 1
     x = x.movedim(dim, 0)
@@ -482,7 +506,10 @@ def _standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pkd(
-    student_feature: torch.Tensor, teacher_feature: torch.Tensor, eps: float = 1e-6
+    student_feature: torch.Tensor,
+    teacher_feature: torch.Tensor,
+    eps: float = 1e-6,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Pearson-correlation feature KD (Cao et al., "PKD: General Distillation Framework for
     Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022).
@@ -497,8 +524,14 @@ def pkd(
     :math:`1 - r` with :math:`r` the Pearson correlation (up to the :math:`(n-1)/n` factor
     of the unbiased deviation), so the loss is invariant to a positive affine change of any
     channel of either feature. Channels are dimension 1 of maps, the last dimension of
-    vectors and tokens; both features must have the same shape.
+    vectors and tokens; both features must have the same shape. With ``mask`` (token
+    features), the statistics and the error are taken over the counted positions only.
     """
     _same_shape("pkd", student_feature, teacher_feature)
     s, t = _wide(student_feature, teacher_feature)
-    return F.mse_loss(_standardize(s, eps), _standardize(t, eps)) / 2.0
+    if mask is None:
+        return F.mse_loss(_standardize(s, eps), _standardize(t, eps)) / 2.0
+    keep = position_mask("pkd", mask, s)
+    s, t = s.reshape(keep.shape[0], -1), t.reshape(keep.shape[0], -1)
+    error = (_standardize_rows(s, keep, eps) - _standardize_rows(t, keep, eps)).pow(2)
+    return masked_mean(error.mean(dim=1), keep) / 2.0

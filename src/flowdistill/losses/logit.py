@@ -1,6 +1,9 @@
 """Losses on logits. Logits may have any number of leading dimensions (``(B, V)`` or
 ``(B, T, V)``); the class dimension is the last one. Targets, where a loss takes them, have
-the logits' leading shape (``(B,)`` or ``(B, T)``)."""
+the logits' leading shape (``(B,)`` or ``(B, T)``), and so has ``mask``, where a loss takes
+one: ``True`` (or 1) at the positions that count, so that padding is left out. A masked loss
+equals the same loss on the counted positions alone; the mask weighs positions rather than
+selecting them, so that a training step never waits for the device."""
 
 from __future__ import annotations
 
@@ -18,14 +21,16 @@ def kd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 4.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Hinton et al. (2015) knowledge distillation.
 
     .. math:: \mathcal{L} = T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_t/T) \,\|\,
               \mathrm{softmax}(z_s/T)\big)
 
-    averaged over every position (all dimensions but the last). The :math:`T^2` factor keeps
-    gradient magnitudes comparable across temperatures. Computed in float32 or wider.
+    averaged over every position (all dimensions but the last), or over those where
+    ``mask`` is true. The :math:`T^2` factor keeps gradient magnitudes comparable across
+    temperatures. Computed in float32 or wider.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ShapeMismatchError(
@@ -38,7 +43,22 @@ def kd(
     log_p_s = F.log_softmax(s, dim=-1)
     log_p_t = F.log_softmax(t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
-    return kl.mean() * temperature**2
+    return masked_mean(kl, position_mask("kd", mask, student_logits)) * temperature**2
+
+
+def position_mask(
+    name: str, mask: torch.Tensor | None, values: torch.Tensor
+) -> torch.Tensor | None:
+    """``mask`` as ``(N,)`` booleans over the rows of ``values`` (all dimensions but the
+    last flattened), after checking that it has ``values``' leading shape."""
+    if mask is None:
+        return None
+    if tuple(mask.shape) != tuple(values.shape[:-1]):
+        raise ShapeMismatchError(
+            f"{name}: mask {tuple(mask.shape)} must have the leading shape "
+            f"{tuple(values.shape[:-1])} of {tuple(values.shape)} (one entry per position)"
+        )
+    return mask.reshape(-1).bool()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -92,6 +112,7 @@ def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation",
     CVPR 2022).
@@ -106,7 +127,8 @@ def dkd(
 
     .. math:: \mathcal{L} = T^2 \big(\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD}\big)
 
-    averaged over every position. Classical KD decomposes as
+    averaged over every position (or those where ``mask`` is true; a left-out position's
+    target may be anything, such as the padding index -100). Classical KD decomposes as
     :math:`\mathrm{KL}(p^T\|p^S) = \mathrm{TCKD} + (1 - p^T_y)\,\mathrm{NCKD}` (the paper's
     Eq. 1, :math:`p^T_y` the teacher's softened target probability); DKD drops that
     coupling weight. The authors' defaults (mdistiller): ``alpha = 1``, ``beta = 8``,
@@ -114,6 +136,9 @@ def dkd(
     by subtracting 1000 from the target logit, and the binary terms in log-space.
     """
     s, t = _rows("dkd", student_logits, teacher_logits)
+    keep = position_mask("dkd", mask, student_logits)
+    if keep is not None and tuple(target.shape) == tuple(student_logits.shape[:-1]):
+        target = torch.where(keep.view(target.shape), target, 0)  # any class: not counted
     y = _targets("dkd", target, student_logits)
     n, classes = s.shape
     if classes < 2:
@@ -131,15 +156,24 @@ def dkd(
     )
     tckd = _binary_kl(log_b_t, log_b_s)
     nckd = _binary_kl(F.log_softmax(t_other, dim=-1), F.log_softmax(s_other, dim=-1))
-    return (alpha * tckd + beta * nckd).mean() * temperature**2
+    return masked_mean(alpha * tckd + beta * nckd, keep) * temperature**2
 
 
 # ---------------------------------------------------------------------------- DIST
-def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def _pearson(
+    a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pearson correlation of the rows of ``a`` and ``b`` (cosine of centred rows, with
-    ``eps`` added to the product of norms, as the authors' code)."""
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
+    ``eps`` added to the product of norms, as the authors' code); with ``keep`` (booleans
+    over the columns) only the kept columns enter, as if the others were not there."""
+    if keep is None:
+        a = a - a.mean(dim=1, keepdim=True)
+        b = b - b.mean(dim=1, keepdim=True)
+    else:
+        w = keep.to(a.dtype)[None, :]
+        count = w.sum().clamp_min(1.0)
+        a = (a - (a * w).sum(dim=1, keepdim=True) / count) * w
+        b = (b - (b * w).sum(dim=1, keepdim=True) / count) * w
     return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
@@ -150,6 +184,7 @@ def dist(
     gamma: float = 1.0,
     temperature: float = 1.0,
     eps: float = 1e-8,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022).
 
@@ -163,7 +198,8 @@ def dist(
 
     The inter-class relation correlates each position's class probabilities; the
     intra-class relation correlates each class's probabilities across the positions of the
-    batch (all leading dimensions flattened, as the authors do for dense outputs).
+    batch (all leading dimensions flattened, as the authors do for dense outputs); with
+    ``mask`` only the counted positions enter either relation.
     :math:`\rho` is a cosine of centred vectors with ``eps = 1e-8`` added to the product of
     norms (the authors' guard; it biases a perfect correlation down by about
     ``eps / (norm · norm)``).
@@ -173,8 +209,9 @@ def dist(
     s, t = _rows("dist", student_logits, teacher_logits)
     y_s = F.softmax(s / temperature, dim=-1)
     y_t = F.softmax(t / temperature, dim=-1)
-    inter = 1.0 - _pearson(y_s, y_t, eps).mean()
-    intra = 1.0 - _pearson(y_s.t(), y_t.t(), eps).mean()
+    keep = position_mask("dist", mask, student_logits)
+    inter = 1.0 - masked_mean(_pearson(y_s, y_t, eps), keep)
+    intra = 1.0 - _pearson(y_s.t(), y_t.t(), eps, keep).mean()
     return temperature**2 * (beta * inter + gamma * intra)
 
 
@@ -192,6 +229,7 @@ def ls(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 2.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""KD on standardised logits (Sun et al., "Logit Standardization in Knowledge
     Distillation", CVPR 2024).
@@ -201,15 +239,17 @@ def ls(
               \mathcal Z(z) = \frac{z - \bar z}{\sigma(z) + 10^{-7}}
 
     (:func:`standardize_logits`, unbiased :math:`\sigma` over the classes), averaged over
-    every position. Each network's effective temperature is thus :math:`T\sigma(z)`, and
-    the loss is invariant to a shift and a positive scale of either network's logits.
+    every position (or those where ``mask`` is true). Each network's effective temperature
+    is thus :math:`T\sigma(z)`, and the loss is invariant to a shift and a positive scale of
+    either network's logits.
     Default base temperature ``T = 2`` (the authors' ``--base-temp``); they weight the term
     by 9 with cross-entropy weight 0.1.
     """
     s, t = _rows("ls", student_logits, teacher_logits)
     if s.shape[-1] < 2:
         raise ShapeMismatchError(f"ls: standardising needs at least 2 classes, got {s.shape[-1]}")
-    return kd(standardize_logits(s), standardize_logits(t), temperature)
+    s = standardize_logits(s).view(student_logits.shape)
+    return kd(s, standardize_logits(t).view(teacher_logits.shape), temperature, mask)
 
 
 # ---------------------------------------------------------------------------- TAID

@@ -154,3 +154,62 @@ def test_hooks_go_with_their_taps_when_a_model_outlives_them():
     taps = FeatureTaps(teacher, ["1"])
     teacher(torch.randn(2, 4))  # the model run on its own: the taps keep nothing
     assert taps._store == {}
+
+
+class FeaturesFirst(nn.Module):
+    """Returns (features, logits), as models written for feature distillation often do."""
+
+    def __init__(self, width=6, classes=3, as_dict=False):
+        super().__init__()
+        self.body, self.head, self.as_dict = nn.Linear(4, width), nn.Linear(width, classes), as_dict
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"feats": h, "out": self.head(h)} if self.as_dict else (h, self.head(h))
+
+
+def test_the_logits_are_the_output_element_a_method_names():
+    from flowdistill import OptimConfig, TrainConfig, fit, make_distiller
+    from flowdistill.data import Split, Splits
+    from flowdistill.errors import ShapeMismatchError
+
+    torch.manual_seed(0)
+    teacher, student = FeaturesFirst(12, as_dict=True), FeaturesFirst(6)
+    x, y = torch.randn(48, 4), torch.randint(0, 3, (48,))
+    data = Splits(Split(x[:32], y[:32]), Split(x[32:40], y[32:40]), Split(x[40:], y[40:]), 3)
+    d = make_distiller("kd", teacher, student, example_input=x[:2],
+                       student_output=1, teacher_output="out")  # fmt: skip
+    assert d.student_shapes["logits"] == (3,) and d.teacher_shapes["logits"] == (3,)
+    with torch.no_grad():  # the oracle: the heads applied by hand
+        torch.testing.assert_close(d.predict(x[:5]), student(x[:5])[1])
+        torch.testing.assert_close(d.teacher_forward(x[:5])["logits"], teacher(x[:5])["out"])
+    fit(d, data, OptimConfig("sgd", lr=0.1), TrainConfig(epochs=1, progress=False))
+    # by default the first tensor is taken: the features; the messages name the option
+    with pytest.raises(ShapeMismatchError, match=r"name another with student_output=<index"):
+        make_distiller("kd", teacher, student, example_input=x[:2], teacher_output="out")
+    alone = make_distiller("student", None, student, example_input=x[:2])
+    with pytest.raises(ShapeMismatchError, match="student_output / teacher_output"):
+        fit(alone, data, OptimConfig("sgd"), TrainConfig(epochs=1, progress=False))
+
+
+def test_a_wrong_output_selector_is_named():
+    net, as_dict = FeaturesFirst(), FeaturesFirst(as_dict=True)
+    with pytest.raises(TapError, match=r"no entry 'logits'; its entries: 'feats', 'out'"):
+        FeatureTaps(as_dict, output="logits")(torch.zeros(2, 4))
+    with pytest.raises(TapError, match="name its logits by key"):
+        FeatureTaps(as_dict, output=0)(torch.zeros(2, 4))
+    with pytest.raises(TapError, match="index \\[2\\] is out of range"):
+        FeatureTaps(net, output=2)(torch.zeros(2, 4))
+    with pytest.raises(TapError, match="an index into a tuple"):
+        FeatureTaps(net, output=1.0)
+
+
+def test_a_top_k_cache_takes_the_named_output():
+    from flowdistill.distillers.cached import build_topk_cache
+
+    torch.manual_seed(0)
+    teacher, x = FeaturesFirst(as_dict=True), torch.randn(5, 4)
+    cache = build_topk_cache(teacher, x, k=2, dtype="float32", output="out")
+    with torch.no_grad():
+        top = teacher(x)["out"].topk(2, dim=-1)
+    torch.testing.assert_close(cache.values.float(), top.values)

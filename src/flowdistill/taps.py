@@ -3,8 +3,10 @@
 A tap is a dotted module path as printed by ``model.named_modules()`` (``"layer3"``,
 ``"blocks.5.mlp"``, ``"encoder.layers.1"``), optionally followed by an index in brackets
 to pick one element of a module that returns a tuple (``"rnn[0]"``). The special name
-``"logits"`` is the model's own output (the first tensor when the model returns a tuple or
-a dict-like object). Outputs are captured with forward hooks; the model is never rewritten.
+``"logits"`` is the model's own output: the first tensor when the model returns a tuple or
+a list, the ``"logits"`` entry of a dict-like object (else its first tensor), or the element
+that ``output`` names (an index into a tuple, a key or attribute name). Outputs are
+captured with forward hooks; the model is never rewritten.
 
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -30,7 +32,14 @@ from torch import nn
 
 from .errors import TapError
 
-__all__ = ["LOGITS", "FeatureTaps", "first_tensor", "module_paths", "resolve_module"]
+__all__ = [
+    "LOGITS",
+    "FeatureTaps",
+    "first_tensor",
+    "module_paths",
+    "resolve_module",
+    "select_output",
+]
 
 LOGITS = "logits"
 _INDEX = re.compile(r"^(?P<path>[^\[\]]*?)(?:\[(?P<index>-?\d+)\])?$")
@@ -80,6 +89,38 @@ def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
     raise TapError(f"module output of type {type(value).__name__} holds no tensor")
 
 
+def select_output(value: Any, output: int | str | None = None) -> torch.Tensor:
+    """The logits inside a model's output: ``value[output]`` for an index into a tuple or
+    list, the entry (or attribute) named ``output``, or by default :func:`first_tensor`."""
+    if output is None:
+        return first_tensor(value)
+    if isinstance(output, str):
+        if isinstance(value, Mapping) and output in value:
+            return first_tensor(value[output])
+        if not isinstance(value, Mapping) and hasattr(value, output):
+            return first_tensor(getattr(value, output))
+        held = list(value) if isinstance(value, Mapping) else None
+        raise TapError(
+            f"the model output ({type(value).__name__}) has no entry {output!r}"
+            + (f"; its entries: {', '.join(map(repr, held))}" if held is not None else "")
+        )
+    if isinstance(value, Mapping):
+        raise TapError(
+            f"the model returns a {type(value).__name__}: name its logits by key "
+            f"(one of {', '.join(map(repr, value))}), not by index [{output}]"
+        )
+    return first_tensor(value, output)
+
+
+def check_output(output: Any, what: str) -> None:
+    """An ``output`` selector is an index, a key or ``None``."""
+    if output is not None and (isinstance(output, bool) or not isinstance(output, int | str)):
+        raise TapError(
+            f"{what} picks the logits out of the model's output: an index into a tuple "
+            f"(int) or a key (str), got {output!r}"
+        )
+
+
 class _Capture:
     """The forward hook of one tap: an object, not a closure, so that ``copy.deepcopy`` of
     a model together with its taps gives hooks that fill the *copied* taps. It holds its
@@ -110,13 +151,22 @@ class FeatureTaps:
     """Forward hooks that capture named intermediate outputs of ``model``.
 
     Calling the taps runs the model and returns ``(output, features)``, where ``features``
-    maps each tap name to its tensor (``"logits"`` to the model output). ``probe`` runs one
+    maps each tap name to its tensor (``"logits"`` to the model output, or to the element of
+    it that ``output`` selects: see :func:`select_output`). ``probe`` runs one
     forward pass on an example batch and records each tap's shape without the batch
     dimension, so that adapters can be sized before training.
     """
 
-    def __init__(self, model: nn.Module, names: Iterable[str] = (LOGITS,)) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str] = (LOGITS,),
+        output: int | str | None = None,
+    ) -> None:
+        check_output(output, "output")
         self.model = model
+        self.output = output
+        self.returns_several = False  # whether the probed model returned several tensors
         self.names = list(dict.fromkeys(names))
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._store: dict[str, torch.Tensor] = {}
@@ -142,8 +192,10 @@ class FeatureTaps:
         finally:
             self._active = False
         features = dict(self._store)
+        if self._probing is not None:  # what the model returns, for messages
+            self.returns_several = not isinstance(output, torch.Tensor)
         if LOGITS in self.names:
-            features[LOGITS] = first_tensor(output)
+            features[LOGITS] = select_output(output, self.output)
         missing = [n for n in self.names if n not in features]
         if missing:
             raise TapError(f"taps {missing} were not reached by the forward pass")

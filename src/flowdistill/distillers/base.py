@@ -26,9 +26,11 @@ class Distiller(nn.Module):
     * The teacher is frozen: its parameters do not require grad, it stays in eval mode
       whatever ``train()`` is called with, and it runs under ``torch.no_grad``.
     * Features are taken by module path (``student_taps`` / ``teacher_taps``; ``"logits"``
-      is the model output). With an ``example_input`` batch, each tap's shape is probed once
-      at construction (``self.student_shapes``, ``self.teacher_shapes``) so that subclasses
-      can size their adapters before training.
+      is the model output, or the element of it that ``student_output`` /
+      ``teacher_output`` names: an index into a returned tuple, or a key). With an
+      ``example_input`` batch, each tap's shape is probed once at construction
+      (``self.student_shapes``, ``self.teacher_shapes``) so that subclasses can size their
+      adapters before training.
     * Modules a method adds (projectors, flow networks) are its *extra* modules; their
       parameters are trained with the student and counted by :meth:`num_extra_params`.
     * ``distiller(inputs, targets)`` returns a dict of named, already weighted loss terms
@@ -65,6 +67,8 @@ class Distiller(nn.Module):
         example_input: torch.Tensor | None = None,
         student_taps: Sequence[str] = (LOGITS,),
         teacher_taps: Sequence[str] = (LOGITS,),
+        student_output: int | str | None = None,
+        teacher_output: int | str | None = None,
         ce_weight: float = 1.0,
     ) -> None:
         super().__init__()
@@ -86,9 +90,11 @@ class Distiller(nn.Module):
         self.batch_index: torch.Tensor | None = None
         self.student_tap_names = list(dict.fromkeys([*student_taps, LOGITS]))
         self.teacher_tap_names = list(dict.fromkeys([*teacher_taps, LOGITS]))
-        self.student_taps = FeatureTaps(student, self.student_tap_names)
+        self.student_taps = FeatureTaps(student, self.student_tap_names, student_output)
         self.teacher_taps = (
-            FeatureTaps(teacher, self.teacher_tap_names) if self.teacher is not None else None
+            FeatureTaps(teacher, self.teacher_tap_names, teacher_output)
+            if self.teacher is not None
+            else None
         )
         self.student_shapes: dict[str, tuple[int, ...]] = {}
         self.teacher_shapes: dict[str, tuple[int, ...]] = {}
@@ -103,6 +109,19 @@ class Distiller(nn.Module):
                     if len(s_logits) == 2 and s_logits[0] == t_logits[0]
                     else "teacher and student must predict the same classes"
                 )
+                several = [
+                    f"{side}_output="
+                    for side, taps in (
+                        ("student", self.student_taps),
+                        ("teacher", self.teacher_taps),
+                    )
+                    if taps.returns_several and taps.output is None
+                ]
+                if several:
+                    what += (
+                        f" (of a model that returns several tensors the first is taken as its "
+                        f"logits: name another with {' / '.join(several)}<index or key>)"
+                    )
                 raise ShapeMismatchError(
                     f"student logits have shape {s_logits} but teacher logits {t_logits}: {what}"
                 )

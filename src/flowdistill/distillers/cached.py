@@ -27,7 +27,7 @@ from torch import nn
 
 from ..engine.checkpoint import digest, load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError, DataError
-from ..taps import LOGITS, first_tensor
+from ..taps import LOGITS, check_output, select_output
 from .base import Distiller
 
 __all__ = ["CachedKD", "TopKCache", "build_topk_cache", "sparse_kd"]
@@ -103,9 +103,13 @@ def build_topk_cache(
     dtype: str = "float16",
     batch_size: int = 64,
     path: str | os.PathLike | None = None,
+    output: int | str | None = None,
 ) -> TopKCache:
     """Run ``teacher`` over ``inputs`` once and keep its top-``k`` logits per position
-    (values in ``dtype``; indices as int32); write the cache to ``path`` when given."""
+    (values in ``dtype``; indices as int32); write the cache to ``path`` when given.
+    ``output`` picks the logits out of a teacher that returns several tensors (see
+    :func:`flowdistill.taps.select_output`)."""
+    check_output(output, "output")
     if dtype not in _DTYPES:
         raise ConfigError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if k < 1:
@@ -115,7 +119,7 @@ def build_topk_cache(
     device = next(teacher.parameters()).device
     values, indices, vocab = [], [], None
     for i in range(0, len(inputs), batch_size):
-        logits = first_tensor(teacher(inputs[i : i + batch_size].to(device))).float()
+        logits = select_output(teacher(inputs[i : i + batch_size].to(device)), output).float()
         vocab = logits.shape[-1]
         if k > vocab:
             raise ConfigError(f"k = {k} exceeds the teacher's vocabulary of {vocab}")

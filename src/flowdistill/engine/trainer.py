@@ -236,7 +236,8 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
         raise ShapeMismatchError(
             f"fit: the student predicts {logits[-1]} classes but data.num_classes is "
             f"{data.num_classes} (of a model that returns several tensors, the first, or the "
-            "'logits' entry of a dict, is taken as its logits)"
+            "'logits' entry of a dict, is taken as its logits unless the method's option "
+            "student_output / teacher_output names another: an index or a key)"
         )
     return Splits(parts["train"], parts["val"], parts["test"], data.num_classes)
 

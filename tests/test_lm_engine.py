@@ -483,7 +483,9 @@ def test_samples_come_from_each_method_s_deployed_model(lm, tmp_path):
         assert texts["kd"] == sample(trained["kd"].student)
 
 
-@pytest.mark.parametrize("options", [{}, {"anchor_weight": 1.0, "logit_weight": 1.0}])
+@pytest.mark.parametrize(
+    "options", [{}, {"anchor_weight": 1.0, "logit_weight": 1.0, "logit_loss": "dist"}]
+)
 def test_flowdistill_leaves_padding_out_of_every_term(options, lm):
     """Tokens at padded positions (target -100) change no term: the causal student and
     teacher see them only at those positions, which the terms leave out (evaluation mode:

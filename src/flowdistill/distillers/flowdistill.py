@@ -469,7 +469,8 @@ class FlowDistill(Distiller):
         if not is_logits:
             return self._mse(pred, target, mask)
         if self.logit_loss == "dist":
-            return losses.dist(pred, target)
+            keep = mask if mask is not None and mask.shape == pred.shape[:-1] else None
+            return losses.dist(pred, target, mask=keep)
         return self._kl(pred, target, mask)
 
     # ------------------------------------------------------------------ training

@@ -636,3 +636,34 @@ def test_fit_refuses_padded_targets_a_method_would_count(name, lm, tmp_path):
         fit(d, splits, OptimConfig("adamw"), TrainConfig(epochs=1, progress=False), tmp_path)
     assert "fitnet" in str(info.value)  # names the methods that take padding
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_flowdistill_standardises_teacher_tokens_over_the_counted_positions(lm):
+    """In training, the teacher features' batch statistics (and the running ones) come from
+    the counted positions alone: tokens at padded positions change no term and no statistic,
+    and the running mean is the momentum update toward the counted positions' mean."""
+    import copy
+
+    data, _, teacher, student = lm
+    x, y = data.train.x[:3].clone(), data.train.y[:3].clone()
+    y[:, 10:] = -100
+    y[2, :4] = -100
+    d = make_distiller("flowdistill", teacher, student, example_input=x, context="causal",
+                       student_taps=["blocks.0"], teacher_taps=["blocks.1"])  # fmt: skip
+    d.train()
+    e = copy.deepcopy(d)
+    other = x.clone()
+    other[:, 10:] = (other[:, 10:] + 3) % data.num_classes
+    torch.manual_seed(0)
+    a = d(x, y)
+    torch.manual_seed(0)
+    b = e(other, y)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    norm_d, norm_e = d.norms["p0"].norm, e.norms["p0"].norm
+    torch.testing.assert_close(norm_d.running_mean, norm_e.running_mean)
+    torch.testing.assert_close(norm_d.running_var, norm_e.running_var)
+    with torch.no_grad():  # the oracle: BatchNorm's update from the counted tokens alone
+        t = d.teacher_forward(x)["blocks.1"][y != -100]  # (N, D)
+    torch.testing.assert_close(norm_d.running_mean, 0.1 * t.mean(0))
+    torch.testing.assert_close(norm_d.running_var, 0.9 + 0.1 * t.var(0), rtol=1e-4, atol=1e-5)

@@ -125,7 +125,9 @@ def _rel(u: torch.Tensor, w: torch.Tensor) -> float:
 
 class _Standardize(nn.Module):
     """Per-channel standardisation of teacher features (batch statistics in training,
-    running statistics in evaluation), without learnable parameters."""
+    running statistics in evaluation), without learnable parameters. For token sequences
+    with a padding ``mask`` ``(B, T)``, the batch statistics (and the running ones they
+    update) are taken over the counted positions only."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -136,10 +138,28 @@ class _Standardize(nn.Module):
         )
         self.tokens = kind == "tokens"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tokens and mask is not None and self.training:
+            return self._masked(x, mask)
         if self.tokens:
             return self.norm(x.transpose(1, 2)).transpose(1, 2)
         return self.norm(x)
+
+    def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Batch normalisation over the positions ``mask`` keeps, in tensor operations only
+        (no value is read back: the step never waits for the device)."""
+        norm = self.norm
+        w = mask.to(x.dtype)[..., None]  # (B, T, 1)
+        count = w.sum()
+        mean = (x * w).sum(dim=(0, 1)) / count.clamp_min(1.0)
+        var = ((x - mean).pow(2) * w).sum(dim=(0, 1)) / count.clamp_min(1.0)
+        with torch.no_grad():  # running statistics as BatchNorm keeps them (unbiased var)
+            unbiased = var * count / (count - 1.0).clamp_min(1.0)
+            m = norm.momentum
+            norm.running_mean.mul_(1 - m).add_(m * mean.to(norm.running_mean.dtype))
+            norm.running_var.mul_(1 - m).add_(m * unbiased.to(norm.running_var.dtype))
+            norm.num_batches_tracked.add_(1)
+        return (x - mean) / torch.sqrt(var + norm.eps)
 
 
 def _to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -429,15 +449,17 @@ class FlowDistill(Distiller):
 
         return odeint(func, a, times, method=self.solver, check_times=False)[-1]
 
-    def _endpoints(self, s_out, t_out):
-        """Adapter outputs ``a`` and (standardised) teacher targets ``t`` per pair."""
+    def _endpoints(self, s_out, t_out, mask: torch.Tensor | None = None):
+        """Adapter outputs ``a`` and (standardised) teacher targets ``t`` per pair (the
+        statistics of token features over the positions ``mask`` counts)."""
         out = []
         for i, (s_name, t_name) in enumerate(self.pairs):
             key = f"p{i}"
             a = _wide(self.adapters[key](s_out[s_name]))
             t = _wide(t_out[t_name])
             if key in self.norms:
-                t = self.norms[key](t)
+                keep = mask if mask is not None and t.shape[:-1] == mask.shape else None
+                t = self.norms[key](t, keep)
             if self.rows and a.ndim == 4:  # per-position fields: maps as rows of positions
                 a, t = _to_rows(a), _to_rows(t)
             out.append((key, s_name, a, t))
@@ -486,7 +508,7 @@ class FlowDistill(Distiller):
             kd = self._kl(s_out[LOGITS], t_out[LOGITS], mask)
             terms["kd"] = self.kd_weight * kd
         fm_terms, feat_terms, logit_terms, anchor_terms = [], [], [], []
-        for i, (key, s_name, a, t) in enumerate(self._endpoints(s_out, t_out)):
+        for i, (key, s_name, a, t) in enumerate(self._endpoints(s_out, t_out, mask)):
             is_logits = s_name == LOGITS
             if self.use_flow:
                 fm_terms.append(self._flow_matching(key, a.detach(), t, context, mask))

@@ -273,8 +273,15 @@ def test_fit_refuses_what_it_cannot_train_on_with_a_named_error(pair, tiny_data)
         fit(d, tiny_data, train={"epoch": 1})
     wide = flowdistill.make_distiller("kd", SmallCNN(1, 5, (8, 8, 16)), SmallCNN(1, 5, (4, 4, 8)),
                                       example_input=tiny_data.train.x[:2])  # fmt: skip
-    with pytest.raises(ShapeMismatchError, match="predicts 5 classes but data.num_classes is 4"):
+    with pytest.raises(ShapeMismatchError, match="predicts 5 classes .* data.num_classes is 4"):
         fit(wide, tiny_data, train=TrainConfig(epochs=1, **QUIET))
+    # without example_input the class counts are read from one forward pass, for either model
+    cases = [(pair[0], SmallCNN(1, 3, (4, 4, 8)), "student"),
+             (SmallCNN(1, 5, (8, 8, 16)), _student(), "teacher")]  # fmt: skip
+    for teacher, student, side in cases:
+        unprobed = flowdistill.make_distiller("kd", teacher, student)
+        with pytest.raises(ShapeMismatchError, match=f"the {side} predicts (3|5) classes"):
+            fit(unprobed, tiny_data, train=TrainConfig(epochs=1, **QUIET))
 
 
 def test_fit_takes_int32_labels_and_config_dicts(pair, tiny_data):

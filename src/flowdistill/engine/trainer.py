@@ -231,15 +231,27 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
                       ("test", "nothing to report")):  # fmt: skip
         if not len(parts[name]):
             raise DataError(f"fit: data.{name} is empty ({why})")
-    logits = distiller.student_shapes.get(LOGITS)
-    if logits and logits[-1] != data.num_classes:
-        raise ShapeMismatchError(
-            f"fit: the student predicts {logits[-1]} classes but data.num_classes is "
-            f"{data.num_classes} (of a model that returns several tensors, the first, or the "
-            "'logits' entry of a dict, is taken as its logits unless the method's option "
-            "student_output / teacher_output names another: an index or a key)"
-        )
     return Splits(parts["train"], parts["val"], parts["test"], data.num_classes)
+
+
+def _check_class_count(distiller: Distiller, data: Splits, device: torch.device) -> None:
+    """The student (and the teacher) predict ``data.num_classes`` classes: read from the
+    shapes probed at construction, or else from one forward pass on two training inputs."""
+    models = [("student", distiller.student_taps, distiller.student_shapes)]
+    if distiller.teacher_taps is not None:
+        models.append(("teacher", distiller.teacher_taps, distiller.teacher_shapes))
+    for side, taps, shapes in models:
+        logits = shapes.get(LOGITS)
+        if logits is None:
+            logits = taps.probe(data.train.x[:2].to(device))[LOGITS]
+        if not logits or logits[-1] != data.num_classes:
+            raise ShapeMismatchError(
+                f"fit: the {side} predicts {logits[-1] if logits else 'no'} classes (logits "
+                f"of per-sample shape {logits}) but data.num_classes is {data.num_classes} "
+                "(of a model that returns several tensors, the first, or the 'logits' entry "
+                "of a dict, is taken as its logits unless the method's option "
+                "student_output / teacher_output names another: an index or a key)"
+            )
 
 
 #: the entries of ``fit``'s ``meta`` that identify a run's configuration (the bench's)
@@ -363,6 +375,7 @@ def fit(
     cuda = device.type == "cuda"
     if train.data_on_device if train.data_on_device is not None else cuda:
         data = _on_device(data, device)
+    _check_class_count(distiller, data, device)
     params = distiller.trainable_parameters()
     optimizer = _optimizer(params, optim, fused=cuda)
     loader = Batches(

@@ -83,9 +83,23 @@ def test_train_teacher_then_distill_user_models(tmp_path, user_package, capsys):
     assert 0.0 <= report["test_acc_last"] <= 1.0 and report["extra_params"] == 0
     result = json.loads((tmp_path / "s" / "result.json").read_text())
     assert result["config"]["optim"]["lr"] == 0.1
-    # resume a finished run: continues to the new epoch count
-    assert main(["distill", "--config", str(distill_cfg), "--resume", "train.epochs=3"]) == 0
+    # resuming with other settings than the run's is refused, naming them
+    capsys.readouterr()
+    args = ["distill", "--config", str(distill_cfg), "--resume", "train.epochs=3"]
+    assert main([*args, "method_options.temperature=4.0"]) == 2
+    err = capsys.readouterr().err
+    assert "method_options.temperature: 2.0 -> 4.0; optim.lr: 0.1 -> 0.05" in err
+    assert len(json.loads((tmp_path / "s" / "metrics.json").read_text())) == 2
+    # resume a finished run with its own settings: continues to the new epoch count
+    assert main([*args, "optim.lr=0.1", "--no-progress"]) == 0
     assert len(json.loads((tmp_path / "s" / "metrics.json").read_text())) == 3
+
+
+def test_an_override_into_a_value_that_is_not_a_mapping_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("optim: 0.1\n")
+    assert main(["distill", "--config", str(cfg), "--no-progress", "optim.name=sgd"]) == 2
+    assert "'optim' must be a mapping, got 0.1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

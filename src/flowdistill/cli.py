@@ -139,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
-    from .config import config_to_dict, load_config
+    from .config import config_to_dict, load_config, run_identity
     from .data import digits_splits, idx_splits, npz_splits
     from .distillers import make_distiller
     from .engine import fit
@@ -200,7 +200,11 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         out_dir=cfg.out_dir,
         resume=args.resume,
         batch_size=cfg.data.batch_size,
-        meta={"config": config_to_dict(cfg), "command": shlex.join(["flowdistill", *args.argv])},
+        meta={
+            "config": config_to_dict(cfg),
+            "identity": run_identity(cfg, teacher_mode),
+            "command": shlex.join(["flowdistill", *args.argv]),
+        },
     )
     print(
         json.dumps(

@@ -287,8 +287,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"cannot parse the value of override {item!r}: {err}") from None
         node = values
         parts = dotted.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if child is not None and not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override {item!r}: {where!r} must be a mapping, got {child!r}")
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
@@ -330,3 +333,23 @@ def load_config(
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain, JSON- and YAML-serialisable dict of a config dataclass."""
     return dataclasses.asdict(config)
+
+
+#: settings of ``train`` that say how a run executes, not what it trains: a resumed run may
+#: change them (more epochs extend a run; fewer are refused by the checkpoint itself)
+_EXECUTION = frozenset(
+    {"epochs", "progress", "device", "amp", "channels_last", "compile", "compile_mode",
+     "data_on_device", "sync_every", "deterministic"}
+)  # fmt: skip
+
+
+def run_identity(config: RunConfig, teacher_mode: bool = False) -> dict[str, Any]:
+    """The settings of a run that decide what it trains (method and options, models, data,
+    optimizer, seed, ...): a checkpoint is resumed only under the same ones. Training the
+    teacher (``teacher_mode``) depends on neither the method nor the student."""
+    values = config_to_dict(config)
+    drop = ("out_dir", "method", "method_options", "student") if teacher_mode else ("out_dir",)
+    for key in drop:
+        values.pop(key, None)
+    values["train"] = {k: v for k, v in values["train"].items() if k not in _EXECUTION}
+    return values

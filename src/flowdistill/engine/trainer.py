@@ -254,18 +254,32 @@ def _check_class_count(distiller: Distiller, data: Splits, device: torch.device)
             )
 
 
-#: the entries of ``fit``'s ``meta`` that identify a run's configuration (the bench's)
-_RUN_KEYS = ("key_hash", "teacher_key")
+#: the entries of ``fit``'s ``meta`` that identify a run's configuration: a bench run's key,
+#: or ``identity``, the settings of a command-line run that decide what it trains
+_RUN_KEYS = ("key_hash", "teacher_key", "identity")
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two dicts."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [f"{prefix or 'value'}: {old!r} -> {new!r}"]
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+    return out
 
 
 def refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
     """A checkpoint resumes only the run that wrote it: the identifying entries of ``meta``
-    (a bench run's key) must match those it was saved with."""
+    (a bench run's key, a command-line run's settings) must match those it was saved with."""
     for key in _RUN_KEYS:
         if key in saved and key in meta and saved[key] != meta[key]:
+            what = f"{key} differs"
+            if key == "identity":
+                what = "; ".join(_differences(saved[key], meta[key])[:5])
             raise CheckpointError(
-                f"{path} holds an unfinished run of another configuration ({key} differs); "
-                "choose another output directory, or remove that one to start afresh"
+                f"{path} holds an unfinished run of another configuration ({what}); resume it "
+                "with the settings it was started with, or choose another output directory"
             )
 
 

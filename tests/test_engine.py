@@ -167,6 +167,35 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dat
     assert not (tmp_path / "result.json").exists()
 
 
+class _NaNGradientAtEpoch(_NaNAtEpoch):
+    """A finite loss whose gradient is NaN at the last step of epoch ``nan_epoch`` (6 steps
+    of 16 samples): ``0 * sqrt(|w - w|)`` is 0, its derivative at 0 is ``0 * inf``."""
+
+    def on_epoch_start(self, epoch, epochs):
+        self.epoch, self.step = epoch, 0
+
+    def forward(self, inputs, targets):
+        ce = self.cross_entropy(self.student_forward(inputs)["logits"], targets)
+        self.step += 1
+        if self.epoch == self.nan_epoch and self.step == 6:
+            w = next(self.student.parameters())
+            ce = ce + 0.0 * (w - w.detach()).abs().sqrt().sum()
+        return self.total({"ce": ce})
+
+
+def test_weights_made_non_finite_by_a_finite_loss_are_never_saved(tmp_path, tiny_data):
+    d = _NaNGradientAtEpoch(None, _student())
+    with pytest.raises(NonFiniteLossError, match=r"weights became non-finite during epoch 2 "
+                       r".*last good checkpoint \(epoch 1\)"):  # fmt: skip
+        fit(d, tiny_data, train=TrainConfig(epochs=3, **QUIET), out_dir=tmp_path, batch_size=16)
+    assert not all(torch.isfinite(p).all() for p in d.student.parameters())  # (it happened)
+    for name in ("last.safetensors", "best.safetensors"):
+        tensors, _ = load_checkpoint(tmp_path / name)
+        assert all(torch.isfinite(v).all() for k, v in tensors.items() if "model" in k or
+                   name == "best.safetensors"), name  # fmt: skip
+    assert len(json.loads((tmp_path / "metrics.json").read_text())) == 1
+
+
 def test_lr_schedules():
     cos = OptimConfig(lr=1.0, schedule="cosine", warmup_epochs=1)
     assert lr_factor(cos, 0, 10, 5) == pytest.approx(0.1)

@@ -345,3 +345,19 @@ def test_batch_mismatch_is_reported():
 def test_losses_are_exported():
     for name in ("at", "sp", "rkd", "pkt", "vid", "hint", "hcl", "pkd", "crd_nce", "info_nce"):
         assert name in losses.__all__ and callable(getattr(losses, name))
+
+
+def test_pkd_has_a_finite_gradient_for_a_constant_channel():
+    """A channel constant over the batch (a ReLU unit that never fires) has variance 0: the
+    loss and its gradient stay finite, masked or not."""
+    torch.manual_seed(0)
+    s = torch.randn(8, 4)
+    s[:, 0] = 0.0
+    s.requires_grad_(True)
+    losses.pkd(s, torch.randn(8, 4)).backward()
+    assert torch.isfinite(s.grad).all()
+    tokens = torch.randn(2, 3, 4)
+    tokens[..., 1] = 1.0
+    tokens.requires_grad_(True)
+    losses.pkd(tokens, torch.randn(2, 3, 4), mask=torch.ones(2, 3, dtype=torch.bool)).backward()
+    assert torch.isfinite(tokens.grad).all()

@@ -323,6 +323,30 @@ def refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
         )
 
 
+def _refuse_non_finite_weights(distiller: Distiller, epoch: int, ckpt: Path | None) -> None:
+    """Stop before an epoch whose weights turned non-finite (a non-finite gradient of a
+    finite loss) is validated or saved: the last checkpoint stays the last good one. One
+    read from the device per epoch."""
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    names = [n for n, p in distiller.named_parameters()
+             if p.requires_grad and not bool(torch.isfinite(p).all())]  # fmt: skip
+    kept = ""
+    if ckpt is not None:
+        kept = (
+            f"; the last good checkpoint (epoch {epoch}) is kept at {ckpt}"
+            if ckpt.exists()
+            else "; no epoch had finished, so there is no checkpoint"
+        )
+    raise NonFiniteLossError(
+        f"the weights became non-finite during epoch {epoch + 1} while the loss stayed finite "
+        f"(a non-finite gradient), in {', '.join(names[:3])}"
+        f"{', ...' if len(names) > 3 else ''}{kept}. Lower the learning rate, set "
+        "train.grad_clip, or look for a square root or a division at zero in the loss"
+    )
+
+
 def _tensorboard(out: Path | None):
     if out is None:
         return None
@@ -520,6 +544,9 @@ def fit(
                     )
                 first_unchecked = i + 1
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:  # a share of an uneven global batch weighs as its samples do
+                shared = min(batch_size, len(data.train) - i * batch_size)
+                loss = loss * (len(y) * world / shared)
             scaler.scale(loss).backward()
             if train.grad_clip is not None:
                 scaler.unscale_(optimizer)
@@ -552,6 +579,7 @@ def fit(
             ).tolist()
             seen, sums = int(total_[0]), dict(zip(names, total_[1:], strict=True))
             distributed.broadcast_buffers(distiller)
+        _refuse_non_finite_weights(distiller, epoch, ckpt_path)
         val_acc, val_loss = evaluate(distiller, data.val, device=device)
         row = {
             "epoch": epoch + 1,

@@ -492,7 +492,7 @@ def _standardize_rows(x: torch.Tensor, keep: torch.Tensor, eps: float) -> torch.
     mean = (x * w).sum(dim=0, keepdim=True) / count.clamp_min(1.0)
     correction = (count > 1).to(x.dtype)
     var = ((x - mean).pow(2) * w).sum(dim=0, keepdim=True) / (count - correction).clamp_min(1.0)
-    return (x - mean) / (var.sqrt() + eps) * w
+    return (x - mean) / (var.clamp_min(1e-24).sqrt() + eps) * w  # (no 0 * inf at var 0)
 
 
 def _standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -501,7 +501,8 @@ def _standardize(x: torch.Tensor, eps: float) -> torch.Tensor:
     flat = x.reshape(x.shape[0], -1)
     correction = 1 if flat.shape[1] > 1 else 0
     mean = flat.mean(dim=1, keepdim=True)
-    std = flat.var(dim=1, keepdim=True, correction=correction).sqrt()
+    var = flat.var(dim=1, keepdim=True, correction=correction)
+    std = var.clamp_min(1e-24).sqrt()  # a constant channel: a zero gradient, not 0 * inf
     return ((flat - mean) / (std + eps)).reshape(x.shape).movedim(0, dim)
 
 

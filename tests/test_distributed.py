@@ -43,7 +43,7 @@ def _run(out_dir, epochs, resume=False):
     distiller = flowdistill.make_distiller("kd", teacher, student)
     train = TrainConfig(epochs=epochs, seed=0, progress=False, device="cpu")
     optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.0)
-    result = fit(distiller, _data(), optim, train, out_dir=out_dir, resume=resume, batch_size=32)
+    result = fit(distiller, _data(), optim, train, out_dir=out_dir, resume=resume, batch_size=33)
     return student, result
 
 
@@ -100,7 +100,8 @@ def test_batches_shard_each_global_batch_across_processes():
 
 
 def test_two_process_training_matches_one_process(tmp_path):
-    """Two gloo processes, each on half of every batch, with the gradients averaged by DDP:
+    """Two gloo processes, each on half of every batch (17 and 16 of 33: each share weighs as
+    its samples do), with the gradients averaged by DDP:
     both end with the same weights, equal to a single-process run on whole batches (the
     model has no batch statistics, so the two are the same computation); rank 0 alone writes
     the run, which resumes under DDP as well."""
@@ -142,3 +143,11 @@ def test_torchrun_bench(tmp_path):
     assert done.stdout.count("| kd |") == 1  # one table: rank 0 alone prints
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert set(results["summary"]) == {"student", "kd"}
+    assert results["provenance"]["machine"]["processes"] == 2
+    # a method that cannot train data-parallel is refused before the teacher trains
+    crd = [*cmd[:10], "kd,crd", *cmd[11:]]
+    crd[crd.index(str(tmp_path / "b"))] = str(tmp_path / "c")
+    crd[crd.index(str(tmp_path / "cache"))] = str(tmp_path / "cache2")
+    done = subprocess.run(crd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode != 0 and "'crd' keeps per-sample state" in done.stderr
+    assert not (tmp_path / "cache2").exists()

@@ -206,6 +206,10 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
             "command": shlex.join(["flowdistill", *args.argv]),
         },
     )
+    from .engine import distributed
+
+    if not distributed.is_main():  # (rank 0 alone reports, as it alone writes)
+        return 0
     print(
         json.dumps(
             {

@@ -41,6 +41,7 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),  # data-parallel (torchrun)
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -23,7 +23,7 @@ from ..distillers import get_method, list_methods, make_distiller
 from ..distillers.registry import method_options, resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_model_weights
-from ..engine.trainer import BEST, fit
+from ..engine.trainer import BEST, fit, refuse_unsynchronised_state
 from ..errors import ConfigError, DataError, FlowdistillError
 from ..models import MODELS, build_model, data_kwargs
 from ..taps import first_tensor
@@ -96,7 +96,8 @@ def _check_buildable(
         for point in grids.get(method) or [{}]:
             student = _build(suite.student, data, suite.task)
             options = {**method_config(suite, method), **point}
-            make_distiller(method, teacher, student, example_input=example, **options)
+            built = make_distiller(method, teacher, student, example_input=example, **options)
+            refuse_unsynchronised_state(built, distributed.world_size())
 
 
 def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
@@ -183,7 +184,17 @@ def _run_key(
     }
     if budget < 1.0:
         key["budget"] = budget
+    _add_processes(key)
     return key
+
+
+def _add_processes(key: dict[str, Any]) -> None:
+    """A data-parallel run's key holds its number of processes (BatchNorm normalises each
+    process's share alone, so its numbers differ from one process's); single-process keys
+    stay as they were."""
+    world = distributed.world_size()
+    if world > 1:
+        key["processes"] = world
 
 
 def _val_score(suite: Suite, result: dict) -> float:
@@ -219,6 +230,7 @@ def _teacher(
         key["budget"] = budget
     if suite.data_key:
         key["data"] = suite.data_key
+    _add_processes(key)
     folder = cache / f"{suite.name}-{_hash(key)}"
     torch.manual_seed(0)
     teacher = _build(suite.teacher, data, suite.task)

@@ -323,6 +323,15 @@ def refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
         )
 
 
+def refuse_unsynchronised_state(distiller: Distiller, world: int) -> None:
+    """A method keyed by sample (a memory bank) cannot train data-parallel."""
+    if world > 1 and distiller.uses_indices:
+        raise ConfigError(
+            f"method {distiller.name!r} keeps per-sample state (a memory bank) that "
+            "data-parallel training does not synchronise; run it in one process"
+        )
+
+
 def _refuse_non_finite_weights(distiller: Distiller, epoch: int, ckpt: Path | None) -> None:
     """Stop before an epoch whose weights turned non-finite (a non-finite gradient of a
     finite loss) is validated or saved: the last checkpoint stays the last good one. One
@@ -399,11 +408,7 @@ def fit(
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     distributed.barrier()  # every process has checked out_dir before rank 0 writes to it
-    if world > 1 and distiller.uses_indices:
-        raise ConfigError(
-            f"method {distiller.name!r} keeps per-sample state (a memory bank) that "
-            "data-parallel training does not synchronise; run it in one process"
-        )
+    refuse_unsynchronised_state(distiller, world)
     seed_everything(train.seed + rank, train.deterministic)
     distiller.on_fit_start(len(data.train))
     distiller.on_fit_data(data.train.x)

@@ -359,3 +359,44 @@ def test_zoo_models_get_the_data_arguments_they_take():
     assert data_kwargs("resnet8", 10, 3) == {"num_classes": 10}
     assert data_kwargs("small_cnn", 4, 1) == {"num_classes": 4, "in_channels": 1}
     assert data_kwargs("mypkg.nets:make", 4, 1) == {}
+
+
+def test_models_returning_features_and_logits_name_their_logits(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tuplenets.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class Net(torch.nn.Module):
+                def __init__(self, width):
+                    super().__init__()
+                    self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width))
+                    self.head = torch.nn.Linear(width, 10)
+
+                def forward(self, x):
+                    h = torch.relu(self.body(x))
+                    return h, self.head(h)  # (features, logits)
+
+            def make(width=32):
+                return Net(width)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = "{name: 'tuplenets:make', kwargs: {width: %d}, output: 1%s}"
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"teacher: {model % (64, '')}\ntrain: {{epochs: 1, progress: false}}\n"
+                   f"out_dir: {tmp_path / 't'}\n")  # fmt: skip
+    assert main(["train-teacher", "--config", str(cfg)]) == 0
+    ckpt = tmp_path / "t" / "best.safetensors"
+    cfg.write_text(
+        f"method: kd\nteacher: {model % (64, f', checkpoint: {ckpt}')}\n"
+        f"student: {model % (8, '')}\ntrain: {{epochs: 1, progress: false}}\n"
+        f"out_dir: {tmp_path / 's'}\n"
+    )
+    assert main(["distill", "--config", str(cfg)]) == 0
+    # without naming the output, the first tensor (the features) would be taken: refused
+    capsys.readouterr()
+    assert main(["distill", "--config", str(cfg), "student.output=null",
+                 f"out_dir={tmp_path / 'u'}"]) == 2  # fmt: skip
+    assert "student_output=" in capsys.readouterr().err

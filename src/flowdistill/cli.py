@@ -175,7 +175,13 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         if cfg.teacher is None:
             raise ConfigError("train-teacher needs a 'teacher' section naming the model")
         model = build(cfg.teacher)
-        distiller = make_distiller("student", None, model)
+        distiller = make_distiller(
+            "student",
+            None,
+            model,
+            example_input=data.train.x[:8],
+            student_output=cfg.teacher.output,
+        )
     else:
         student = build(cfg.student)
         teacher = None
@@ -189,9 +195,13 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
                 )
             teacher = build(cfg.teacher)
             load_model_weights(teacher, cfg.teacher.checkpoint)
+        outputs = {"student_output": cfg.student.output}
+        if teacher is not None:
+            outputs["teacher_output"] = cfg.teacher.output
         distiller = make_distiller(
-            cfg.method, teacher, student, example_input=data.train.x[:8], **cfg.method_options
-        )
+            cfg.method, teacher, student, example_input=data.train.x[:8],
+            **{**outputs, **cfg.method_options},
+        )  # fmt: skip
     result = fit(
         distiller,
         data,

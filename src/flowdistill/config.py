@@ -38,11 +38,15 @@ __all__ = [
 
 @dataclass
 class ModelConfig:
-    """A zoo model name or ``package.module:function``, its kwargs, an optional checkpoint."""
+    """A zoo model name or ``package.module:function``, its kwargs, an optional checkpoint,
+    and ``output``: which element of the model's output holds its logits, for a model that
+    returns several tensors (an index into a tuple or a key; by default the first tensor,
+    or a dict's ``logits`` entry)."""
 
     name: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    output: int | str | None = None
 
 
 @dataclass

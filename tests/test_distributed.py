@@ -38,11 +38,14 @@ def _models():
     return teacher, student
 
 
-def _run(out_dir, epochs, resume=False):
+def _run(out_dir, epochs, resume=False, method="kd"):
     teacher, student = _models()
-    distiller = flowdistill.make_distiller("kd", teacher, student)
+    options = {"example_input": torch.zeros(2, 12)} if method != "kd" else {}
+    distiller = flowdistill.make_distiller(method, teacher, student, **options)
     train = TrainConfig(epochs=epochs, seed=0, progress=False, device="cpu")
-    optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.0)
+    # (a constant rate: a run extended by resuming has the schedule of one run straight)
+    schedule = "cosine" if method == "kd" else "constant"
+    optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.0, schedule=schedule)
     result = fit(distiller, _data(), optim, train, out_dir=out_dir, resume=resume, batch_size=33)
     return student, result
 
@@ -58,6 +61,15 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.save(
         {"state": student.state_dict(), "result": result.to_dict()},
         os.path.join(tmp, f"rank{rank}.pt"),
+    )
+    # a method that draws random numbers every step: resumed, each process continues its own
+    # stream, so the run equals an uninterrupted one
+    _run(os.path.join(tmp, "flow"), epochs=1, method="flowdistill")
+    resumed, _ = _run(os.path.join(tmp, "flow"), epochs=2, resume=True, method="flowdistill")
+    straight, _ = _run(os.path.join(tmp, "flow-straight"), epochs=2, method="flowdistill")
+    torch.save(
+        {"resumed": resumed.state_dict(), "straight": straight.state_dict()},
+        os.path.join(tmp, f"flow{rank}.pt"),
     )
     teacher, other = _models()
     crd = flowdistill.make_distiller(
@@ -123,6 +135,9 @@ def test_two_process_training_matches_one_process(tmp_path):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
     for rank in (0, 1):
         assert "data-parallel" in (tmp_path / f"crd{rank}.txt").read_text()
+        flow = torch.load(tmp_path / f"flow{rank}.pt")
+        for k, v in flow["straight"].items():
+            torch.testing.assert_close(flow["resumed"][k], v, rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.skipif(

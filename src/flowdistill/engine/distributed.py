@@ -19,6 +19,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_buffers",
+    "gather_objects",
     "is_main",
     "rank",
     "setup",
@@ -70,6 +71,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj``, in rank order (``[obj]`` when single-process); every process
+    must call it."""
+    if world_size() > 1 and dist.is_initialized():
+        out: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

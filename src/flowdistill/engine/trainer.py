@@ -460,9 +460,14 @@ def fit(
                 f"{ckpt_path}: its optimizer state does not fit this run's optimizer "
                 f"({optim.name}; another optimizer or parameter set?): {exc}"
             ) from None
-        set_rng_state(tensors, state["rng"])
-        if rank:  # rank 0's generator state, moved on to a stream of this rank's own
-            torch.manual_seed(torch.randint(2**62, ()).item() + rank)
+        if rank and f"rank{rank}" in state["rng"]:  # this process's own saved stream
+            prefix = f"rank{rank}/"
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            set_rng_state(own, state["rng"][f"rank{rank}"])
+        else:
+            set_rng_state(tensors, state["rng"])
+            if rank:  # (a checkpoint of another process count) a stream of this rank's own
+                torch.manual_seed(torch.randint(2**62, ()).item() + rank)
         start_epoch, history = state["epoch"] + 1, state["history"]
         best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]
         best_val_loss = state.get("best_val_loss", math.nan)
@@ -610,10 +615,15 @@ def fit(
             }
             if out is not None and main:
                 save_checkpoint(out / BEST, best_state, {"epoch": epoch + 1, "val_acc": val_acc})
+        # every process's random state, so that a resumed run continues each one's stream
+        ranks_rng = distributed.gather_objects(rng_state()) if out is not None else []
         if out is not None and main:
             model_t = {f"model/{k}": v for k, v in distiller.trainable_state_dict().items()}
             optim_t, optim_meta = pack_optimizer(optimizer)
-            rng_t, rng_meta = rng_state()
+            rng_t, rng_meta = ranks_rng[0]
+            for r, (tensors_r, meta_r) in enumerate(ranks_rng[1:], start=1):
+                rng_t.update({f"rank{r}/{k}": v for k, v in tensors_r.items()})
+                rng_meta[f"rank{r}"] = meta_r
             save_checkpoint(
                 ckpt_path,
                 {**model_t, **optim_t, **rng_t},

@@ -109,3 +109,16 @@ def test_a_model_section_without_a_name_is_refused():
     with pytest.raises(ConfigError, match="teacher.name is required"):
         load_config({"teacher": {"checkpoint": "runs/t/best.safetensors"}})
     assert load_config({}).student.name == "digits_student"  # the default student stays
+
+
+def test_config_dataclasses_name_an_unknown_keyword():
+    from flowdistill.config import OptimConfig, TrainConfig
+    from flowdistill.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"TrainConfig has no field 'epoch' \(did you mean 'epochs'"
+    ):
+        TrainConfig(epoch=1)
+    with pytest.raises(ConfigError, match=r"OptimConfig has no field 'lrr' \(did you mean 'lr'"):
+        OptimConfig(lrr=1)
+    assert TrainConfig(epochs=3).epochs == 3 and OptimConfig("adamw").name == "adamw"

@@ -213,3 +213,9 @@ def test_a_top_k_cache_takes_the_named_output():
     with torch.no_grad():
         top = teacher(x)["out"].topk(2, dim=-1)
     torch.testing.assert_close(cache.values.float(), top.values)
+
+
+def test_a_tap_that_is_not_a_string_is_named():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(TapError, match=r"a module path \(a string\), got 2 of type int.*'2'"):
+        FeatureTaps(net, [2])

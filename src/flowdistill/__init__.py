@@ -12,7 +12,14 @@
 from __future__ import annotations
 
 from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, load_config
-from .distillers import Distiller, get_method, list_methods, make_distiller, method_options
+from .distillers import (
+    Distiller,
+    get_method,
+    list_methods,
+    list_variants,
+    make_distiller,
+    method_options,
+)
 from .engine import FitResult, evaluate, fit
 from .errors import (
     CheckpointError,
@@ -50,6 +57,7 @@ __all__ = [
     "fit",
     "get_method",
     "list_methods",
+    "list_variants",
     "load_config",
     "make_distiller",
     "method_options",

@@ -24,6 +24,28 @@ import yaml
 
 from .errors import ConfigError
 
+
+def keyword_checked(cls: type) -> type:
+    """A dataclass whose constructor names an unknown keyword as a :class:`ConfigError`
+    with the closest field, rather than Python's bare ``TypeError``."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{cls.__name__} has no field {unknown[0]!r}{hint}; its fields: {', '.join(names)}"
+            )
+        init(self, *args, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -36,6 +58,7 @@ __all__ = [
 ]
 
 
+@keyword_checked
 @dataclass
 class ModelConfig:
     """A zoo model name or ``package.module:function``, its kwargs, an optional checkpoint,
@@ -49,6 +72,7 @@ class ModelConfig:
     output: int | str | None = None
 
 
+@keyword_checked
 @dataclass
 class DataConfig:
     """``digits`` (embedded), ``npz`` (``path``) or ``idx`` (the four IDX file paths)."""
@@ -83,6 +107,7 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
 
 
+@keyword_checked
 @dataclass
 class OptimConfig:
     """Optimizer (``sgd``/``adamw``) and schedule (``cosine``/``step``/``constant``)."""
@@ -119,6 +144,7 @@ class OptimConfig:
             )
 
 
+@keyword_checked
 @dataclass
 class TrainConfig:
     """Epochs, seed, determinism, mixed precision (CUDA only), device, progress bar,
@@ -176,6 +202,7 @@ class TrainConfig:
             )
 
 
+@keyword_checked
 @dataclass
 class RunConfig:
     """One training run: ``train-teacher`` trains ``teacher``; ``distill`` trains ``student``."""

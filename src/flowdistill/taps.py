@@ -174,6 +174,11 @@ class FeatureTaps:
         self._active = False  # whether a call of the taps is running the model
         self._handles = []
         for name in self.names:
+            if not isinstance(name, str):
+                raise TapError(
+                    f"a tap is a module path (a string), got {name!r} of type "
+                    f"{type(name).__name__} (in a YAML config, quote a numeric path: '{name}')"
+                )
             if name == LOGITS:
                 continue
             match = _INDEX.match(name)

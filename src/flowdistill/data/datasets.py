@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError, ShapeMismatchError
 from .readers import cached_npz, read_idx, read_idx_pair, read_npz
 
 __all__ = [
@@ -152,7 +152,7 @@ def random_crop_flip(
     a random ``H×W`` crop of the zero-padded image and a horizontal flip with probability
     1/2, drawn per image. Vectorised (one gather), so GPU-resident data stays on the GPU."""
     if x.ndim != 4:
-        raise ValueError(f"random_crop_flip: expected (N, C, H, W), got {tuple(x.shape)}")
+        raise ShapeMismatchError(f"random_crop_flip: expected (N, C, H, W), got {tuple(x.shape)}")
     n, _, h, w = x.shape
     dev = x.device
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
@@ -254,7 +254,7 @@ class Batches:
         world: int = 1,
     ) -> None:
         if not 0 <= rank < world:
-            raise ValueError(f"Batches: need 0 <= rank < world, got rank {rank}, world {world}")
+            raise ConfigError(f"Batches: need 0 <= rank < world, got rank {rank}, world {world}")
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world = rank, world

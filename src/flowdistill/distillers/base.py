@@ -176,7 +176,7 @@ class Distiller(nn.Module):
     def teacher_forward(self, inputs: Any) -> dict[str, torch.Tensor]:
         """Teacher features by tap name, computed without gradients."""
         if self.teacher_taps is None:
-            raise RuntimeError(f"method {self.name!r} has no teacher")
+            raise ConfigError(f"method {self.name!r} has no teacher")
         if self.teacher.training:  # put in training mode by the caller: its BN stats stay
             self.teacher.eval()
         return {k: v.detach() for k, v in self.teacher_taps(inputs)[1].items()}

@@ -203,7 +203,7 @@ class CachedKD(Distiller):
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.batch_index is None:
-            raise RuntimeError("cached_kd needs batch_index (the dataset rows of the batch)")
+            raise ConfigError("cached_kd needs batch_index (the dataset rows of the batch)")
         s_logits = self.student_forward(inputs)[LOGITS]
         if s_logits.shape[-1] != self.cache.vocab_size:
             raise ConfigError(

@@ -40,10 +40,15 @@ def register(name: str):
     """Class decorator: register a :class:`Distiller` subclass under ``name``."""
 
     def wrap(cls: type[Distiller]) -> type[Distiller]:
-        if name in REGISTRY and REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {REGISTRY[name]}")
+        old = REGISTRY.get(name)
+        redefined = old is not None and (old.__module__, old.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )  # the same class defined again (a notebook cell)
+        if old is not None and old is not cls and not redefined:
+            raise ConfigError(f"method {name!r} is already registered by {old}")
         if not (cls.__doc__ or "").strip():
-            raise ValueError(f"method {name!r} needs a docstring: its first line describes it")
+            raise ConfigError(f"method {name!r} needs a docstring: its first line describes it")
         cls.name = name
         REGISTRY[name] = cls
         return cls
@@ -55,7 +60,7 @@ def register_variant(name: str, method: str, description: str, **options: Any) -
     """Register ``name`` as ``method`` with preset ``options`` (an ablation, say); it can
     be used wherever a method name can, and explicit options still override the preset."""
     if name in REGISTRY or (name in VARIANTS and VARIANTS[name][:2] != (method, options)):
-        raise ValueError(f"{name!r} is already registered")
+        raise ConfigError(f"{name!r} is already registered")
     VARIANTS[name] = (method, dict(options), description)
 
 
@@ -85,10 +90,13 @@ def get_method(name: str) -> type[Distiller]:
     try:
         return REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, [*REGISTRY, *VARIANTS], n=3)
+        known = [*REGISTRY, *VARIANTS]
+        same = [k for k in known if isinstance(name, str) and k.lower() == name.lower()]
+        close = same or difflib.get_close_matches(str(name), known, n=3)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise UnknownMethodError(
-            f"unknown method {name!r}{hint}; registered methods: {', '.join(list_methods())}"
+            f"unknown method {name!r}{hint}; registered methods: {', '.join(list_methods())}; "
+            f"variants: {', '.join(list_variants())}"
         ) from None
 
 

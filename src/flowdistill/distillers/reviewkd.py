@@ -51,7 +51,7 @@ class ABF(nn.Module):
         x = self.conv1(x)
         if self.att_conv is not None:
             if residual is None:
-                raise ValueError("ABF: a fusing level needs the deeper level's residual")
+                raise ConfigError("ABF: a fusing level needs the deeper level's residual")
             residual = F.interpolate(residual, size=x.shape[-2:], mode="nearest")
             z = self.att_conv(torch.cat([x, residual], dim=1))
             x = x * z[:, :1] + residual * z[:, 1:]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 
 __all__ = [
     "forward_kl",
@@ -126,10 +126,10 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 def _check(name: str, temperature: float, **unit: float) -> None:
     if not temperature > 0:
-        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+        raise ConfigError(f"{name}: temperature must be > 0, got {temperature}")
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name}: {key} must lie in [0, 1], got {value}")
+            raise ConfigError(f"{name}: {key} must lie in [0, 1], got {value}")
 
 
 def forward_kl(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._values import check_index_range, values_readable
-from ..errors import ShapeMismatchError
+from ..errors import ConfigError, ShapeMismatchError
 from .lm import masked_mean
 
 __all__ = ["dist", "dkd", "kd", "ls", "standardize_logits", "taid", "taid_target"]
@@ -258,7 +258,7 @@ def _check_t(name: str, t: float | torch.Tensor) -> None:
         return  # not read from a device (see flowdistill._values)
     value = float(t)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: the interpolation parameter t must lie in [0, 1], got {value}")
+        raise ConfigError(f"{name}: the interpolation parameter t must lie in [0, 1], got {value}")
 
 
 def taid_target(

@@ -21,6 +21,7 @@ from typing import TypedDict
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .registry import register_model
 
 __all__ = [
@@ -155,7 +156,7 @@ class CifarResNet(ZooNet):
     def __init__(self, depth: int, widths: Sequence[int], num_classes: int = 100) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, ...), got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n + 2 (8, 14, 20, ...), got {depth}")
         n = (depth - 2) // 6
         w0, w1, w2, w3 = widths
         self.conv1 = nn.Conv2d(3, w0, 3, padding=1, bias=False)
@@ -288,7 +289,7 @@ class WideResNet(ZooNet):
     def __init__(self, depth: int, widen: int, num_classes: int = 100) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"wide ResNet depth must be 6n + 4 (10, 16, 22, ...), got {depth}")
+            raise ConfigError(f"wide ResNet depth must be 6n + 4 (10, 16, 22, ...), got {depth}")
         n = (depth - 4) // 6
         w1, w2, w3 = 16 * widen, 32 * widen, 64 * widen
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
@@ -359,7 +360,7 @@ class VGG(ZooNet):
     def __init__(self, depth: int, num_classes: int = 100) -> None:
         super().__init__()
         if depth not in _VGG_LAYOUTS:
-            raise ValueError(f"VGG depth must be one of {sorted(_VGG_LAYOUTS)}, got {depth}")
+            raise ConfigError(f"VGG depth must be one of {sorted(_VGG_LAYOUTS)}, got {depth}")
         layout = _VGG_LAYOUTS[depth]
         c_in = 3
         for i, widths in enumerate(layout):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..config import keyword_checked
 from ..engine.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -51,6 +52,7 @@ __all__ = [
 EVAL_SEED = 12345  # dequantisation noise of validation/test passes: the same for every run
 
 
+@keyword_checked
 @dataclass
 class FlowKDConfig:
     """Weights of the distillation terms added to the student's NLL (bits/dim); all zero is

@@ -178,7 +178,7 @@ def test_every_method_trains_a_float64_pair_in_float64(name):
     teacher, student = SmallCNN(1, 4, (8, 8, 16)).double(), SmallCNN(1, 4, (4, 4, 8)).double()
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
-    d = flowdistill.make_distiller(name, teacher, student, example_input=x, **options).double()
+    d = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     d.on_fit_start(16)
     d.batch_index = torch.tensor([3, 0, 7, 12])
     d.train()

@@ -305,6 +305,10 @@ def test_fit_refuses_what_it_cannot_train_on_with_a_named_error(pair, tiny_data)
     with pytest.raises(ShapeMismatchError, match="predicts 5 classes .* data.num_classes is 4"):
         fit(wide, tiny_data, train=TrainConfig(epochs=1, **QUIET))
     # without example_input the class counts are read from one forward pass, for either model
+    with pytest.raises(DataError, match=r"the student cannot run on data.train's inputs "
+                       r"\(torch.float32"):  # fmt: skip
+        fit(flowdistill.make_distiller("kd", pair[0], _student().double()), tiny_data,
+            train=TrainConfig(epochs=1, **QUIET))  # fmt: skip
     cases = [(pair[0], SmallCNN(1, 3, (4, 4, 8)), "student"),
              (SmallCNN(1, 5, (8, 8, 16)), _student(), "teacher")]  # fmt: skip
     for teacher, student, side in cases:

@@ -131,6 +131,18 @@ class Distiller(nn.Module):
                 "pass example_input=<a batch of inputs>"
             )
 
+    def follow_student_dtype(self) -> Distiller:
+        """Give the method's own modules (adapters, flows) the floating dtype of the
+        student's parameters, so that a float64 (or bf16) student trains with modules of its
+        precision; ``make_distiller`` calls it. The teacher is left as it is."""
+        dtype = next((p.dtype for p in self.student.parameters() if p.is_floating_point()), None)
+        if dtype is None:
+            return self
+        for module in self.children():
+            if module is not self.student and module is not self.teacher:
+                module.to(dtype)
+        return self
+
     # ------------------------------------------------------------------ modes and params
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)

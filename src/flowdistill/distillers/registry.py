@@ -207,7 +207,7 @@ def make_distiller(
         )
     typed = _typed(cls, name, options)
     try:
-        return cls(teacher, student, **typed)
+        return cls(teacher, student, **typed).follow_student_dtype()
     except FlowdistillError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # from torch or a model

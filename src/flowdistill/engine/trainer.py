@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from ..config import OptimConfig, TrainConfig, _build
 from ..data.datasets import Batches, Split, Splits, random_crop_flip
 from ..distillers.base import IGNORE_INDEX, Distiller, padding_refusal
-from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, ShapeMismatchError
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FlowdistillError,
+    NonFiniteLossError,
+    ShapeMismatchError,
+)
 from ..taps import LOGITS
 from . import distributed
 from .checkpoint import (
@@ -235,15 +242,22 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
 
 
 def _check_class_count(distiller: Distiller, data: Splits, device: torch.device) -> None:
-    """The student (and the teacher) predict ``data.num_classes`` classes: read from the
-    shapes probed at construction, or else from one forward pass on two training inputs."""
+    """The student (and the teacher) run on the training inputs and predict
+    ``data.num_classes`` classes: one forward pass on two training inputs."""
     models = [("student", distiller.student_taps, distiller.student_shapes)]
     if distiller.teacher_taps is not None:
         models.append(("teacher", distiller.teacher_taps, distiller.teacher_shapes))
-    for side, taps, shapes in models:
-        logits = shapes.get(LOGITS)
-        if logits is None:
-            logits = taps.probe(data.train.x[:2].to(device))[LOGITS]
+    x = data.train.x[:2].to(device)
+    for side, taps, _ in models:
+        try:  # one forward pass on two training inputs: do they fit the model at all?
+            logits = taps.probe(x)[LOGITS]
+        except FlowdistillError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise DataError(
+                f"fit: the {side} cannot run on data.train's inputs ({x.dtype}, per-sample "
+                f"shape {tuple(x.shape[1:])}): {type(exc).__name__}: {exc}"
+            ) from exc
         if not logits or logits[-1] != data.num_classes:
             raise ShapeMismatchError(
                 f"fit: the {side} predicts {logits[-1] if logits else 'no'} classes (logits "

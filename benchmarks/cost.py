@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from flowdistill.bench.provenance import provenance
-from flowdistill.bench.runner import DEFAULT_CACHE, _build, _teacher, method_config
+from flowdistill.bench.runner import (
+    DEFAULT_CACHE,
+    _build,
+    _check_buildable,
+    _teacher,
+    method_config,
+)
 from flowdistill.bench.suites import get_suite
 from flowdistill.distillers import make_distiller
 
@@ -39,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
     suite = get_suite(args.suite)
     data = suite.load_data()
-    teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "student" not in methods:
         methods.insert(0, "student")
+    _check_buildable(suite, data, methods, {}, data.train.x[:8])  # before the teacher trains
+    teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
     x, y = data.train.x[: suite.batch_size], data.train.y[: suite.batch_size]
     steps, opts = {}, {}
     for method in methods:
@@ -116,4 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from flowdistill.cli import reported
+
+    raise SystemExit(reported(main, "cost.py"))

@@ -120,4 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from flowdistill.cli import reported
+
+    raise SystemExit(reported(main, "gpu_speed.py"))

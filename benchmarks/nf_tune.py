@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     train = suite.train
     if args.epochs:
         train = dataclasses.replace(train, epochs=args.epochs)
+    for values in itertools.product(*grid.values()):  # every point checked before training
+        FlowKDConfig(**{**base, **dict(zip(grid, values, strict=True))}).validate()
     data = suite.load_data()
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
     points = []
@@ -93,4 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from flowdistill.cli import reported
+
+    raise SystemExit(reported(main, "nf_tune.py"))

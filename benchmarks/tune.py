@@ -32,6 +32,7 @@ from flowdistill.bench.runner import (
     DEFAULT_CACHE,
     _bits,
     _build,
+    _check_buildable,
     _teacher,
     _train_config,
     _val_score,
@@ -74,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     name, scale = ("val_bpc", 1.0) if lm else ("val_acc", 100.0)
     grid = parse_grid(args.grid)
     data = suite.load_data()
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    # every point is built before the teacher trains: a wrong option stops at once
+    _check_buildable(suite, data, [args.method], {args.method: combos}, data.train.x[:8])
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
     epochs = args.epochs or suite.epochs
     base = method_config(suite, args.method)
-    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     jobs = [
         {"suite": suite.name, "method": args.method, "options": {**base, **options},
          "seed": seed, "epochs": epochs, "threads": max(1, torch.get_num_threads() // args.workers)}
@@ -149,4 +152,6 @@ def _run(job: dict, suite=None, data=None, teacher=None) -> tuple[float, float, 
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from flowdistill.cli import reported
+
+    raise SystemExit(reported(main, "tune.py"))

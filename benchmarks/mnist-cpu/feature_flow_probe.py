@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     suite = get_suite("mnist-cpu")
+    for seed in range(args.seeds):  # the runs' weights, before the teacher is trained
+        weights = Path(args.runs) / args.method / f"seed{seed}" / "last.safetensors"
+        if not weights.exists():
+            raise SystemExit(
+                f"{weights} is absent: the probe reads the last weights of the mnist-cpu "
+                "bench's runs, which the bench keeps beside each run but which are not "
+                "committed; run the bench first (with --out benchmarks/mnist-cpu)"
+            )
     data = suite.load_data()
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
     options = method_config(suite, args.method)
@@ -111,4 +119,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from flowdistill.cli import reported
+
+    raise SystemExit(reported(main, "feature_flow_probe.py"))

@@ -117,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from flowdistill.cli import reported
+
+    raise SystemExit(reported(main, "logit_flow_probe.py"))

@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError, FlowdistillError
@@ -337,13 +338,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    return reported(lambda: args.func(args), "flowdistill")
+
+
+def reported(run: Callable[[], int], prog: str) -> int:
+    """``run()``, with a library error printed as one line naming the problem (exit status
+    2) rather than a traceback, and an interruption as exit status 130; the benchmark
+    scripts end this way too."""
     try:
-        return args.func(args)
+        return run()
     except FlowdistillError as err:
-        print(f"flowdistill: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("flowdistill: interrupted; finished epochs are checkpointed", file=sys.stderr)
+        print(f"{prog}: interrupted; finished epochs are checkpointed", file=sys.stderr)
         return 130
 
 

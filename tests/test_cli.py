@@ -5,6 +5,8 @@ import sys
 import textwrap
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from flowdistill.cli import main
 from flowdistill.distillers import REGISTRY, VARIANTS
@@ -400,3 +402,58 @@ def test_models_returning_features_and_logits_name_their_logits(tmp_path, monkey
     assert main(["distill", "--config", str(cfg), "student.output=null",
                  f"out_dir={tmp_path / 'u'}"]) == 2  # fmt: skip
     assert "student_output=" in capsys.readouterr().err
+
+
+def test_your_own_method_by_import_path_in_the_api_and_the_cli(tmp_path, monkeypatch, capsys):
+    """A Distiller subclass of the user's own (options keyword-only), named as
+    ``module:Class``: imported, registered under that name, trained from a config."""
+    (tmp_path / "mymethods.py").write_text(
+        textwrap.dedent(
+            '''
+            import torch.nn.functional as F
+            from flowdistill import Distiller
+
+            class MSELogits(Distiller):
+                """Cross-entropy plus the squared error between the logits."""
+
+                def __init__(self, teacher, student, *, mse_weight: float = 1.0, **base):
+                    super().__init__(teacher, student, **base)
+                    self.mse_weight = mse_weight
+
+                def forward(self, inputs, targets):
+                    t = self.teacher_forward(inputs)["logits"]
+                    s = self.student_forward(inputs)["logits"]
+                    ce = self.cross_entropy(s, targets)
+                    return self.total({"ce": ce, "mse": self.mse_weight * F.mse_loss(s, t)})
+            '''
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("flowdistill.distillers.registry.REGISTRY", dict(REGISTRY))  # (undone)
+    import flowdistill
+
+    teacher = flowdistill.models.create_model("digits_teacher")
+    student = flowdistill.models.create_model("digits_student")
+    d = flowdistill.make_distiller("mymethods:MSELogits", teacher, student, mse_weight=2.0)
+    x = torch.randn(4, 1, 8, 8)
+    terms = d(x, torch.tensor([0, 1, 2, 3]))
+    with torch.no_grad():  # the oracle: the two terms by hand
+        mse = F.mse_loss(student(x), teacher.eval()(x))
+    torch.testing.assert_close(terms["mse"], 2.0 * mse)
+    assert flowdistill.method_options("mymethods:MSELogits")["mse_weight"] == 1.0
+    with pytest.raises(flowdistill.errors.UnknownMethodError, match="cannot import 'Nope'"):
+        flowdistill.make_distiller("mymethods:Nope", teacher, student)
+    ckpt = tmp_path / "t.safetensors"
+    from flowdistill.engine.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, teacher.state_dict(), {})
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        f"method: 'mymethods:MSELogits'\nmethod_options: {{mse_weight: 0.5}}\n"
+        f"teacher: {{name: digits_teacher, checkpoint: {ckpt}}}\n"
+        f"train: {{epochs: 1, progress: false}}\nout_dir: {tmp_path / 'run'}\n"
+    )
+    assert main(["distill", "--config", str(cfg)]) == 0
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["config"]["method"] == (
+        "mymethods:MSELogits"
+    )

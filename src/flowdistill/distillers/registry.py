@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
 import itertools
 import types
@@ -84,9 +85,13 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> type[Distiller]:
-    """The class registered as ``name``; unknown names raise :class:`UnknownMethodError`."""
+    """The class registered as ``name``, or your own as ``"package.module:Class"`` (imported,
+    and registered under that name unless its module registered it already); unknown names
+    raise :class:`UnknownMethodError`."""
     if name in VARIANTS:
         return REGISTRY[VARIANTS[name][0]]
+    if isinstance(name, str) and ":" in name and name not in REGISTRY:
+        return _import_method(name)
     try:
         return REGISTRY[name]
     except KeyError:
@@ -98,6 +103,24 @@ def get_method(name: str) -> type[Distiller]:
             f"unknown method {name!r}{hint}; registered methods: {', '.join(list_methods())}; "
             f"variants: {', '.join(list_variants())}"
         ) from None
+
+
+def _import_method(spec: str) -> type[Distiller]:
+    """A :class:`Distiller` subclass named ``"package.module:Class"``."""
+    from .base import Distiller
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownMethodError(
+            f"unknown method {spec!r}: cannot import {attr!r} from {module_name!r} ({exc})"
+        ) from None
+    if not (isinstance(obj, type) and issubclass(obj, Distiller)):
+        raise UnknownMethodError(f"{spec!r} is not a flowdistill Distiller subclass")
+    if any(cls is obj for cls in REGISTRY.values()):  # its module registered it on import
+        return obj
+    return register(spec)(obj)
 
 
 def method_options(name: str) -> dict[str, Any]:

@@ -117,6 +117,12 @@ def _causal_mean(x: torch.Tensor) -> torch.Tensor:
     return x.cumsum(dim=1) / counts[:, None]
 
 
+def _per_position(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The padding ``mask`` ``(B, T)`` where ``x`` has one vector per token, ``(B, T, D)``;
+    ``None`` for any other layout (maps, pooled vectors), which has no padding."""
+    return mask if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else None
+
+
 def _rel(u: torch.Tensor, w: torch.Tensor) -> float:
     """Mean per-sample error norm relative to the mean per-sample norm of ``w``."""
     err = (u - w).flatten(1).norm(dim=1).mean()
@@ -458,8 +464,7 @@ class FlowDistill(Distiller):
             a = _wide(self.adapters[key](s_out[s_name]))
             t = _wide(t_out[t_name])
             if key in self.norms:
-                keep = mask if mask is not None and t.shape[:-1] == mask.shape else None
-                t = self.norms[key](t, keep)
+                t = self.norms[key](t, _per_position(mask, t))
             if self.rows and a.ndim == 4:  # per-position fields: maps as rows of positions
                 a, t = _to_rows(a), _to_rows(t)
             out.append((key, s_name, a, t))
@@ -477,22 +482,17 @@ class FlowDistill(Distiller):
     def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         """Mean squared error; on token sequences ``(B, T, D)`` with a padding ``mask``
         ``(B, T)``, the mean over the counted positions only."""
-        if mask is None or pred.ndim != 3 or tuple(pred.shape[:2]) != tuple(mask.shape):
-            return F.mse_loss(pred, target)
-        return losses.masked_mean((pred - target).pow(2).mean(-1), mask)
+        return losses.hint(pred, target, _per_position(mask, pred))
 
     def _kl(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         """Hinton's KD at the flow's temperature; padding left out of per-token logits."""
-        if mask is None:
-            return losses.kd(pred, target, self.temperature)
-        return losses.forward_kl(pred, target, mask, self.temperature)
+        return losses.kd(pred, target, self.temperature, _per_position(mask, pred))
 
     def _match(self, is_logits: bool, pred: torch.Tensor, target: torch.Tensor, mask=None):
         if not is_logits:
             return self._mse(pred, target, mask)
         if self.logit_loss == "dist":
-            keep = mask if mask is not None and mask.shape == pred.shape[:-1] else None
-            return losses.dist(pred, target, mask=keep)
+            return losses.dist(pred, target, mask=_per_position(mask, pred))
         return self._kl(pred, target, mask)
 
     # ------------------------------------------------------------------ training

@@ -51,7 +51,5 @@ class KD(Distiller):
         )
 
     def _kd(self, s_logits: torch.Tensor, t_logits: torch.Tensor, targets: torch.Tensor):
-        mask = self.token_mask(targets)
-        if mask is None:
-            return losses.kd(s_logits, t_logits, self.temperature)
-        return losses.forward_kl(s_logits, t_logits, mask, self.temperature)  # padding left out
+        mask = self.token_mask(targets)  # padding left out (None for class labels)
+        return losses.kd(s_logits, t_logits, self.temperature, mask)

@@ -49,13 +49,15 @@ __all__ = [
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is true (all when ``None``)."""
+    """Mean of ``values`` over the positions where ``mask`` is true (all when ``None``); a
+    left-out value never enters, not even a non-finite one."""
     if mask is None:
         return values.mean()
     if mask.shape != values.shape:
         raise ShapeMismatchError(f"mask {tuple(mask.shape)} vs values {tuple(values.shape)}")
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    keep = mask.bool()
+    count = keep.sum().to(values.dtype).clamp_min(1.0)
+    return torch.where(keep, values, 0.0).sum() / count
 
 
 def _rows(

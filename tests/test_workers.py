@@ -124,3 +124,77 @@ def test_an_option_a_method_refuses_stops_the_bench_before_anything_trains(tmp_p
             options={"skew_kl": {"direction": "sideways"}},
         )  # fmt: skip
     assert not (tmp_path / "b").exists() and not (tmp_path / "cache").exists()
+
+
+DIVERGING = '''
+import torch
+from flowdistill.distillers.kd import KD
+
+class Diverging(KD):
+    """KD whose loss is NaN when ``diverge`` is set."""
+
+    tune_grid = [{"diverge": False}, {"diverge": True}]
+
+    def __init__(self, teacher, student, *, diverge: bool = False, **base):
+        super().__init__(teacher, student, **base)
+        self.diverge = diverge
+
+    def forward(self, inputs, targets):
+        terms = super().forward(inputs, targets)
+        if self.diverge:
+            terms["loss"] = terms["loss"] * torch.tensor(float("nan"))
+        return terms
+'''
+
+
+@pytest.fixture
+def diverging(tmp_path, monkeypatch):
+    """A method (by import path, so that spawned workers import it too) whose grid has a
+    point that diverges."""
+    from flowdistill.distillers import registry
+
+    (tmp_path / "divmethods.py").write_text(DIVERGING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))
+    return "divmethods:Diverging"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_diverging_grid_point_is_the_worst_point_not_the_end_of_the_bench(
+    tmp_path, one_thread, diverging, workers, monkeypatch
+):
+    kw = dict(methods=[diverging], seeds=1, epochs=1, teacher_epochs=1, progress=False, tune=True,
+              workers=workers, out=tmp_path / "b", cache=tmp_path / "cache",
+              log=lambda *_: None)  # fmt: skip
+    results = run_bench("digits", **kw)
+    record = results["tuning"]["methods"][diverging]
+    assert record["chosen"] == {"diverge": False}
+    bad = next(p for p in record["points"] if p["options"] == {"diverge": True})
+    assert bad["val_mean"] is None and bad["val"] == [None] and bad["diverged"] == [0]
+    good = next(p for p in record["points"] if p["options"] == {"diverge": False})
+    assert 0.0 < good["val_mean"] <= 1.0
+    assert "| divmethods:Diverging | diverge=True | diverged |" in (
+        (tmp_path / "b" / "results.md").read_text()
+    )
+    assert list((tmp_path / "b" / "tune" / diverging).glob("*/seed0/diverged.json"))
+
+    # the same command trains nothing again: the diverged point is known to have diverged
+    def no_training(*_a, **_k):
+        raise AssertionError("a run was trained again")
+
+    monkeypatch.setattr("flowdistill.bench.runner._train_run", no_training)
+    again = run_bench("digits", **{**kw, "workers": 1})
+    assert again["tuning"]["methods"][diverging] == record
+
+
+def test_a_diverging_run_does_not_stop_the_runs_after_it(tmp_path, diverging):
+    """One after another: the run after the failing one is trained, then the failure named."""
+    with pytest.raises(FlowdistillError, match=r"1 of 3 runs failed .*Diverging seed 0 .*"
+                       r"non-finite"):  # fmt: skip
+        run_bench(
+            "digits", methods=[diverging, "kd"], seeds=1, epochs=1, teacher_epochs=1,
+            progress=False, options={diverging: {"diverge": True}}, out=tmp_path / "b",
+            cache=tmp_path / "cache", log=lambda *_: None,
+        )  # fmt: skip
+    assert (tmp_path / "b" / "runs" / "kd" / "seed0" / "result.json").exists()
+    assert not (tmp_path / "b" / "results.json").exists()  # no table with a run missing

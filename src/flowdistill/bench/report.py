@@ -197,7 +197,7 @@ def tuning_table(results: dict[str, Any]) -> str:
     for method, record in tuning["methods"].items():
         for point in record["points"]:
             opts = ", ".join(f"{k}={v}" for k, v in point["options"].items()) or "(defaults)"
-            score = fmt(point["val_mean"])
+            score = "diverged" if point["val_mean"] is None else fmt(point["val_mean"])
             if point["options"] == record["chosen"]:
                 opts, score = f"**{opts}**", f"**{score}**"
             lines.append(f"| {method} | {opts} | {score} |")

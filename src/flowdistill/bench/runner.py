@@ -24,7 +24,7 @@ from ..distillers.registry import method_options, resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_model_weights
 from ..engine.trainer import BEST, fit, refuse_unsynchronised_state
-from ..errors import ConfigError, DataError, FlowdistillError
+from ..errors import ConfigError, DataError, FlowdistillError, NonFiniteLossError
 from ..models import MODELS, build_model, data_kwargs
 from ..taps import first_tensor
 from .provenance import provenance
@@ -405,6 +405,7 @@ def run_bench(
                                    _run_key(suite, m, run_options[m], seed, epochs, teacher_info,
                                             budget)))  # (taken from its tuning run below)
     ], teacher_info)  # fmt: skip
+    failed: list[str] = []
     for method in methods:
         options = run_options[method]
         for seed in range(seeds):
@@ -427,10 +428,18 @@ def run_bench(
                     if distributed.is_main():
                         shutil.copytree(tuned, run_dir)
                     distributed.barrier()
-                result, cost = _train_run(
-                    suite, method, options, teacher, data, example, key, seed, run_dir,
-                    progress, with_cost=True,
-                )  # fmt: skip
+                try:
+                    result, cost = _train_run(
+                        suite, method, options, teacher, data, example, key, seed, run_dir,
+                        progress, with_cost=True,
+                    )  # fmt: skip
+                except Exception as err:  # the other runs go on; under torchrun only
+                    # a non-finite loss, which every process raises alike
+                    if distributed.world_size() > 1 and not isinstance(err, NonFiniteLossError):
+                        raise
+                    log(f"{method} seed {seed}: failed: {err}")
+                    failed.append(f"{method} seed {seed} ({run_dir}): {err}")
+                    continue
                 last, at_best = _run_metrics(suite, result)
                 if at_best is None:
                     log(f"{method} seed {seed}: {suite.metric} {last:.4f}")
@@ -462,6 +471,11 @@ def run_bench(
                 }
             )
 
+    if failed:
+        raise FlowdistillError(
+            f"{len(failed)} of {len(methods) * seeds} runs failed (the finished ones are kept "
+            "and reused by the same command): " + "; ".join(failed)
+        )
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
     student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
@@ -634,6 +648,33 @@ def _tune_dir(out: Path, method: str, point: dict, seed: int) -> Path:
     return out / "tune" / method / _hash(point) / f"seed{seed}"
 
 
+DIVERGED = "diverged.json"
+
+
+def _tune_run(
+    suite: Suite, method: str, options: dict, teacher, data: Splits, example, key: dict,
+    seed: int, run_dir: Path, progress: bool,
+) -> dict[str, Any] | None:  # fmt: skip
+    """One tuning run: its result, or ``None`` where its loss became non-finite (a grid
+    point that diverges is the worst point, not the end of the bench; ``diverged.json``
+    records it, so that the same command does not train it again)."""
+    marker = run_dir / DIVERGED
+    if marker.exists() and _read_record(marker).get("key_hash") == _hash(key):
+        return None
+    try:
+        result, _ = _train_run(
+            suite, method, options, teacher, data, example, key, seed, run_dir, progress,
+            with_cost=False,
+        )  # fmt: skip
+    except NonFiniteLossError as err:  # raised on every process alike (its check is reduced)
+        if distributed.is_main():
+            record = {"key_hash": _hash(key), "key": key, "error": str(err)}
+            atomic_write_text(marker, json.dumps(record, indent=1))
+        distributed.barrier()
+        return None
+    return result
+
+
 def _tune_method(
     suite: Suite, method: str, points: list[dict], data: Splits, teacher, teacher_info: dict,
     example, epochs: int, budget: float, out: Path, seeds: int, progress: bool, log,
@@ -653,17 +694,29 @@ def _tune_method(
             if result is not None and result.get("key_hash") != _hash(key):
                 raise _other_configuration(run_dir, result, key)
             if result is None:
-                result, _ = _train_run(
+                result = _tune_run(
                     suite, method, options, teacher, data, example, key, seed, run_dir,
-                    progress, with_cost=False,
+                    progress,
                 )  # fmt: skip
-            scores.append(_val_score(suite, result))
-        mean = float(np.mean(scores))
-        log(f"tune {method} {point or '(defaults)'}: validation {mean:.4f}")
-        record.append({"options": point, "val": scores, "val_mean": mean})
-    means = [r["val_mean"] for r in record]
-    best = int(np.argmin(means) if lower else np.argmax(means))  # ties: the first point
-    return {"points": record, "chosen": record[best]["options"]}, record[best]["options"]
+            scores.append(None if result is None else _val_score(suite, result))
+        entry: dict[str, Any] = {"options": point, "val": scores}
+        if None in scores:  # diverged on a seed: the worst point, whatever the others scored
+            entry["val_mean"] = None
+            entry["diverged"] = [seed for seed, score in enumerate(scores) if score is None]
+            log(f"tune {method} {point or '(defaults)'}: diverged (seeds {entry['diverged']})")
+        else:
+            entry["val_mean"] = float(np.mean(scores))
+            log(f"tune {method} {point or '(defaults)'}: validation {entry['val_mean']:.4f}")
+        record.append(entry)
+    scored = [r for r in record if r["val_mean"] is not None]
+    if not scored:
+        raise FlowdistillError(
+            f"every grid point of {method} diverged (a non-finite loss; see "
+            f"{out / 'tune' / method}/*/seed*/{DIVERGED})"
+        )
+    pick = min if lower else max  # ties: the first point
+    best = pick(scored, key=lambda r: r["val_mean"])
+    return {"points": record, "chosen": best["options"]}, best["options"]
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -695,6 +748,9 @@ class _Pool:
             if record is not None and record.get("key_hash") != _hash(key):
                 raise _other_configuration(run_dir, record, key)
             done = record is not None and (not with_cost or (run_dir / "inference.json").exists())
+            marker = run_dir / DIVERGED
+            if not with_cost and marker.exists():  # a tuning run that diverged before
+                done = done or _read_record(marker).get("key_hash") == _hash(key)
             if not done:
                 todo.append({**self.spec, "method": method, "options": options, "seed": seed,
                              "run_dir": str(run_dir), "key": key, "with_cost": with_cost,
@@ -739,10 +795,18 @@ def _pool_job(job: dict) -> str:
     key = _run_key(suite, method, job["options"], seed, suite.epochs, teacher_info, job["budget"])
     if key != job["key"]:
         raise RuntimeError(f"worker rebuilt another run key for {run_dir}")
-    result, _ = _train_run(
-        suite, method, job["options"], teacher, data, data.train.x[:8], key, seed, run_dir,
-        False, job["with_cost"],
-    )  # fmt: skip
+    if not job["with_cost"]:  # a tuning run: one that diverges is recorded as such
+        result = _tune_run(
+            suite, method, job["options"], teacher, data, data.train.x[:8], key, seed,
+            run_dir, False,
+        )  # fmt: skip
+        if result is None:
+            return f"{method} seed {seed}: diverged in {run_dir}"
+    else:
+        result, _ = _train_run(
+            suite, method, job["options"], teacher, data, data.train.x[:8], key, seed,
+            run_dir, False, True,
+        )  # fmt: skip
     score = _val_score(suite, result)
     return f"{method} seed {seed}: trained in {run_dir} (validation {score:.4f})"
 

@@ -457,3 +457,46 @@ def test_your_own_method_by_import_path_in_the_api_and_the_cli(tmp_path, monkeyp
     assert json.loads((tmp_path / "run" / "result.json").read_text())["config"]["method"] == (
         "mymethods:MSELogits"
     )
+
+
+def test_a_language_model_from_a_text_file_by_config(tmp_path, capsys):
+    """``data: {name: text}``: a corpus as next-character windows, the zoo GPT sized from
+    it (vocabulary and context), a teacher trained and a student distilled from configs;
+    the bits per character printed are the held-out cross-entropy of the saved student,
+    recomputed here from its weights."""
+    import math
+
+    from flowdistill.data import char_splits
+    from flowdistill.engine.checkpoint import load_model_weights
+    from flowdistill.models import create_model
+
+    text = "to be, or not to be, that is the question: whether 'tis nobler in the mind. " * 12
+    (tmp_path / "corpus.txt").write_text(text)
+    data = (f"data: {{name: text, path: {tmp_path / 'corpus.txt'}, block_size: 16, "
+            "val_fraction: 0.1, test_fraction: 0.1, batch_size: 16}\n")  # fmt: skip
+    common = data + "optim: {name: adamw, lr: 0.003}\ntrain: {epochs: 2, progress: false}\n"
+    gpt = "name: gpt, kwargs: {n_layer: 1, n_head: 2, n_embd: "
+    (tmp_path / "t.yaml").write_text(
+        common + f"teacher: {{{gpt}32}}}}\nout_dir: {tmp_path / 't'}\n"
+    )
+    assert main(["train-teacher", "--config", str(tmp_path / "t.yaml")]) == 0
+    capsys.readouterr()
+    (tmp_path / "s.yaml").write_text(
+        common + "method: kd\nmethod_options: {temperature: 1.0}\n"
+        f"teacher: {{{gpt}32}}, checkpoint: {tmp_path / 't' / 'best.safetensors'}}}\n"
+        f"student: {{{gpt}16}}}}\nout_dir: {tmp_path / 's'}\n"
+    )
+    assert main(["distill", "--config", str(tmp_path / "s.yaml")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    splits, tok = char_splits(text, 16, 0.1, select_fraction=0.1)
+    student = create_model("gpt", vocab_size=tok.vocab_size, block_size=16, n_layer=1,
+                           n_head=2, n_embd=16)  # fmt: skip
+    load_model_weights(student, tmp_path / "s" / "model.safetensors")
+    with torch.no_grad():
+        logits = student.eval()(splits.test.x)
+        nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), splits.test.y.reshape(-1))
+    assert printed["test_bpc_last"] == pytest.approx(float(nats) / math.log(2), rel=1e-4)
+    assert printed["test_bpc_last"] < math.log2(tok.vocab_size)  # it learned something
+    assert main(["distill", "--config", str(tmp_path / "s.yaml"), "data.block_size=0",
+                 f"out_dir={tmp_path / 'x'}"]) == 2  # fmt: skip
+    assert "data.block_size must be >= 1" in capsys.readouterr().err

@@ -193,3 +193,18 @@ def test_a_method_that_cannot_be_built_says_so_with_its_options(pair):
     rgb = torch.randn(2, 3, 8, 8)  # the pair reads one channel
     with pytest.raises(ConfigError, match=r"'fitnet' could not be built.*channels.*\(2, 3, 8, 8\)"):
         flowdistill.make_distiller("fitnet", teacher, student, example_input=rgb, **FEATURE_TAPS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_float_option_refuses_nan_and_infinity(name, pair):
+    """A NaN or infinite weight, temperature or rate is named when the method is built,
+    not met as a non-finite loss at the first step."""
+    teacher, student, x = pair
+    preset = flowdistill.distillers.registry.resolve(name)[1]  # a variant's fixed options
+    floats = [k for k, v in method_options(name).items()
+              if isinstance(v, float) and k not in preset]  # fmt: skip
+    assert floats, f"{name} has no float option"
+    for key in floats:
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match=rf"{key} must be a finite number"):
+                flowdistill.make_distiller(name, teacher, student, example_input=x, **{key: bad})

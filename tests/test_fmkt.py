@@ -249,7 +249,9 @@ def test_feature_mode_on_maps_inserts_the_flow_serially(pair):
     assert set(terms) == {"ce", "fmkt", "loss"}
     assert d.target_proj(torch.randn(4, 8, 2, 2)).shape == (4, 4, 2, 2)
     deployed = {id(p) for m in d.deployed_modules() for p in m.parameters()}
-    assert all(id(p) not in deployed for p in d.target_proj.parameters())
+    assert all(
+        id(p) not in deployed for p in [*d.target_proj.parameters(), *d.target_norm.parameters()]
+    )
 
 
 def test_training_step_counts_are_drawn_from_the_set(pair):

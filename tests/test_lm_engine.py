@@ -3,6 +3,7 @@ flow methods on hidden states."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -374,13 +375,27 @@ def test_budget_trains_on_a_fraction_and_keeps_runs_apart(tmp_path):
     assert len(teachers) == 1  # a teacher of its own, cached apart from full-budget ones
 
 
+SPATIAL = {"field": "spatial", "inference": "flow", "student_taps": ["blocks.0"],
+           "teacher_taps": ["blocks.1"]}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "method,options,causal",
-    [("fmkt", {"encoder": "mlp"}, True), ("fmkt", {"encoder": "transformer"}, False)],
+    [
+        ("fmkt", {}, True),  # the default encoder on per-token logits: causal attention
+        ("fmkt", {"encoder": "mlp"}, True),
+        ("fmkt", {"encoder": "transformer"}, True),
+        ("fmkt", {"tap": "blocks.0", "teacher_tap": "blocks.1"}, True),  # inserted flow
+        ("ofmkt", {}, True),
+        ("flowdistill", SPATIAL, True),  # attention over tokens, causal with the context
+        ("fmkt", {"encoder": "transformer", "causal": False}, False),  # asked for
+        ("flowdistill", {**SPATIAL, "context": "pooled"}, False),
+    ],
 )
 def test_deployed_flow_modules_and_causality(method, options, causal, lm):
-    """FM-KT's module runs at inference: a per-position encoder keeps the model causal, an
-    attention encoder does not (which is why the shakespeare-char suite picks "mlp")."""
+    """Modules that run at inference keep a causal language model causal: changing later
+    tokens never changes earlier predictions, unless a non-causal flow is asked for (the
+    oracle that the check can fail)."""
     data, _, teacher, student = lm
     x = data.train.x[:2]
     distiller = make_distiller(method, teacher, student, example_input=x, **options).eval()
@@ -391,6 +406,14 @@ def test_deployed_flow_modules_and_causality(method, options, causal, lm):
         y[:, 10:] = (y[:, 10:] + 1) % data.num_classes
         a, b = distiller.predict(x), distiller.predict(y)
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5) == causal
+
+
+def test_a_convolution_over_a_causal_sequence_is_refused(lm):
+    data, _, teacher, student = lm
+    with pytest.raises(ConfigError, match="encoder 'conv' mixes each token with the next"):
+        make_distiller("fmkt", teacher, student, example_input=data.train.x[:2], encoder="conv")
+    with pytest.raises(ConfigError, match="causal must be 'auto', true or false"):
+        make_distiller("fmkt", teacher, student, example_input=data.train.x[:2], causal="yes")
 
 
 def test_shakespeare_suite_uses_per_position_flow_fields():
@@ -604,22 +627,29 @@ def test_every_method_leaves_padding_out_or_refuses_it(name):
     d.on_fit_start(4)
     d.on_epoch_start(2, 4)  # mid-schedule: ramps are partial
     d.batch_index = torch.arange(4)
-    d.eval()  # running statistics, not the batch's
     if not d.masks_padding:
         with pytest.raises(ConfigError, match=rf"method '{name}' would count padded positions"):
             d(x, padded)
         return
+    with torch.no_grad():  # zero-initialised output layers would hide what their inputs see
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = copy.deepcopy(d.state_dict())
+
+    def terms(inputs, targets, training):
+        d.load_state_dict(state)  # the running statistics a training call updated, undone
+        d.train(training)
+        torch.manual_seed(0)
+        return d(inputs, targets)
+
     other = x.clone()
     other[:, 10:] = (other[:, 10:] + 3) % 13
-    torch.manual_seed(0)
-    a = d(x, padded)
-    torch.manual_seed(0)
-    b = d(other, padded)
-    for term in a:
-        torch.testing.assert_close(a[term], b[term], msg=term)
-    torch.manual_seed(0)
-    counted = d(other, y)  # the test's oracle: with the padding counted, the loss moves
-    assert not torch.allclose(counted["loss"], a["loss"])
+    for training in (False, True):  # running statistics, then the batch's
+        a, b = terms(x, padded, training), terms(other, padded, training)
+        for term in a:
+            torch.testing.assert_close(a[term], b[term], msg=f"{term} (training={training})")
+        counted = terms(other, y, training)  # the oracle: with the padding counted, it moves
+        assert not torch.allclose(counted["loss"], a["loss"])
 
 
 @pytest.mark.parametrize("name", [n for n in ALL_METHODS if not get_method(n).masks_padding
@@ -667,3 +697,65 @@ def test_flowdistill_standardises_teacher_tokens_over_the_counted_positions(lm):
         t = d.teacher_forward(x)["blocks.1"][y != -100]  # (N, D)
     torch.testing.assert_close(norm_d.running_mean, 0.1 * t.mean(0))
     torch.testing.assert_close(norm_d.running_var, 0.9 + 0.1 * t.var(0), rtol=1e-4, atol=1e-5)
+
+
+def _with(data, name, part):
+    parts = {n: getattr(data, n) for n in ("train", "val", "test")}
+    return type(data)(**{**parts, name: part}, num_classes=data.num_classes)
+
+
+@pytest.mark.parametrize("name", ["val", "test"])
+def test_targets_that_do_not_fit_a_held_out_split_are_refused_before_training(name, lm, tmp_path):
+    """A held-out split whose targets are not one per token of its inputs is named before
+    the first epoch, not after it in evaluation."""
+    data, _, _, student = lm
+    part = getattr(data, name)
+    bad = _with(data, name, Split(part.x, part.y[:, :8]))
+    d = make_distiller("student", None, student)
+    with pytest.raises(ShapeMismatchError, match=rf"data.{name} has targets of per-sample "
+                       r"shape \(8,\).*logits on its inputs .* shape \(16, "):  # fmt: skip
+        fit(d, bad, OptimConfig("adamw"), TrainConfig(epochs=1, progress=False), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name,value", [("train", 5), ("test", -1)])
+def test_token_ids_outside_the_vocabulary_are_named_before_training(name, value, lm, tmp_path):
+    """Ids beyond the input embedding, anywhere in a split (here its last row, which the
+    probe on the first inputs never reads): a DataError naming the split and the range, not
+    an index error inside the embedding."""
+    data, tok, teacher, student = lm
+    part = getattr(data, name)
+    x = part.x.clone()
+    x[-1, 3] = tok.vocab_size + value if value > 0 else value
+    d = make_distiller("kd", teacher, student)
+    with pytest.raises(DataError, match=rf"data.{name} inputs hold token ids from "
+                       rf"{min(0, value)} to .*vocabulary \[0, {tok.vocab_size}\)"):  # fmt: skip
+        fit(d, _with(data, name, Split(x, part.y)), OptimConfig("adamw"),
+            TrainConfig(epochs=1, progress=False), tmp_path)  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_teacher_with_non_finite_weights_is_named_before_training(lm, tmp_path):
+    from flowdistill.errors import CheckpointError
+
+    data, _, teacher, student = lm
+    with torch.no_grad():
+        teacher.blocks[1].mlp.fc.weight[0, 0] = float("nan")
+    d = make_distiller("kd", teacher, student)
+    with pytest.raises(CheckpointError, match=r"teacher's weights hold NaN.*blocks\.1\.mlp"):
+        fit(d, data, OptimConfig("adamw"), TrainConfig(epochs=1, progress=False), tmp_path)
+
+
+def test_the_top_k_cache_refuses_empty_inputs_and_non_finite_options(lm):
+    from flowdistill.distillers.cached import CachedKD, build_topk_cache
+
+    data, _, teacher, student = lm
+    with pytest.raises(DataError, match="inputs are empty"):
+        build_topk_cache(teacher, data.train.x[:0], k=4)
+    cache = build_topk_cache(teacher, data.train.x[:8], k=4)
+    with pytest.raises(ConfigError, match="temperature must be positive, got nan"):
+        CachedKD(cache, student, temperature=float("nan"))
+    with torch.no_grad():
+        teacher.head.weight[0, 0] = float("inf")
+    with pytest.raises(DataError, match="teacher's logits for inputs 0 to 7 are not finite"):
+        build_topk_cache(teacher, data.train.x[:8], k=4)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ShapeMismatchError
 
-__all__ = ["Adapter", "feature_kind", "make_adapter"]
+__all__ = ["Adapter", "ChannelNorm", "feature_kind", "make_adapter"]
 
 Shape = tuple[int, ...]
 
@@ -128,3 +128,47 @@ def make_adapter(src: Shape, dst: Shape, init: str = "default") -> nn.Module:
     if tuple(src) == tuple(dst):
         return nn.Identity()
     return Adapter(src, dst, init=init)
+
+
+class ChannelNorm(nn.Module):
+    """Batch normalisation over the channels of a feature of per-sample ``shape`` (any kind:
+    ``BatchNorm2d`` for maps, ``BatchNorm1d`` over the last axis for vectors and tokens).
+
+    For token sequences ``forward(x, mask)`` with a padding ``mask`` ``(B, T)`` takes the
+    batch statistics in training (and the running statistics they update, unbiased as
+    BatchNorm keeps them) over the positions ``mask`` keeps only, in tensor operations alone
+    (no value is read back from the device); without a mask, or in evaluation, it is the
+    plain BatchNorm."""
+
+    def __init__(self, shape: Shape, affine: bool = True, momentum: float = 0.1) -> None:
+        super().__init__()
+        kind = feature_kind(shape)
+        self.tokens = kind == "tokens"
+        channels = shape[0] if kind == "map" else shape[-1]
+        norm = nn.BatchNorm2d if kind == "map" else nn.BatchNorm1d
+        self.norm = norm(channels, affine=affine, momentum=momentum)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tokens and mask is not None and self.training:
+            return self._masked(x, mask)
+        if self.tokens:
+            return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.norm(x)
+
+    def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        w = mask.to(x.dtype)[..., None]  # (B, T, 1)
+        count = w.sum()
+        mean = (x * w).sum(dim=(0, 1)) / count.clamp_min(1.0)
+        var = ((x - mean).pow(2) * w).sum(dim=(0, 1)) / count.clamp_min(1.0)
+        if norm.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * count / (count - 1.0).clamp_min(1.0)
+                m = norm.momentum
+                norm.running_mean.mul_(1 - m).add_(m * mean.to(norm.running_mean.dtype))
+                norm.running_var.mul_(1 - m).add_(m * unbiased.to(norm.running_var.dtype))
+                norm.num_batches_tracked.add_(1)
+        y = (x - mean) / torch.sqrt(var + norm.eps)
+        if norm.affine:
+            y = y * norm.weight + norm.bias
+        return y

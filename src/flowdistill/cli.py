@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -141,7 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     from .config import config_to_dict, load_config, run_identity
-    from .data import digits_splits, idx_splits, npz_splits
+    from .data import char_splits, digits_splits, idx_splits, npz_splits, read_text
     from .distillers import make_distiller
     from .engine import fit
     from .engine.checkpoint import load_model_weights
@@ -155,6 +156,10 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         data = digits_splits(d.split_seed, d.val_fraction, d.test_fraction)
     elif d.name == "npz":
         data = npz_splits(d.path, d.val_fraction, d.split_seed)
+    elif d.name == "text":
+        data, _ = char_splits(
+            read_text(d.path), d.block_size, d.test_fraction, select_fraction=d.val_fraction
+        )
     else:
         data = idx_splits(
             d.train_images,
@@ -166,7 +171,9 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         )
 
     def build(spec):
-        kwargs = {**data_kwargs(spec.name, data.num_classes, data.input_shape[0]), **spec.kwargs}
+        length = d.block_size if d.name == "text" else None
+        known = data_kwargs(spec.name, data.num_classes, data.input_shape[0], length)
+        kwargs = {**known, **spec.kwargs}
         return build_model(spec.name, **kwargs)
 
     import torch
@@ -227,6 +234,15 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
                 "out_dir": cfg.out_dir,
                 "test_acc_last": result.test_acc_last,
                 "test_acc_best_val": result.test_acc_best_val,
+                # a language model: bits per character on the held-out text
+                **(
+                    {
+                        "test_bpc_last": result.test_loss_last / math.log(2),
+                        "test_bpc_best_val": result.test_loss_best_val / math.log(2),
+                    }
+                    if d.name == "text"
+                    else {}
+                ),  # fmt: skip
                 "best_val_epoch": result.best_val_epoch,
                 "extra_params": result.extra_params,
             },

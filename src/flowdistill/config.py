@@ -75,7 +75,10 @@ class ModelConfig:
 @keyword_checked
 @dataclass
 class DataConfig:
-    """``digits`` (embedded), ``npz`` (``path``) or ``idx`` (the four IDX file paths)."""
+    """``digits`` (embedded), ``npz`` (``path``), ``idx`` (the four IDX file paths) or
+    ``text`` (``path`` to a plain-text corpus, read as next-character windows of
+    ``block_size`` characters: its last ``test_fraction`` is the held-out split, and the
+    last ``val_fraction`` of the rest the validation split that epochs are chosen on)."""
 
     name: str = "digits"
     path: str | None = None
@@ -87,12 +90,17 @@ class DataConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
     batch_size: int = 64
+    block_size: int = 64
 
     def validate(self) -> None:
-        if self.name not in ("digits", "npz", "idx"):
-            raise ConfigError(f"data.name must be 'digits', 'npz' or 'idx', got {self.name!r}")
-        if self.name == "npz" and not self.path:
-            raise ConfigError("data.path is required when data.name is 'npz'")
+        if self.name not in ("digits", "npz", "idx", "text"):
+            raise ConfigError(
+                f"data.name must be 'digits', 'npz', 'idx' or 'text', got {self.name!r}"
+            )
+        if self.name in ("npz", "text") and not self.path:
+            raise ConfigError(f"data.path is required when data.name is {self.name!r}")
+        if self.block_size < 1:
+            raise ConfigError(f"data.block_size must be >= 1, got {self.block_size}")
         if self.name == "idx":
             for key in ("train_images", "train_labels", "test_images", "test_labels"):
                 if not getattr(self, key):

@@ -17,7 +17,7 @@ from ..data.datasets import (
     npz_splits,
     npz_subset_splits,
 )
-from ..data.readers import read_chars
+from ..data.readers import read_text
 from ..data.text import CharTokenizer, char_splits
 from ..errors import ConfigError, DataError
 
@@ -36,8 +36,7 @@ def _shakespeare_text() -> str:
             f"the shakespeare-char suite reads {path}, which is absent; set FLOWDISTILL_DATA "
             "to the folder holding tinyshakespeare/input.txt"
         )
-    ids, vocab = read_chars(path)
-    return "".join(vocab[i] for i in ids)
+    return read_text(path)
 
 
 def _shakespeare(block_size: int = 64, select_fraction: float = 0.0) -> Splits:

@@ -22,6 +22,7 @@ from .readers import (
     read_idx_pair,
     read_image_folder,
     read_npz,
+    read_text,
 )
 from .text import CharTokenizer, char_splits, token_windows
 
@@ -38,6 +39,7 @@ __all__ = [
     "npz_splits",
     "random_crop_flip",
     "read_chars",
+    "read_text",
     "read_cifar",
     "read_idx",
     "read_idx_pair",

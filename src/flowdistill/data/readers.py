@@ -255,9 +255,8 @@ def read_image_folder(
     return (x if x.ndim == 4 else x[..., None]), np.asarray(labels, dtype=np.int64), classes
 
 
-def read_chars(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
-    """A plain-text file as character ids (int64) and its sorted vocabulary: the text is
-    ``"".join(vocab[i] for i in ids)``."""
+def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
+    """A plain-text file's text; a missing, empty or undecodable file is named."""
     path = _require(path)
     try:
         text = path.read_text(encoding=encoding)
@@ -265,6 +264,13 @@ def read_chars(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[np.nda
         raise DataError(f"{path} is not {encoding} text: {err}") from None
     if not text:
         raise DataError(f"{path} is empty")
+    return text
+
+
+def read_chars(path: str | os.PathLike, encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
+    """A plain-text file as character ids (int64) and its sorted vocabulary: the text is
+    ``"".join(vocab[i] for i in ids)``."""
+    text = read_text(path, encoding)
     vocab = sorted(set(text))
     index = {c: i for i, c in enumerate(vocab)}
     return np.fromiter((index[c] for c in text), dtype=np.int64, count=len(text)), vocab

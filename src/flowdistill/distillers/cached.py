@@ -17,6 +17,7 @@ them, so a cache never silently pairs with another teacher or other data.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,10 @@ def build_topk_cache(
         raise ConfigError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if len(inputs) == 0:
+        raise DataError("build_topk_cache: inputs are empty; there is nothing to cache")
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
@@ -123,6 +128,13 @@ def build_topk_cache(
         vocab = logits.shape[-1]
         if k > vocab:
             raise ConfigError(f"k = {k} exceeds the teacher's vocabulary of {vocab}")
+        if not bool(torch.isfinite(logits).all()):
+            teacher.train(was_training)
+            raise DataError(
+                f"build_topk_cache: the teacher's logits for inputs {i} to "
+                f"{min(i + batch_size, len(inputs)) - 1} are not finite (NaN or infinite): "
+                "check the teacher's weights"
+            )
         top = logits.topk(k, dim=-1)
         values.append(top.values.to(_DTYPES[dtype]).cpu())
         indices.append(top.indices.to(torch.int32).cpu())
@@ -183,8 +195,10 @@ class CachedKD(Distiller):
         **base: Any,
     ) -> None:
         super().__init__(None, student, ce_weight=ce_weight, **base)
-        if temperature <= 0:
+        if not (math.isfinite(temperature) and temperature > 0):
             raise ConfigError(f"cached_kd: temperature must be positive, got {temperature}")
+        if not math.isfinite(kd_weight):
+            raise ConfigError(f"cached_kd: kd_weight must be a finite number, got {kd_weight}")
         self.cache, self.temperature, self.kd_weight = cache, float(temperature), float(kd_weight)
 
     def on_fit_start(self, num_train_samples: int) -> None:

@@ -75,7 +75,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import losses
-from ..adapters import feature_kind, make_adapter
+from ..adapters import ChannelNorm, feature_kind, make_adapter
 from ..errors import ConfigError
 from ..flows import (
     ConditionEmbedding,
@@ -129,43 +129,14 @@ def _rel(u: torch.Tensor, w: torch.Tensor) -> float:
     return float(err / w.flatten(1).norm(dim=1).mean().clamp_min(1e-12))
 
 
-class _Standardize(nn.Module):
+class _Standardize(ChannelNorm):
     """Per-channel standardisation of teacher features (batch statistics in training,
     running statistics in evaluation), without learnable parameters. For token sequences
     with a padding ``mask`` ``(B, T)``, the batch statistics (and the running ones they
     update) are taken over the counted positions only."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        kind = feature_kind(shape)
-        channels = shape[0] if kind == "map" else shape[-1]
-        self.norm = (nn.BatchNorm2d if kind == "map" else nn.BatchNorm1d)(
-            channels, affine=False, momentum=0.1
-        )
-        self.tokens = kind == "tokens"
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.tokens and mask is not None and self.training:
-            return self._masked(x, mask)
-        if self.tokens:
-            return self.norm(x.transpose(1, 2)).transpose(1, 2)
-        return self.norm(x)
-
-    def _masked(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Batch normalisation over the positions ``mask`` keeps, in tensor operations only
-        (no value is read back: the step never waits for the device)."""
-        norm = self.norm
-        w = mask.to(x.dtype)[..., None]  # (B, T, 1)
-        count = w.sum()
-        mean = (x * w).sum(dim=(0, 1)) / count.clamp_min(1.0)
-        var = ((x - mean).pow(2) * w).sum(dim=(0, 1)) / count.clamp_min(1.0)
-        with torch.no_grad():  # running statistics as BatchNorm keeps them (unbiased var)
-            unbiased = var * count / (count - 1.0).clamp_min(1.0)
-            m = norm.momentum
-            norm.running_mean.mul_(1 - m).add_(m * mean.to(norm.running_mean.dtype))
-            norm.running_var.mul_(1 - m).add_(m * unbiased.to(norm.running_var.dtype))
-            norm.num_batches_tracked.add_(1)
-        return (x - mean) / torch.sqrt(var + norm.eps)
+        super().__init__(shape, affine=False, momentum=0.1)
 
 
 def _to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -229,8 +200,9 @@ class _Lean(nn.Module):
 
 
 def _velocity(
-    shape: tuple[int, ...], hidden: int, depth: int, cond_dim: int | None, field: str
-) -> nn.Module:
+    shape: tuple[int, ...], hidden: int, depth: int, cond_dim: int | None, field: str,
+    causal: bool = False,
+) -> nn.Module:  # fmt: skip
     kind = feature_kind(shape)
     channels = shape[0] if kind == "map" else shape[-1]
     if kind != "vector" and field == "pointwise":
@@ -242,7 +214,9 @@ def _velocity(
     if kind == "map":
         return ConvVelocity(shape[0], hidden=hidden, depth=depth, cond_dim=cond_dim)
     heads = 4 if hidden % 4 == 0 else 1
-    return TokenVelocity(shape[1], hidden=hidden, depth=depth, heads=heads, cond_dim=cond_dim)
+    return TokenVelocity(
+        shape[1], hidden=hidden, depth=depth, heads=heads, cond_dim=cond_dim, causal=causal
+    )
 
 
 @register("flowdistill")
@@ -379,7 +353,9 @@ class FlowDistill(Distiller):
                 if standardize:
                     self.norms[key] = _Standardize(t_shape)
             if flow:
-                self.velocities[key] = _velocity(t_shape, hidden, depth, cond_dim, field)
+                self.velocities[key] = _velocity(
+                    t_shape, hidden, depth, cond_dim, field, self.causal
+                )
         # schedule state, set by on_epoch_start (full transfer until then)
         self.tau, self.active_steps, self.active_pairs = 1.0, self.steps, len(self.pairs)
         self._held: torch.Tensor | None = None

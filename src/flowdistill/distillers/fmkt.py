@@ -56,7 +56,11 @@ Meta-encoders (``encoder``): ``"mlp"`` (:class:`~flowdistill.flows.MLPVelocity`,
 position for maps and tokens), ``"conv"`` (:class:`~flowdistill.flows.ConvVelocity`;
 vectors as 1×1 maps, tokens as a ``T×1`` map) and ``"transformer"``
 (:class:`~flowdistill.flows.TokenVelocity`; maps as ``H·W`` tokens, vectors as one token);
-``"auto"`` picks MLP for vectors, conv for maps and transformer for tokens.
+``"auto"`` picks MLP for vectors, conv for maps and transformer for tokens. Where the student
+predicts per token (logits ``(B, T, V)``, a causal language model), the flow is causal
+(``causal="auto"``): the transformer attends to earlier tokens only, and ``"conv"``, which
+would mix each token with the next ones, is refused; so a prediction at position :math:`i`
+(the deployed ensemble or the student with the flow inserted) never reads a later token.
 
 The variants :mod:`.fmkt_theta` (FM-KT Θ) and :mod:`.ofmkt` (online OFM-KT) reuse the pieces
 defined here.
@@ -72,7 +76,7 @@ import torch
 from torch import nn
 
 from .. import losses
-from ..adapters import feature_kind, make_adapter
+from ..adapters import ChannelNorm, feature_kind, make_adapter
 from ..errors import ConfigError, TapError
 from ..flows import ConvVelocity, MLPVelocity, TokenVelocity
 from ..flows.paths import PATHS, AffinePath, get_path
@@ -119,7 +123,12 @@ class MetaEncoder(nn.Module):
     the residual from the current state to the predicted endpoint."""
 
     def __init__(
-        self, shape: Shape, encoder: str = "auto", hidden: int | None = None, depth: int = 1
+        self,
+        shape: Shape,
+        encoder: str = "auto",
+        hidden: int | None = None,
+        depth: int = 1,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if encoder not in ENCODERS:
@@ -127,6 +136,13 @@ class MetaEncoder(nn.Module):
         self.shape = tuple(int(s) for s in shape)
         self.kind = feature_kind(self.shape)
         self.encoder = _AUTO_ENCODER[self.kind] if encoder == "auto" else encoder
+        self.causal = bool(causal) and self.kind == "tokens"
+        if self.causal and self.encoder == "conv":
+            raise ConfigError(
+                "fmkt: encoder 'conv' mixes each token with the next ones; a causal sequence "
+                "(per-token predictions) takes encoder 'mlp' (per token) or 'transformer' "
+                "(causal attention)"
+            )
         channels = self.shape[-1] if self.kind == "tokens" else self.shape[0]
         hidden, depth = auto_width(channels) if hidden is None else int(hidden), int(depth)
         if hidden < 1 or depth < 0:
@@ -138,7 +154,9 @@ class MetaEncoder(nn.Module):
             self.net = ConvVelocity(channels, hidden=hidden, depth=depth)
         else:
             heads = 4 if hidden % 4 == 0 else 1
-            self.net = TokenVelocity(channels, hidden=hidden, depth=depth, heads=heads)
+            self.net = TokenVelocity(
+                channels, hidden=hidden, depth=depth, heads=heads, causal=self.causal
+            )
 
     def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -183,13 +201,14 @@ class MetaFlow(nn.Module):
         encoder: str = "auto",
         hidden: int | None = None,
         depth: int = 1,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(path, str) or path.lower() not in PATHS:
             raise ConfigError(f"fmkt: path must be one of {sorted(PATHS)}, got {path!r}")
         self.path_name = path.lower()
         self.path: AffinePath = get_path(self.path_name)
-        self.encoder = MetaEncoder(shape, encoder, hidden, depth)
+        self.encoder = MetaEncoder(shape, encoder, hidden, depth, causal)
 
     def endpoint(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The teacher-side endpoint predicted at ``(x, t)``: ``x + g(x, t)``."""
@@ -309,21 +328,15 @@ class _StepStats:
         }
 
 
-class _TeacherNorm(nn.Module):
-    """BatchNorm over the channels of a teacher feature (any kind), as the authors' BN in
-    front of the teacher projection."""
-
-    def __init__(self, shape: Shape) -> None:
-        super().__init__()
-        kind = feature_kind(shape)
-        self.tokens = kind == "tokens"
-        channels = shape[-1] if self.tokens else shape[0]
-        self.norm = nn.BatchNorm2d(channels) if kind == "map" else nn.BatchNorm1d(channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tokens:
-            return self.norm(x.transpose(1, 2)).transpose(1, 2)
-        return self.norm(x)
+def causal_sequences(name: str, causal: bool | str, logits_shape: Shape) -> bool:
+    """Whether a flow on this student's sequences must be causal: ``"auto"`` where the
+    student predicts per token (logits ``(T, V)`` per sample, a causal language model), so
+    that no position of the flow reads a later token."""
+    if causal == "auto":
+        return len(logits_shape) == 2
+    if not isinstance(causal, bool):
+        raise ConfigError(f"{name}: causal must be 'auto', true or false, got {causal!r}")
+    return causal
 
 
 def _insertion_hook(owner: weakref.ReferenceType):
@@ -390,6 +403,7 @@ class FMKT(Distiller):
         dist_gamma: float = 2.0,
         dist_temperature: float = 1.0,
         ce_weight: float = 1.0,
+        causal: bool | str = "auto",
         **base: Any,
     ) -> None:
         name = self.name or "fmkt"
@@ -437,7 +451,8 @@ class FMKT(Distiller):
         self.warmup_factor = 1.0  # DKD's linear warm-up, set per epoch by on_epoch_start
 
         shape = self.student_shapes[tap]
-        self.flow = MetaFlow(shape, path, encoder, hidden, depth)
+        self.causal = causal_sequences(name, causal, self.student_shapes[LOGITS])
+        self.flow = MetaFlow(shape, path, encoder, hidden, depth, self.causal)
         self.target_proj: nn.Module | None = None
         self._steps: int | None = None
         self._capture = False
@@ -445,7 +460,10 @@ class FMKT(Distiller):
         self._stats = _StepStats(name)
         if self.feature_mode:
             t_shape = self.teacher_shapes[teacher_tap]
-            self.target_proj = nn.Sequential(_TeacherNorm(t_shape), make_adapter(t_shape, shape))
+            # BatchNorm in front of the teacher projection, as the authors' (over the counted
+            # positions of a padded sequence)
+            self.target_norm = ChannelNorm(t_shape)
+            self.target_proj = make_adapter(t_shape, shape)
             module = resolve_module(self.student, tap)
             self._hook = module.register_forward_hook(_insertion_hook(weakref.ref(self)))
 
@@ -486,8 +504,10 @@ class FMKT(Distiller):
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
         if self.feature_mode:
             s_out, preds = self._student_with_flow(inputs, steps)
-            target = self.target_proj(t_out[self.teacher_tap].to(preds[0].dtype))
-            mask = self.feature_mask(targets, target, f"tap {self.tap!r}")
+            t_feat = t_out[self.teacher_tap].to(preds[0].dtype)
+            mask = self.feature_mask(targets, preds[0], f"tap {self.tap!r}")
+            self.feature_mask(targets, t_feat, f"teacher_tap {self.teacher_tap!r}")
+            target = self.target_proj(self.target_norm(t_feat, mask))
             fm = torch.stack([self._metric(p, target, None, mask) for p in preds]).mean()
             ce = self.cross_entropy(s_out[LOGITS], targets)
         else:

@@ -36,6 +36,7 @@ from .fmkt import (
     METRICS,
     MetaFlow,
     _StepStats,
+    causal_sequences,
     draw_steps,
     ensemble,
     parse_steps,
@@ -114,6 +115,7 @@ class OFMKT(Distiller):
         dist_temperature: float = 1.0,
         label_smoothing: float = 0.1,
         ce_weight: float = 1.0,
+        causal: bool | str = "auto",
         **base: Any,
     ) -> None:
         super().__init__(teacher, student, ce_weight=ce_weight, **base)
@@ -137,7 +139,8 @@ class OFMKT(Distiller):
         }
         self.dkd_warmup = int(dkd_warmup)
         self.warmup_factor = 1.0
-        self.flow = MetaFlow(self.student_shapes[LOGITS], path, encoder, hidden, depth)
+        self.causal = causal_sequences("ofmkt", causal, self.student_shapes[LOGITS])
+        self.flow = MetaFlow(self.student_shapes[LOGITS], path, encoder, hidden, depth, self.causal)
         self._stats = _StepStats("ofmkt")
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:

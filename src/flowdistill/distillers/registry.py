@@ -7,6 +7,7 @@ import functools
 import importlib
 import inspect
 import itertools
+import math
 import types
 import typing
 from typing import TYPE_CHECKING, Any
@@ -173,10 +174,15 @@ def _typed(cls: type, name: str, options: dict[str, Any]) -> dict[str, Any]:
     from ..config import _coerce
 
     types_of = _simple_option_types(cls)
-    return {
+    typed = {
         k: _coerce(v, types_of[k], f"{name}.{k}") if k in types_of else v
         for k, v in options.items()
     }
+    for k, v in typed.items():  # a NaN or infinite weight or temperature: named, not trained
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if any(isinstance(u, float) and not math.isfinite(u) for u in values):
+            raise ConfigError(f"{name}.{k} must be a finite number, got {v!r}")
+    return typed
 
 
 @functools.cache

@@ -242,30 +242,90 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
 
 
 def _check_class_count(distiller: Distiller, data: Splits, device: torch.device) -> None:
-    """The student (and the teacher) run on the training inputs and predict
-    ``data.num_classes`` classes: one forward pass on two training inputs."""
+    """The student (and the teacher) run on the inputs and predict ``data.num_classes``
+    classes, in logits that fit each split's targets; the teacher's weights are finite and
+    token ids lie in the models' vocabularies."""
     models = [("student", distiller.student_taps, distiller.student_shapes)]
     if distiller.teacher_taps is not None:
         models.append(("teacher", distiller.teacher_taps, distiller.teacher_shapes))
-    x = data.train.x[:2].to(device)
+    _refuse_non_finite_teacher(distiller)
+    _check_token_ids(distiller, data)
     for side, taps, _ in models:
-        try:  # one forward pass on two training inputs: do they fit the model at all?
-            logits = taps.probe(x)[LOGITS]
-        except FlowdistillError:
-            raise
-        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-            raise DataError(
-                f"fit: the {side} cannot run on data.train's inputs ({x.dtype}, per-sample "
-                f"shape {tuple(x.shape[1:])}): {type(exc).__name__}: {exc}"
-            ) from exc
-        if not logits or logits[-1] != data.num_classes:
-            raise ShapeMismatchError(
-                f"fit: the {side} predicts {logits[-1] if logits else 'no'} classes (logits "
-                f"of per-sample shape {logits}) but data.num_classes is {data.num_classes} "
-                "(of a model that returns several tensors, the first, or the 'logits' entry "
-                "of a dict, is taken as its logits unless the method's option "
-                "student_output / teacher_output names another: an index or a key)"
-            )
+        # one forward pass on two inputs of each split (the teacher's: training inputs
+        # only): do they fit the model, and do its logits fit the split's targets?
+        for name in ("train", "val", "test") if side == "student" else ("train",):
+            part = getattr(data, name)
+            logits = _probe_logits(taps, part.x[:2].to(device), side, name)
+            if not logits or logits[-1] != data.num_classes:
+                raise ShapeMismatchError(
+                    f"fit: the {side} predicts {logits[-1] if logits else 'no'} classes "
+                    f"(logits of per-sample shape {logits}) but data.num_classes is "
+                    f"{data.num_classes} (of a model that returns several tensors, the first, "
+                    "or the 'logits' entry of a dict, is taken as its logits unless the "
+                    "method's option student_output / teacher_output names another: an "
+                    "index or a key)"
+                )
+            if logits[:-1] != tuple(part.y.shape[1:]):
+                per = "per token" if part.y.ndim > 1 else "per sample"
+                raise ShapeMismatchError(
+                    f"fit: data.{name} has targets of per-sample shape "
+                    f"{tuple(part.y.shape[1:])}, but the {side}'s logits on its inputs have "
+                    f"per-sample shape {logits}: it needs one target {per}, of shape "
+                    f"{logits[:-1]}"
+                )
+
+
+def _probe_logits(taps: Any, x: torch.Tensor, side: str, name: str) -> tuple[int, ...]:
+    """The per-sample shape of a model's logits on ``x`` (inputs of ``data.<name>``)."""
+    try:
+        return tuple(taps.probe(x)[LOGITS])
+    except FlowdistillError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(
+            f"fit: the {side} cannot run on data.{name}'s inputs ({x.dtype}, per-sample "
+            f"shape {tuple(x.shape[1:])}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _refuse_non_finite_teacher(distiller: Distiller) -> None:
+    """The frozen teacher's weights are finite (else every step's loss would be NaN, and
+    the message would point at the learning rate)."""
+    if distiller.teacher is None:
+        return
+    bad = [n for n, p in distiller.teacher.named_parameters()
+           if not bool(torch.isfinite(p).all())]  # fmt: skip
+    if bad:
+        raise CheckpointError(
+            f"fit: the teacher's weights hold NaN or infinite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): check the checkpoint it was loaded from"
+        )
+
+
+def _check_token_ids(distiller: Distiller, data: Splits) -> None:
+    """Integer inputs of a model with an input embedding (``get_input_embeddings()``, as
+    Hugging Face models and the project's GPT have it) lie in that embedding's range, in
+    every split the model reads: checked before anything trains, rather than an index
+    error deep in a later epoch."""
+    sides = [("student", distiller.student, ("train", "val", "test"))]
+    if distiller.teacher is not None:
+        sides.append(("teacher", distiller.teacher, ("train",)))
+    for side, model, names in sides:
+        get = getattr(model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        if not isinstance(embedding, torch.nn.Embedding):
+            continue
+        vocab = embedding.num_embeddings
+        for name in names:
+            x = getattr(data, name).x
+            if x.is_floating_point() or x.is_complex() or not x.numel():
+                continue
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= vocab:
+                raise DataError(
+                    f"fit: data.{name} inputs hold token ids from {low} to {high}, outside "
+                    f"the {side}'s vocabulary [0, {vocab}) (its input embedding)"
+                )
 
 
 #: the entries of ``fit``'s ``meta`` that identify a run's configuration: a bench run's key,

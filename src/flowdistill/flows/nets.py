@@ -311,9 +311,11 @@ class ConvVelocity(nn.Module):
 
 class _TokenBlock(nn.Module):
     # pre-norm transformer block with adaptive LayerNorm (FiLM on the normalised tokens)
-    def __init__(self, width: int, heads: int, mlp_ratio: int, emb_dim: int) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: int, emb_dim: int, causal: bool = False
+    ) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
         self.film1 = FiLM(emb_dim, width)
         self.qkv = nn.Linear(width, 3 * width)
@@ -329,7 +331,7 @@ class _TokenBlock(nn.Module):
         z = self.film1(self.norm1(h), emb)  # (B, T, W)
         q, k, v = self.qkv(z).reshape(b, n, 3, self.heads, w // self.heads).unbind(2)
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, heads, T, W/heads)
-        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, W/heads)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, T, W/h)
         h = h + self.proj(a.transpose(1, 2).reshape(b, n, w))
         return h + self.mlp(self.film2(self.norm2(h), emb))
 
@@ -340,7 +342,9 @@ class TokenVelocity(nn.Module):
     ``x -> Linear -> depth x [x + Attn(FiLM(LN(x), e)); x + MLP(FiLM(LN(x), e))] -> LN ->
     FiLM(e) -> Linear`` (last layer zero-initialised).  No positional encoding is added:
     the map is permutation-equivariant over tokens, which suits features that already carry
-    position information (e.g. ViT tokens).
+    position information (e.g. ViT tokens). With ``causal=True`` token ``i`` attends to
+    tokens ``<= i`` only, so the field at a position never depends on later positions (the
+    field of a causal language model's sequences).
 
     Args:
         dim: token size ``D``.
@@ -350,6 +354,7 @@ class TokenVelocity(nn.Module):
         mlp_ratio: expansion of the per-token MLP.
         cond_dim: size of the ``context`` vector, or ``None``.
         time_dim: size of the sinusoidal time embedding.
+        causal: attend to earlier tokens only.
     """
 
     def __init__(
@@ -361,6 +366,7 @@ class TokenVelocity(nn.Module):
         mlp_ratio: int = 4,
         cond_dim: int | None = None,
         time_dim: int = 64,
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if hidden % heads:
@@ -369,7 +375,7 @@ class TokenVelocity(nn.Module):
         self.embed = ConditionEmbedding(hidden, cond_dim, time_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
-            _TokenBlock(hidden, heads, mlp_ratio, hidden) for _ in range(depth)
+            _TokenBlock(hidden, heads, mlp_ratio, hidden, causal) for _ in range(depth)
         )
         self.out_norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.out_film = FiLM(hidden, hidden)

@@ -116,6 +116,11 @@ class GPT(nn.Module):
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (the name Hugging Face models give it): ``fit`` checks that
+        the data's token ids lie in its range before anything trains."""
+        return self.tok_emb
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

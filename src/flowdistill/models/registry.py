@@ -78,14 +78,23 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def data_kwargs(name: str, num_classes: int, in_channels: int) -> dict[str, int]:
-    """What the data say about zoo model ``name``: its number of classes, and its input
-    channels where it takes them (the CIFAR zoo reads RGB images only)."""
+def data_kwargs(
+    name: str, num_classes: int, in_channels: int, sequence_length: int | None = None
+) -> dict[str, int]:
+    """What the data say about zoo model ``name``: its number of classes, its input
+    channels where it takes them (the CIFAR zoo reads RGB images only), and for a language
+    model of token sequences its vocabulary (``vocab_size``, the number of classes) and
+    context (``block_size``, the sequence length)."""
     factory = MODELS.get(name)
     if factory is None:
         return {}
     params = inspect.signature(factory).parameters
     out = {"num_classes": num_classes} if "num_classes" in params else {}
-    if "in_channels" in params:
+    if sequence_length is not None:
+        if "vocab_size" in params:
+            out["vocab_size"] = num_classes
+        if "block_size" in params:
+            out["block_size"] = sequence_length
+    elif "in_channels" in params:
         out["in_channels"] = in_channels
     return out

@@ -264,3 +264,45 @@ def test_resume_continues_only_the_run_that_wrote_the_checkpoint(tiny_images, tm
     (tmp_path / "r" / "last.safetensors").unlink()
     with pytest.raises(CheckpointError, match="finished run \\(result.json\\) without its"):
         run(FlowKDConfig(final=1.0), epochs=3, resume=True)
+
+
+def _tiny_suite(tiny_images):
+    return NFSuite(
+        name="nf-tiny", description="stripes", load_data=lambda: tiny_images,
+        teacher={"levels": 2, "steps": 2, "hidden": 8},
+        student={"levels": 2, "steps": 1, "hidden": 4},
+        teacher_train=FlowTrainConfig(**{**FAST.__dict__, "epochs": 3}), train=FAST,
+    )  # fmt: skip
+
+
+def test_bench_teacher_epochs_shorten_the_teacher_cached_apart(tiny_images, tmp_path):
+    suite = _tiny_suite(tiny_images)
+    kw = dict(seeds=1, progress=False, cache=tmp_path / "cache", log=lambda *_: None)
+    short = run_nf_bench(suite, ["final_kd"], out=tmp_path / "a", teacher_epochs=1, **kw)
+    assert short["provenance"]["config"]["teacher_train"]["epochs"] == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    full = run_nf_bench(suite, ["final_kd"], out=tmp_path / "b", **kw)
+    assert full["provenance"]["config"]["teacher_train"]["epochs"] == 3
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the shortened one kept apart
+    with pytest.raises(ConfigError, match="--teacher-epochs must be >= 1"):
+        run_nf_bench(suite, ["final_kd"], out=tmp_path / "c", teacher_epochs=0, **kw)
+
+
+def test_bench_a_failing_run_does_not_stop_the_others(tiny_images, tmp_path, monkeypatch):
+    from flowdistill.errors import FlowdistillError, NonFiniteLossError
+    from flowdistill.nf import bench
+
+    real = bench.fit_flow
+
+    def diverging(distiller, data, train, out, **kw):
+        if "final_kd" in str(out):
+            raise NonFiniteLossError("the loss became non-finite")
+        return real(distiller, data, train, out, **kw)
+
+    monkeypatch.setattr(bench, "fit_flow", diverging)
+    with pytest.raises(FlowdistillError, match=r"1 of 3 runs failed .*final_kd seed 0"):
+        run_nf_bench(_tiny_suite(tiny_images), ["final_kd", "synth_kd"], seeds=1,
+                     out=tmp_path / "o", progress=False, cache=tmp_path / "cache",
+                     log=lambda *_: None)  # fmt: skip
+    assert (tmp_path / "o" / "runs" / "synth_kd" / "seed0" / "result.json").exists()
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -318,11 +318,6 @@ def run_bench(
     if getattr(suite, "kind", None) == "nf":  # a normalizing flow distilled into a smaller one
         from ..nf.bench import run_nf_bench
 
-        if teacher_epochs is not None:
-            raise ConfigError(
-                f"--teacher-epochs is for classification and language-model suites; "
-                f"{suite.name} trains its teacher flow with its own schedule"
-            )
         if tune:
             raise ConfigError(
                 f"--tune is for classification and language-model suites; {suite.name} "
@@ -335,8 +330,9 @@ def run_bench(
             )
 
         return run_nf_bench(
-            suite, methods, seeds, epochs, out, progress, cache, command, log, budget
-        )
+            suite, methods, seeds, epochs, out, progress, cache, command, log, budget,
+            teacher_epochs,
+        )  # fmt: skip
     if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
         log = _quiet
         progress = False

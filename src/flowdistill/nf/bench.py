@@ -24,7 +24,7 @@ from ..bench.runner import DEFAULT_CACHE, _hash, _params, mean_std
 from ..bench.suites import data_dir, register_suite
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_checkpoint
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, FlowdistillError
 from .data import ImageData, digits_images, mnist_test_images
 from .model import MultiScaleFlow
 from .train import FlowDistiller, FlowKDConfig, FlowTrainConfig, fit_flow
@@ -220,12 +220,20 @@ def run_nf_bench(
     command: str | None = None,
     log=print,
     budget: float = 1.0,
+    teacher_epochs: int | None = None,
 ) -> dict[str, Any]:
     """Run a flow-distillation suite; write ``results.json``, ``results.md``,
     ``val_curves.png`` and ``samples.png`` into ``out``. Finished runs are reused and
-    interrupted ones resume from their checkpoint."""
+    interrupted ones resume from their checkpoint; a run that fails does not stop the
+    others (the failures are named once they have trained, and no table is written).
+    ``teacher_epochs`` shortens the teacher's schedule (that teacher is cached apart)."""
     if distributed.world_size() > 1:
         raise ConfigError(f"the flow suite {suite.name!r} runs in one process (no torchrun)")
+    if teacher_epochs is not None:
+        if teacher_epochs < 1:
+            raise ConfigError(f"--teacher-epochs must be >= 1, got {teacher_epochs}")
+        teacher_train = dataclasses.replace(suite.teacher_train, epochs=teacher_epochs)
+        suite = dataclasses.replace(suite, teacher_train=teacher_train)
     methods = list(methods) if methods else list(NF_METHODS)
     methods = [m for m in methods if m != "teacher"]  # the teacher row is always there
     options = {m: nf_method_config(suite, m) for m in methods}
@@ -250,6 +258,7 @@ def run_nf_bench(
     teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
 
     rows, curves, params = [], {}, {}
+    failed: list[str] = []
     for method in methods:
         kd = FlowKDConfig(**options[method])
         for seed in range(seeds):
@@ -280,10 +289,15 @@ def run_nf_bench(
                 student = _build(suite.student, data)
                 distiller = FlowDistiller(student, teacher, kd, n_bins=data.n_bins)
                 train = dataclasses.replace(train_cfg, seed=seed, progress=progress)
-                result = fit_flow(
-                    distiller, data, train, run_dir, resume=True,
-                    meta={"key_hash": _hash(key), "key": key},
-                ).to_dict()  # fmt: skip
+                try:
+                    result = fit_flow(
+                        distiller, data, train, run_dir, resume=True,
+                        meta={"key_hash": _hash(key), "key": key},
+                    ).to_dict()  # fmt: skip
+                except Exception as err:  # the other runs go on
+                    log(f"{method} seed {seed}: failed: {err}")
+                    failed.append(f"{method} seed {seed} ({run_dir}): {err}")
+                    continue
                 log(
                     f"{method} seed {seed}: test bits/dim {result['test_bpd_last']:.4f} "
                     f"(at best val {result['test_bpd_best_val']:.4f})"
@@ -300,6 +314,11 @@ def run_nf_bench(
                     "mean_step_seconds": result["mean_step_seconds"],
                 }
             )
+    if failed:
+        raise FlowdistillError(
+            f"{len(failed)} of {len(methods) * seeds} runs failed (the finished ones are kept "
+            "and reused by the same command): " + "; ".join(failed)
+        )
 
     # sampling speed and samples of the seed-0 models, measured side by side
     models = {"teacher": teacher}

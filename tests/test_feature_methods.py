@@ -261,6 +261,14 @@ def test_reviewkd_warmup():
     assert d.warmup_factor == 0.5
     d.on_epoch_start(30, 240)
     assert d.warmup_factor == 1.0
+    # a 24-epoch run warms up over 2 epochs (20 of 240, in proportion), as dkd and nd do
+    d.on_epoch_start(1, 24)
+    assert d.warmup_factor == 0.5
+    d.on_epoch_start(2, 24)
+    assert d.warmup_factor == 1.0
+    fixed = make("reviewkd", teacher, student, x, ["stage2"], ["stage2"], reference_epochs=None)
+    fixed.on_epoch_start(1, 24)
+    assert fixed.warmup_factor == 1 / 20
 
 
 # ---------------------------------------------------------------------------- CRD

@@ -6,8 +6,10 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
-from flowdistill.bench import run_bench
+from flowdistill import get_method, list_methods, make_distiller
+from flowdistill.bench import method_config, run_bench
 from flowdistill.bench.runner import _rescaled, _train_config, with_epochs
 from flowdistill.bench.suites import STANDARD_PAIRS, get_suite
 from flowdistill.config import OptimConfig
@@ -42,7 +44,7 @@ def test_with_epochs_replaces_student_and_teacher_schedules():
 def test_standard_suites_use_the_standard_recipe(classes, pair):
     name = f"cifar{classes}" + ("" if pair == "resnet32x4-resnet8x4" else f"-{pair}")
     suite = get_suite(name)
-    teacher, student, t_tap, s_tap = STANDARD_PAIRS[pair]
+    teacher, student, stages, pooled = STANDARD_PAIRS[pair]
     assert (suite.teacher.name, suite.student.name) == (teacher, student)
     for optim, epochs in ((suite.optim, suite.epochs), (suite.teacher_optim, suite.teacher_epochs)):
         assert epochs == 240 and optim.name == "sgd" and optim.lr == 0.05
@@ -51,11 +53,34 @@ def test_standard_suites_use_the_standard_recipe(classes, pair):
         assert optim.gamma == 0.1
     assert suite.batch_size == 64 and suite.augment_padding == 4
     assert _train_config(suite, epochs=1).augment_padding == 4
-    # the taps are the last feature map of each model, as the models declare them
-    assert create_model(teacher).feature_info()[-1]["name"] == t_tap
-    assert create_model(student).feature_info()[-1]["name"] == s_tap
-    taps = suite.method_options["_features"]
-    assert taps == {"student_taps": [s_tap], "teacher_taps": [t_tap]}
+    # the stages are those the models declare, shallow to deep; the last one is the
+    # default feature tap, and the methods take theirs as the authors' code does
+    for name in (teacher, student):
+        assert tuple(f["name"] for f in create_model(name).feature_info()) == stages
+    assert method_config(suite, "kd") == {}
+    for method, expected in [("flowdistill", [stages[-1]]), ("sp", [stages[-1]]),
+                             ("fitnet", [stages[1]]), ("at", list(stages)),
+                             ("vid", list(stages)), ("rkd", [pooled]), ("crd", [pooled]),
+                             ("reviewkd", [*stages, pooled])]:  # fmt: skip
+        options = method_config(suite, method)
+        assert options["student_taps"] == options["teacher_taps"] == expected, method
+    weights = {"resnet56-resnet20": 0.6}.get(pair, 5.0)  # ReviewKD's published weights
+    assert method_config(suite, "reviewkd")["review_weight"] == weights
+
+
+@pytest.mark.parametrize("pair", list(STANDARD_PAIRS))
+def test_every_feature_method_builds_on_a_standard_pair_with_its_taps(pair):
+    """The taps exist and fit each method: the pooled feature is a 1×1 map of the last
+    stage's width."""
+    suite = get_suite(f"cifar100-{pair}" if pair != "resnet32x4-resnet8x4" else "cifar100")
+    teacher, student, stages, pooled = STANDARD_PAIRS[pair]
+    t, s = create_model(teacher, num_classes=100), create_model(student, num_classes=100)
+    x = torch.randn(2, 3, 32, 32)
+    width = create_model(student).feature_info()[-1]["channels"]
+    for method in [m for m in list_methods() if get_method(m).uses_feature_taps]:
+        d = make_distiller(method, t, s, example_input=x, **method_config(suite, method))
+        if pooled in method_config(suite, method)["student_taps"]:
+            assert d.student_shapes[pooled] == (width, 1, 1), method
 
 
 def test_a_missing_cifar_folder_is_named(tmp_path, monkeypatch):

@@ -116,13 +116,54 @@ def _standard_cifar(classes: int) -> Splits:
 
 
 #: The teacher → student pairs of the standard CIFAR-100 distillation tables (same
-#: architecture family), each with the last feature map of both as the feature tap.
+#: architecture family, so that both share their stage names): the stages from shallow to
+#: deep, and the pooled feature (the global-average-pooling module, a 1×1 map).
 STANDARD_PAIRS = {
-    "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", "layer3", "layer3"),
-    "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", "block3", "block3"),
-    "resnet56-resnet20": ("resnet56", "resnet20", "layer3", "layer3"),
-    "vgg13-vgg8": ("vgg13", "vgg8", "block4", "block4"),
+    "resnet32x4-resnet8x4": ("resnet32x4", "resnet8x4", ("layer1", "layer2", "layer3"), "avgpool"),
+    "wrn_40_2-wrn_16_2": ("wrn_40_2", "wrn_16_2", ("block1", "block2", "block3"), "avgpool"),
+    "resnet56-resnet20": ("resnet56", "resnet20", ("layer1", "layer2", "layer3"), "avgpool"),
+    "vgg13-vgg8": ("vgg13", "vgg8", ("block1", "block2", "block3", "block4"), "pool4"),
 }
+
+#: Per-pair loss weights of the authors' published CIFAR-100 runs where they differ from a
+#: method's defaults: ReviewKD's (dvlab-research/ReviewKD, CIFAR-100/script/reviewKD.sh;
+#: vgg13 → vgg8 is not among them: mdistiller's 5.0) and KD++'s (ND's train_cifar.sh;
+#: wrn_40_2 → wrn_16_2 is not among them: its wrn_40_2 → wrn_40_1 weights).
+STANDARD_WEIGHTS = {
+    "resnet32x4-resnet8x4": {"reviewkd": {"review_weight": 5.0},
+                             "nd": {"kd_weight": 3.5, "nd_weight": 2.0}},
+    "wrn_40_2-wrn_16_2": {"reviewkd": {"review_weight": 5.0},
+                          "nd": {"kd_weight": 1.0, "nd_weight": 1.5}},
+    "resnet56-resnet20": {"reviewkd": {"review_weight": 0.6},
+                          "nd": {"kd_weight": 1.0, "nd_weight": 2.0}},
+    "vgg13-vgg8": {"reviewkd": {"review_weight": 5.0}},
+}  # fmt: skip
+
+
+def standard_method_options(pair: str) -> dict[str, dict[str, Any]]:
+    """The feature taps of each method on a standard pair, as the authors' CIFAR code takes
+    them (RepDistiller, mdistiller): FitNet the second stage (its hint layer), AT and VID
+    every stage, RKD, PKT and CRD the pooled feature, ReviewKD every stage and the pooled
+    feature, SP and every other feature method the last stage; plus the per-pair weights
+    of :data:`STANDARD_WEIGHTS`."""
+    _, _, stages, pooled = STANDARD_PAIRS[pair]
+
+    def taps(names) -> dict[str, list[str]]:
+        return {"student_taps": list(names), "teacher_taps": list(names)}
+
+    options: dict[str, dict[str, Any]] = {
+        "_features": taps([stages[-1]]),
+        "fitnet": taps([stages[1]]),
+        "at": taps(stages),
+        "vid": taps(stages),
+        "rkd": taps([pooled]),
+        "pkt": taps([pooled]),
+        "crd": taps([pooled]),
+        "reviewkd": taps([*stages, pooled]),
+    }
+    for method, weights in STANDARD_WEIGHTS[pair].items():
+        options[method] = {**options.get(method, {}), **weights}
+    return options
 
 
 def _standard_recipe() -> OptimConfig:
@@ -313,7 +354,7 @@ register_suite(
 
 
 for _classes in (100, 10):
-    for _pair, (_teacher, _student, _t_tap, _s_tap) in STANDARD_PAIRS.items():
+    for _pair, (_teacher, _student, _, _) in STANDARD_PAIRS.items():
         _default = _pair == "resnet32x4-resnet8x4"
         register_suite(
             Suite(
@@ -332,7 +373,7 @@ for _classes in (100, 10):
                 optim=_standard_recipe(),
                 epochs=240,
                 batch_size=64,
-                method_options={"_features": {"student_taps": [_s_tap], "teacher_taps": [_t_tap]}},
+                method_options=standard_method_options(_pair),
                 augment_padding=4,
             )
         )

@@ -105,3 +105,38 @@ def test_readme_cost_tables_are_the_committed_measurements(path, table):
         assert int(cells[3].replace(",", "")) == row["extra_params"]
         assert int(cells[4].replace(",", "")) == row["deployed_params"]
     assert record["provenance"]["command"] in README
+
+
+def _committed_benches():
+    import json
+
+    for path in sorted((ROOT / "benchmarks").glob("*/results.json")):
+        results = json.loads(path.read_text())
+        if results.get("kind") != "nf" and (path.parent / "runs").is_dir():
+            yield pytest.param(path.parent, results, id=path.parent.name)
+
+
+@pytest.mark.parametrize("folder,results", list(_committed_benches()))
+def test_the_readme_commands_reuse_the_committed_runs(folder, results):
+    """The keys the code computes today for a committed bench's teacher and runs are those
+    the runs were saved under, so that its README command (with more seeds, say) reuses
+    them rather than refusing them as runs of another configuration."""
+    import json
+
+    from flowdistill.bench import get_suite
+    from flowdistill.bench.runner import _hash, _run_key, teacher_key, with_epochs
+
+    config = results["provenance"]["config"]
+    suite = with_epochs(get_suite(results["suite"]), config["epochs"], config["teacher_epochs"])
+    checkpoint = results["teacher"]["checkpoint"]
+    expected = f"{suite.name}-{_hash(teacher_key(suite, config['budget']))}"
+    assert Path(checkpoint).parent.name == expected
+    for method, options in config["method_options"].items():
+        record = folder / "runs" / method / "seed0" / "result.json"
+        if not record.exists():
+            continue
+        saved = json.loads(record.read_text())
+        key = _run_key(suite, method, options, 0, config["epochs"], {"checkpoint": checkpoint},
+                       config["budget"])  # fmt: skip
+        assert key == saved["key"], method
+        assert _hash(key) == saved["key_hash"], method

@@ -178,7 +178,7 @@ def _run_key(
         "seed": seed,
         "epochs": epochs,
         "optim": dataclasses.asdict(suite.optim),
-        "student": dataclasses.asdict(suite.student),
+        "student": _model_key(suite.student),
         "teacher": teacher_info["checkpoint"],
         "batch_size": suite.batch_size,
     }
@@ -215,12 +215,23 @@ def budgeted(data: Splits, budget: float) -> Splits:
     return Splits(train, data.val, data.test, data.num_classes)
 
 
-def _teacher(
-    suite: Suite, data: Splits, cache: Path, progress: bool, log, budget: float = 1.0
-) -> tuple[torch.nn.Module, dict]:
+def _model_key(model: ModelConfig) -> dict[str, Any]:
+    """A model's entry in a run's key: its configuration, without the fields added to
+    :class:`ModelConfig` after runs were first keyed while they hold their defaults (the
+    logits' ``output``), so that the keys of earlier runs, and the runs committed under
+    ``benchmarks/``, stay valid."""
+    config = dataclasses.asdict(model)
+    if config.get("output") is None:
+        config.pop("output", None)
+    return config
+
+
+def teacher_key(suite: Suite, budget: float = 1.0) -> dict[str, Any]:
+    """What makes a suite's teacher: a cached teacher of the same key is reused (its folder
+    is ``<cache>/<suite>-<hash of the key>``)."""
     key = {
         "suite": suite.name,
-        "model": dataclasses.asdict(suite.teacher),
+        "model": _model_key(suite.teacher),
         "optim": dataclasses.asdict(suite.teacher_optim),
         "epochs": suite.teacher_epochs,
         "batch_size": suite.batch_size,
@@ -231,6 +242,13 @@ def _teacher(
     if suite.data_key:
         key["data"] = suite.data_key
     _add_processes(key)
+    return key
+
+
+def _teacher(
+    suite: Suite, data: Splits, cache: Path, progress: bool, log, budget: float = 1.0
+) -> tuple[torch.nn.Module, dict]:
+    key = teacher_key(suite, budget)
     folder = cache / f"{suite.name}-{_hash(key)}"
     torch.manual_seed(0)
     teacher = _build(suite.teacher, data, suite.task)

@@ -123,20 +123,36 @@ def test_the_readme_commands_reuse_the_committed_runs(folder, results):
     them rather than refusing them as runs of another configuration."""
     import json
 
-    from flowdistill.bench import get_suite
-    from flowdistill.bench.runner import _hash, _run_key, teacher_key, with_epochs
+    from flowdistill.bench import get_suite, method_config
+    from flowdistill.bench.runner import _hash, _run_key, same_run, teacher_key, with_epochs
+    from flowdistill.distillers import get_method
 
     config = results["provenance"]["config"]
     suite = with_epochs(get_suite(results["suite"]), config["epochs"], config["teacher_epochs"])
     checkpoint = results["teacher"]["checkpoint"]
     expected = f"{suite.name}-{_hash(teacher_key(suite, config['budget']))}"
     assert Path(checkpoint).parent.name == expected
+    chosen = config.get("tune") or "--set" in results["provenance"]["command"]
     for method, options in config["method_options"].items():
+        # the suite's defaults for the method are those it ran with (or, where the bench
+        # chose or set options, under them)
+        defaults = method_config(suite, method)
+        if not get_method(method).uses_feature_taps:  # (taps it ignored, once passed)
+            options = {k: v for k, v in options.items() if not k.endswith("_taps")}
+        if chosen:
+            assert set(defaults) <= set(options), method
+        else:
+            assert defaults == options, method
         record = folder / "runs" / method / "seed0" / "result.json"
         if not record.exists():
             continue
         saved = json.loads(record.read_text())
+        options = {**method_config(suite, method), **saved["key"]["options"]}
+        if not get_method(method).uses_feature_taps:
+            options = {k: v for k, v in options.items() if not k.endswith("_taps")}
         key = _run_key(suite, method, options, 0, config["epochs"], {"checkpoint": checkpoint},
                        config["budget"])  # fmt: skip
-        assert key == saved["key"], method
-        assert _hash(key) == saved["key_hash"], method
+        assert same_run(saved, key), method
+        assert {k: v for k, v in key.items() if k != "options"} == {
+            k: v for k, v in saved["key"].items() if k != "options"
+        }, method

@@ -198,3 +198,20 @@ def test_a_diverging_run_does_not_stop_the_runs_after_it(tmp_path, diverging):
         )  # fmt: skip
     assert (tmp_path / "b" / "runs" / "kd" / "seed0" / "result.json").exists()
     assert not (tmp_path / "b" / "results.json").exists()  # no table with a run missing
+
+
+def test_a_saved_run_with_taps_its_method_ignored_is_the_same_run():
+    """Suites once passed every method the feature taps; a method that takes none ignored
+    them, so its saved runs are the runs of today's keys. A method that takes taps is
+    another run when they differ."""
+    from flowdistill.bench.runner import _hash, same_run
+
+    taps = {"student_taps": ["stage2"], "teacher_taps": ["stage2"]}
+    for method, same in (("fmkt", True), ("nd", True), ("fitnet", False)):
+        key = {"method": method, "options": {"temperature": 1.0}, "seed": 0}
+        saved = {**key, "options": {**key["options"], **taps}}
+        record = {"key": saved, "key_hash": _hash(saved)}
+        assert same_run(record, key) is same, method
+        assert same_run({"key": key, "key_hash": _hash(key)}, key)
+        other = {**key, "seed": 1}  # anything else that differs: another run
+        assert not same_run(record, other)

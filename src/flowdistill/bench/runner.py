@@ -188,6 +188,29 @@ def _run_key(
     return key
 
 
+def same_run(record: dict[str, Any], key: dict[str, Any]) -> bool:
+    """Whether a saved run (its record holds ``key_hash`` and ``key``) is the run of
+    ``key``: the same key, or one that differs only by feature taps saved in the options of
+    a method that takes none (suites once passed every method their taps, which such a
+    method ignored; ``make_distiller`` now refuses them), so that those runs stay reused."""
+    if record.get("key_hash") == _hash(key):
+        return True
+    saved = record.get("key")
+    return isinstance(saved, dict) and _without_ignored_taps(saved) == _without_ignored_taps(key)
+
+
+def _without_ignored_taps(key: dict[str, Any]) -> dict[str, Any]:
+    try:
+        takes_taps = get_method(key.get("method", "")).uses_feature_taps
+    except FlowdistillError:  # a method no longer registered: its key as it is
+        return key
+    if takes_taps or not isinstance(key.get("options"), dict):
+        return key
+    options = {k: v for k, v in key["options"].items()
+               if k not in ("student_taps", "teacher_taps")}  # fmt: skip
+    return {**key, "options": options}
+
+
 def _add_processes(key: dict[str, Any]) -> None:
     """A data-parallel run's key holds its number of processes (BatchNorm normalises each
     process's share alone, so its numbers differ from one process's); single-process keys
@@ -428,7 +451,7 @@ def run_bench(
             result_file = run_dir / "result.json"
             cached = _read_record(result_file) if result_file.exists() else None
             cost_file = run_dir / "inference.json"
-            same = cached is not None and cached.get("key_hash") == _hash(key)
+            same = cached is not None and same_run(cached, key)
             if same and cost_file.exists():
                 log(f"{method} seed {seed}: reusing {run_dir}")
                 result = cached
@@ -621,7 +644,7 @@ def _finished(run_dir: Path, key: dict) -> bool:
     result_file = run_dir / "result.json"
     if not result_file.exists():
         return False
-    return _read_record(result_file).get("key_hash") == _hash(key)
+    return same_run(_read_record(result_file), key)
 
 
 def _with_options(
@@ -673,7 +696,7 @@ def _tune_run(
     point that diverges is the worst point, not the end of the bench; ``diverged.json``
     records it, so that the same command does not train it again)."""
     marker = run_dir / DIVERGED
-    if marker.exists() and _read_record(marker).get("key_hash") == _hash(key):
+    if marker.exists() and same_run(_read_record(marker), key):
         return None
     try:
         result, _ = _train_run(
@@ -705,7 +728,7 @@ def _tune_method(
             run_dir = _tune_dir(out, method, point, seed)
             result_file = run_dir / "result.json"
             result = _read_record(result_file) if result_file.exists() else None
-            if result is not None and result.get("key_hash") != _hash(key):
+            if result is not None and not same_run(result, key):
                 raise _other_configuration(run_dir, result, key)
             if result is None:
                 result = _tune_run(
@@ -759,12 +782,12 @@ class _Pool:
                            teacher_info, self.spec["budget"])  # fmt: skip
             result_file = run_dir / "result.json"
             record = _read_record(result_file) if result_file.exists() else None
-            if record is not None and record.get("key_hash") != _hash(key):
+            if record is not None and not same_run(record, key):
                 raise _other_configuration(run_dir, record, key)
             done = record is not None and (not with_cost or (run_dir / "inference.json").exists())
             marker = run_dir / DIVERGED
             if not with_cost and marker.exists():  # a tuning run that diverged before
-                done = done or _read_record(marker).get("key_hash") == _hash(key)
+                done = done or same_run(_read_record(marker), key)
             if not done:
                 todo.append({**self.spec, "method": method, "options": options, "seed": seed,
                              "run_dir": str(run_dir), "key": key, "with_cost": with_cost,

@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
+import os
 import shlex
 import sys
 import time
@@ -36,6 +37,7 @@ from flowdistill.bench.runner import (
     _teacher,
     _train_config,
     _val_score,
+    follow_parent,
     method_config,
 )
 from flowdistill.bench.suites import get_suite
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         scores = [_run(job, suite, data, teacher) for job in jobs]
     else:  # points and seeds trained ``workers`` at a time, each in a process of its own
         context = mp.get_context("spawn")
-        with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            args.workers, mp_context=context, initializer=follow_parent, initargs=(os.getpid(),)
+        ) as pool:
             scores = list(pool.map(_run, jobs))
     points = []
     for i, options in enumerate(combos):

@@ -93,8 +93,19 @@ def test_train_teacher_then_distill_user_models(tmp_path, user_package, capsys):
     assert "method_options.temperature: 2.0 -> 4.0; optim.lr: 0.1 -> 0.05" in err
     assert len(json.loads((tmp_path / "s" / "metrics.json").read_text())) == 2
     # resume a finished run with its own settings: continues to the new epoch count
-    assert main([*args, "optim.lr=0.1", "--no-progress"]) == 0
+    # (overrides on both sides of a flag)
+    assert main(["distill", "--config", str(distill_cfg), "train.epochs=3", "--resume",
+                 "optim.lr=0.1", "--no-progress"]) == 0  # fmt: skip
     assert len(json.loads((tmp_path / "s" / "metrics.json").read_text())) == 3
+    # other teacher weights under the same path: another run, refused
+    from flowdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    weights, meta = load_checkpoint(ckpt)
+    first = next(iter(weights))
+    save_checkpoint(ckpt, {**weights, first: weights[first] + 1.0}, meta)
+    capsys.readouterr()
+    assert main([*args[:-1], "train.epochs=4", "optim.lr=0.1", "--no-progress"]) == 2
+    assert "teacher_weights:" in capsys.readouterr().err
 
 
 def test_an_override_into_a_value_that_is_not_a_mapping_is_refused(tmp_path, capsys):
@@ -110,6 +121,7 @@ def test_an_override_into_a_value_that_is_not_a_mapping_is_refused(tmp_path, cap
         (["distill", "--config", "absent.yaml"], "config file not found"),
         (["bench", "--suite", "digits", "--methods", "kd,nope"], "unknown method 'nope'"),
         (["bench", "--suite", "digitz"], "unknown suite 'digitz'"),
+        (["bench", "--suite", "digits", "--methods", ","], "names no method"),
     ],
 )
 def test_bad_input_exits_with_a_message(args, message, capsys):
@@ -500,3 +512,35 @@ def test_a_language_model_from_a_text_file_by_config(tmp_path, capsys):
     assert main(["distill", "--config", str(tmp_path / "s.yaml"), "data.block_size=0",
                  f"out_dir={tmp_path / 'x'}"]) == 2  # fmt: skip
     assert "data.block_size must be >= 1" in capsys.readouterr().err
+
+
+def test_an_unknown_flag_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["distill", "--config", "absent.yaml", "a.b=1", "--bogus"])
+    assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_an_out_dir_that_cannot_be_created_is_named_before_training(tmp_path):
+    import os
+
+    from flowdistill import OptimConfig, TrainConfig, fit, make_distiller
+    from flowdistill.data import digits_splits
+    from flowdistill.errors import ConfigError
+    from flowdistill.models import create_model
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    if os.access(locked, os.W_OK):  # (root writes anywhere: use a path no one can create)
+        target = "/proc/flowdistill-test/run"
+    else:
+        target = str(locked / "run")
+    d = make_distiller("student", None, create_model("digits_student"))
+    with pytest.raises(ConfigError, match="cannot be created"):
+        fit(d, digits_splits(), OptimConfig(), TrainConfig(epochs=1, progress=False), target)
+    os.chmod(locked, 0o700)
+    made = tmp_path / "new" / "deeper"  # a folder that can be made: the check leaves nothing
+    from flowdistill.engine.trainer import _check_creatable
+
+    _check_creatable(made)
+    assert not (tmp_path / "new").exists()

@@ -7,7 +7,7 @@ from flowdistill.errors import ConfigError, UnknownMethodError
 def test_defaults_and_yaml_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("method: kd\nmethod_options: {temperature: 2}\noptim:\n  lr: 0.1\n")
-    cfg = load_config(path, ["train.epochs=3", "optim.milestones=[1, 2]"])
+    cfg = load_config(path, ["train.epochs=3", "optim.schedule=step", "optim.milestones=[1, 2]"])
     assert isinstance(cfg, RunConfig)
     assert cfg.optim.lr == 0.1 and cfg.optim.milestones == [1, 2]
     assert cfg.train.epochs == 3 and cfg.method_options == {"temperature": 2}
@@ -31,6 +31,12 @@ def test_unknown_key_suggests_the_right_one():
         ("data.name=npz", "data.path is required"),
         ("data.val_fraction=1.5", "data.val_fraction must be in"),
         ("optim", "not of the form key=value"),
+        ("optim.momentum=1.5", r"optim.momentum must be in \[0, 1\), got 1.5"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be >= 0, got -1"),
+        ("optim.milestones=[3]", "are for schedule 'step'; the 'cosine' schedule would ignore"),
+        ("optim.milestones=[0]", "optim.milestones must be epochs >= 1"),
+        ("data.split_seed=-1", "data.split_seed must be >= 0, got -1"),
+        ("data.name=text", "data.path is required when data.name is 'text'"),
     ],
 )
 def test_invalid_values_are_named(override, message):

@@ -215,3 +215,60 @@ def test_a_saved_run_with_taps_its_method_ignored_is_the_same_run():
         assert same_run({"key": key, "key_hash": _hash(key)}, key)
         other = {**key, "seed": 1}  # anything else that differs: another run
         assert not same_run(record, other)
+
+
+def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
+    """follow_parent: a worker whose parent process is gone stops (its run resumes in the
+    next bench) instead of training on with nobody to collect its result."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = (  # the parent's pid comes from the parent, as the pool's initializer gets it
+        "import pathlib, sys, time; from flowdistill.bench.runner import follow_parent; "
+        "follow_parent(int(sys.argv[1]), every=0.05); "
+        f"pathlib.Path({str(tmp_path / 'up')!r}).touch(); time.sleep(60)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "
+        "print(p.pid, flush=True); time.sleep(60)"
+    )
+
+    def alive(p):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    deadline = time.time() + 60
+    while not (tmp_path / "up").exists():  # the child is up and watching
+        assert time.time() < deadline and alive(pid), "the child did not start"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    deadline = time.time() + 10
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(capsys):
+    import os
+    import signal
+
+    from flowdistill.cli import reported
+
+    def run():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not interrupted")
+
+    assert reported(run, "flowdistill") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back afterwards

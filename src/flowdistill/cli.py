@@ -83,7 +83,13 @@ def _fast_path(args: argparse.Namespace) -> dict:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = None  # every registered method
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise ConfigError(
+                f"--methods {args.methods!r} names no method; leave it out to run every method"
+            )
     if methods == ["all"]:
         methods = None
     results = run_bench(
@@ -210,7 +216,10 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
             cfg.method, teacher, student, example_input=data.train.x[:8],
             **{**outputs, **cfg.method_options},
         )  # fmt: skip
-    result = fit(
+    identity = run_identity(cfg, teacher_mode)
+    if not teacher_mode and teacher is not None:  # the teacher's weights, not only its path:
+        identity["teacher_weights"] = _sha256(cfg.teacher.checkpoint)  # another file there
+    result = fit(  # is another run
         distiller,
         data,
         cfg.optim,
@@ -220,7 +229,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         batch_size=cfg.data.batch_size,
         meta={
             "config": config_to_dict(cfg),
-            "identity": run_identity(cfg, teacher_mode),
+            "identity": identity,
             "command": shlex.join(["flowdistill", *args.argv]),
         },
     )
@@ -352,15 +361,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand on both sides of a flag (``a=1 --resume b=2``)
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     return reported(lambda: args.func(args), "flowdistill")
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def reported(run: Callable[[], int], prog: str) -> int:
     """``run()``, with a library error printed as one line naming the problem (exit status
     2) rather than a traceback, and an interruption as exit status 130; the benchmark
     scripts end this way too."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # a polite kill, as Ctrl-C:
+        previous = signal.signal(signal.SIGTERM, _terminated)  # workers stopped, work kept
+    else:
+        previous = None
     try:
         return run()
     except FlowdistillError as err:
@@ -369,6 +405,13 @@ def reported(run: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished epochs are checkpointed", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(_signum, _frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":  # pragma: no cover

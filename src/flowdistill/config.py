@@ -101,6 +101,8 @@ class DataConfig:
             raise ConfigError(f"data.path is required when data.name is {self.name!r}")
         if self.block_size < 1:
             raise ConfigError(f"data.block_size must be >= 1, got {self.block_size}")
+        if self.split_seed < 0:
+            raise ConfigError(f"data.split_seed must be >= 0, got {self.split_seed}")
         if self.name == "idx":
             for key in ("train_images", "train_labels", "test_images", "test_labels"):
                 if not getattr(self, key):
@@ -139,8 +141,17 @@ class OptimConfig:
             )
         if not 0 < self.lr < math.inf:
             raise ConfigError(f"optim.lr must be positive and finite, got {self.lr}")
-        if not 0 <= self.weight_decay < math.inf or not 0 <= self.momentum < 1:
-            raise ConfigError("optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.milestones):
+            raise ConfigError(f"optim.milestones must be epochs >= 1, got {list(self.milestones)}")
+        if self.milestones and self.schedule != "step":
+            raise ConfigError(
+                f"optim.milestones {list(self.milestones)} are for schedule 'step'; the "
+                f"{self.schedule!r} schedule would ignore them"
+            )
         if self.warmup_epochs < 0:
             raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if not 0 < self.gamma <= 1:

@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -799,7 +800,9 @@ class _Pool:
 
         self.log(f"training {len(todo)} runs, {self.workers} at a time")
         context = multiprocessing.get_context("spawn")
-        ex = ProcessPoolExecutor(self.workers, mp_context=context)
+        ex = ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=follow_parent, initargs=(os.getpid(),)
+        )
         errors = []
         try:
             futures = [ex.submit(_pool_job, job) for job in todo]
@@ -819,6 +822,21 @@ class _Pool:
                 f"{len(errors)} of {len(todo)} runs failed (the finished ones are kept): "
                 + "; ".join(errors)
             )
+
+
+def follow_parent(parent: int, every: float = 1.0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone (killed,
+    say), rather than train on with nobody to collect its result. A run it leaves is
+    resumed from its last epoch by the next bench."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
 def _pool_job(job: dict) -> str:

@@ -291,8 +291,10 @@ class FlowDistill(Distiller):
             )
         if not 0.0 <= ramp <= 1.0:
             raise ConfigError(f"flowdistill: ramp must be in [0, 1], got {ramp}")
-        if temperature <= 0 or sigma < 0:
-            raise ConfigError("flowdistill: temperature must be positive and sigma >= 0")
+        if temperature <= 0:
+            raise ConfigError(f"flowdistill: temperature must be positive, got {temperature}")
+        if sigma < 0:
+            raise ConfigError(f"flowdistill: sigma must be >= 0, got {sigma}")
         if anchor_weight < 0:
             raise ConfigError(f"flowdistill: anchor_weight must be >= 0, got {anchor_weight}")
         if num_tasks < 0 or (num_tasks and not 0 <= task < num_tasks):

@@ -288,6 +288,22 @@ def _probe_logits(taps: Any, x: torch.Tensor, side: str, name: str) -> tuple[int
         ) from exc
 
 
+def _check_creatable(out: Path) -> None:
+    """``out`` can be created (a folder that cannot, on a read-only or virtual file system,
+    is named now rather than after the first epoch); what the check created is removed."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out_dir {out} cannot be created: {err.strerror or err}") from None
+    finally:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
 def _refuse_non_finite_teacher(distiller: Distiller) -> None:
     """The frozen teacher's weights are finite (else every step's loss would be NaN, and
     the message would point at the learning rate)."""
@@ -352,8 +368,8 @@ def refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
             if key == "identity":
                 what = "; ".join(_differences(saved[key], meta[key])[:5])
             raise CheckpointError(
-                f"{path} holds an unfinished run of another configuration ({what}); resume it "
-                "with the settings it was started with, or choose another output directory"
+                f"{path} holds a run of another configuration ({what}); resume it with the "
+                "settings it was started with, or choose another output directory"
             )
 
 
@@ -472,6 +488,7 @@ def fit(
         blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
         if blocked is not None:
             raise ConfigError(f"out_dir {out}: {blocked} is a file, not a folder")
+        _check_creatable(out)
     ckpt_path = out / CHECKPOINT if out else None
     if out is not None and not resume and (ckpt_path.exists() or (out / "result.json").exists()):
         raise CheckpointError(

@@ -272,3 +272,18 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(capsys):
     assert reported(run, "flowdistill") == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back afterwards
+
+
+def test_a_teacher_that_scores_otherwise_than_the_tables_is_refused(tmp_path):
+    """Runs are keyed by their teacher's path: a teacher of the same key trained again with
+    another result would mix its runs with the table's; refused, naming both scores."""
+    kw = dict(methods=["student"], seeds=1, epochs=1, teacher_epochs=1, progress=False,
+              out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None)  # fmt: skip
+    first = run_bench("digits", **kw)
+    table = tmp_path / "b" / "results.json"
+    record = json.loads(table.read_text())
+    assert run_bench("digits", **kw)["runs"] == first["runs"]  # the same teacher: reused
+    record["teacher"]["metric"] = first["teacher"]["metric"] - 0.01
+    table.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"scores .* but the runs in .* scored"):
+        run_bench("digits", **kw)

@@ -418,6 +418,7 @@ def run_bench(
     example = data.train.x[:8]
     _check_buildable(suite, data, methods, grids, example)  # before any run trains
     teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
+    _refuse_another_teacher(out, teacher_info)
 
     rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
     student_params = _params(_build(suite.student, data, suite.task))
@@ -755,6 +756,27 @@ def _tune_method(
     pick = min if lower else max  # ties: the first point
     best = pick(scored, key=lambda r: r["val_mean"])
     return {"points": record, "chosen": best["options"]}, best["options"]
+
+
+def _refuse_another_teacher(out: Path, teacher_info: dict[str, Any]) -> None:
+    """Runs are keyed by their teacher's cache path; a teacher trained again on another
+    machine, or by other code, can land on that path with other weights. Where ``out``
+    holds a table of earlier runs whose teacher scored otherwise than this one, its runs
+    would be mixed with runs of another teacher: refused, named."""
+    previous = out / "results.json"
+    if not previous.exists():
+        return
+    old = _read_record(previous).get("teacher", {})
+    then, now = old.get("metric"), teacher_info.get("metric")
+    if old.get("checkpoint") != teacher_info.get("checkpoint") or then is None or now is None:
+        return
+    if not math.isclose(float(then), float(now), rel_tol=0.0, abs_tol=1e-9):
+        raise ConfigError(
+            f"the teacher at {teacher_info['checkpoint']} scores {now:.4f}, but the runs in "
+            f"{out} were distilled from a teacher of the same key that scored {then:.4f} "
+            "(trained again, by other code or on another machine): their runs and new ones "
+            "would not compare; put the original teacher there, or choose another --out"
+        )
 
 
 def _quiet(*_args, **_kwargs) -> None:

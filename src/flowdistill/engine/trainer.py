@@ -639,9 +639,14 @@ def fit(
                             if ckpt_path.exists()
                             else "; no epoch had finished, so there is no checkpoint"
                         )
+                    hint = "Lower the learning rate or check the inputs"
+                    if epoch == 0 and i == 0:
+                        hint = (  # no update has been made: not the learning rate
+                            "No weight had been updated yet, so the learning rate is not the "
+                            "cause: check the inputs, the models and the method's options"
+                        )
                     raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch + 1}, {where}: {terms_now}{kept}. "
-                        "Lower the learning rate or check the inputs"
+                        f"non-finite loss at epoch {epoch + 1}, {where}: {terms_now}{kept}. {hint}"
                     )
                 first_unchecked = i + 1
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 import zipfile
 
@@ -372,3 +373,226 @@ def test_read_chars_tiny_shakespeare(shared_file):
 
     ids, vocab = read_chars(shared_file("tinyshakespeare", "input.txt"))
     assert len(ids) == 1_115_394 and len(vocab) == 65  # the figures its README measured
+
+
+# ---------------------------------------------------------------------------- malformed inputs
+def _npz(path, **arrays):
+    """A ``.npz`` of the shared layout with small defaults (3 classes, 8×8 RGB images);
+    ``arrays`` replace or add arrays."""
+    rng = np.random.default_rng(0)
+    d = {
+        "x_train": rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8),
+        "y_train": np.arange(30) % 3,
+        "x_test": rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8),
+        "y_test": np.arange(9) % 3,
+    }
+    np.savez(path, **{**d, **arrays})
+    return str(path)
+
+
+def test_image_folder_skips_hidden_reads_nested_and_refuses_empty_classes(tmp_path):
+    from PIL import Image
+
+    from flowdistill.data import read_image_folder
+
+    def put(rel, value):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((3, 3), value, np.uint8)).save(tmp_path / rel)
+
+    put("r/ant/a.png", 10)
+    put("r/bee/c.png", 20)
+    put("r/bee/sub/b.png", 30)  # nested: read, after c.png (sorted by relative path)
+    put("r/bee/.hidden/z.png", 99)  # hidden folders and files are skipped
+    put("r/bee/.z.png", 99)
+    put("r/.ipynb_checkpoints/x.png", 99)  # not a class
+    x, y, classes = read_image_folder(tmp_path / "r", mode="L")
+    assert classes == ["ant", "bee"] and y.tolist() == [0, 1, 1]
+    assert x[:, 0, 0, 0].tolist() == [10, 20, 30]
+    (tmp_path / "r" / "cat").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*cat holds no images"):
+        read_image_folder(tmp_path / "r")
+    (tmp_path / "r" / "cat" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder .*cat holds no images"):
+        read_image_folder(tmp_path / "r")
+
+
+def test_image_folder_argument_checks_and_decompression_bombs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from flowdistill.data import read_image_folder
+    from flowdistill.errors import ConfigError
+
+    (tmp_path / "r" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(tmp_path / "r" / "a" / "big.png")
+    for mode in ("I", "P", "rgb"):
+        with pytest.raises(ConfigError, match=f"mode must be one of .*'{mode}'"):
+            read_image_folder(tmp_path / "r", mode=mode)
+    for size in ((0, 4), (4,), (4.0, 4), (-2, 3), "44", (True, 4)):
+        with pytest.raises(ConfigError, match="size must be a pair"):
+            read_image_folder(tmp_path / "r", size=size)
+    assert read_image_folder(tmp_path / "r", size=[2, 3])[0].shape == (1, 2, 3, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 81 pixels > 2 × 10: a "bomb"
+    with pytest.raises(DataError, match=r"big\.png.*MAX_IMAGE_PIXELS"):
+        read_image_folder(tmp_path / "r")
+
+
+def test_text_encoding_and_tokenizer_files(tmp_path):
+    from flowdistill.data import CharTokenizer, read_chars, read_text
+    from flowdistill.errors import ConfigError
+
+    (tmp_path / "t.txt").write_text("abc")
+    for encoding in ("no-such-codec", "rot13"):
+        with pytest.raises(ConfigError, match=f"unknown text encoding '{encoding}'"):
+            read_chars(tmp_path / "t.txt", encoding=encoding)
+    with pytest.raises(ConfigError, match="unknown text encoding"):
+        read_text(tmp_path / "t.txt", encoding="no-such-codec")
+    assert read_text(tmp_path / "t.txt", encoding="latin-1") == "abc"
+    tok = CharTokenizer.from_text("hello")
+    tok.save(tmp_path / "ok.json")
+    assert CharTokenizer.load(tmp_path / "ok.json").vocab == tok.vocab
+    for name, content in (
+        ("list.json", "[1, 2]"),
+        ("number.json", '{"vocab": 5}'),
+        ("nokey.json", '{"chars": ["a"]}'),
+        ("long.json", '{"vocab": ["ab"]}'),
+        ("ints.json", '{"vocab": [1, 2]}'),
+        ("dup.json", '{"vocab": ["a", "a"]}'),
+        ("broken.json", '{"vocab": ['),
+    ):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(DataError, match=rf"{name} is not a saved CharTokenizer"):
+            CharTokenizer.load(tmp_path / name)
+    with pytest.raises(DataError, match="absent.json"):
+        CharTokenizer.load(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize("hundred", [False, True])
+def test_read_cifar_refuses_labels_out_of_range(tmp_path, hundred):
+    import pickle
+
+    from flowdistill.data import read_cifar
+
+    _write_cifar(tmp_path / "c", 4, hundred)
+    name, key, bad = ("train", b"fine_labels", 100) if hundred else ("data_batch_2", b"labels", 10)
+    data = np.zeros((4, 3072), np.uint8)
+    for labels, shown in (([0, 1, bad, 2], bad), ([0, -1, 1, 2], -1)):
+        with open(tmp_path / "c" / name, "wb") as f:
+            pickle.dump({key: labels, b"data": data}, f, protocol=2)
+        with pytest.raises(DataError, match=rf"{name}: {key!r} holds the .*label {shown}"):
+            read_cifar(tmp_path / "c")
+    for labels in ([0.0, 1.5, 2.0, 3.0], ["cat", "dog", "cat", "dog"]):  # floats, strings
+        with open(tmp_path / "c" / name, "wb") as f:
+            pickle.dump({key: labels, b"data": data}, f, protocol=2)
+        with pytest.raises(DataError, match=rf"{name}: {key!r} holds .*integer class indices"):
+            read_cifar(tmp_path / "c")
+
+
+def test_read_cifar_refuses_pixels_that_are_not_uint8(tmp_path):
+    import pickle
+
+    from flowdistill.data import read_cifar
+
+    _write_cifar(tmp_path / "c", 4)
+    path = tmp_path / "c" / "test_batch"
+    for data in (np.full((4, 3072), 300, np.int64), np.full((4, 3072), 0.5), -np.ones((4, 3072))):
+        with open(path, "wb") as f:
+            pickle.dump({b"labels": [0, 1, 2, 3], b"data": data}, f, protocol=2)
+        with pytest.raises(DataError, match=r"test_batch: b'data' holds .*uint8 0\.\.255"):
+            read_cifar(tmp_path / "c")
+    in_range = np.arange(4 * 3072).reshape(4, 3072) % 256  # int64, every value fits uint8
+    with open(path, "wb") as f:
+        pickle.dump({b"labels": [0, 1, 2, 3], b"data": in_range}, f, protocol=2)
+    d = read_cifar(tmp_path / "c")
+    assert d["x_test"].dtype == np.uint8
+    assert np.array_equal(d["x_test"].reshape(4, -1), in_range)
+
+
+def test_npz_labels_must_be_class_indices(tmp_path):
+    from flowdistill.data.datasets import npz_subset_splits
+
+    y_train, y_test = np.arange(30) % 3, np.arange(9) % 3
+    for y, problem in (
+        (y_train.astype(np.float32), "float32 values; labels must be integer"),
+        (np.eye(3, dtype=np.uint8)[y_train], r"shape \(30, 3\); class indices \(N,\).*one-hot"),
+        (np.array(["a", "b", "c"] * 10), "strings"),
+        (np.array([b"a", b"b", b"c"] * 10), "strings"),
+        (y_train - 1, "negative label -1"),
+    ):
+        path = _npz(tmp_path / "d.npz", y_train=y)
+        with pytest.raises(DataError, match=rf"{re.escape(path)}: y_train .*{problem}"):
+            npz_splits(path)
+        with pytest.raises(DataError, match=rf"{re.escape(path)}: y_train .*{problem}"):
+            npz_subset_splits(path, val_size=6)
+    # a class of the test (or validation) labels that training never shows
+    path = _npz(tmp_path / "d.npz", y_test=np.where(y_test == 2, 5, y_test))
+    with pytest.raises(DataError, match=r"d\.npz: y_test holds class\(es\) \[5\] that never"):
+        npz_splits(path)
+    path = _npz(tmp_path / "d.npz", x_val=np.zeros((2, 8, 8, 3), np.uint8), y_val=[0, 7])
+    with pytest.raises(DataError, match=r"d\.npz: y_val holds class\(es\) \[7\]"):
+        npz_splits(path)
+    # (N, 1) columns are unambiguous: flattened
+    path = _npz(tmp_path / "d.npz", y_train=y_train[:, None], y_test=y_test[:, None])
+    s = npz_splits(path, val_fraction=0.2)
+    assert s.train.y.shape == (24,) and s.test.y.tolist() == y_test.tolist()
+    assert s.num_classes == 3
+
+
+def test_idx_labels_must_be_integers(tmp_path):
+    images = np.zeros((12, 5, 5), np.uint8)
+    _write_idx(tmp_path / "img", images)
+    _write_idx(tmp_path / "lab", np.arange(12, dtype=np.uint8) % 2)
+    _write_idx(tmp_path / "flab", (np.arange(12) % 2).astype(np.float32), code=0x0D)
+    files = [str(tmp_path / f) for f in ("img", "lab", "img", "flab")]
+    with pytest.raises(DataError, match=r"flab holds float32 values; labels must be integer"):
+        idx_splits(*files)
+    with pytest.raises(DataError, match=r"flab holds float32 values"):
+        idx_holdout_splits(files[0], files[3])
+    _write_idx(tmp_path / "lab3", np.arange(12, dtype=np.uint8) % 3)
+    with pytest.raises(DataError, match=r"lab3 holds class\(es\) \[2\] that never occur in .*lab"):
+        idx_splits(*files[:3], str(tmp_path / "lab3"))
+
+
+def test_npz_image_shapes_are_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    for x_test, shown in (
+        (rng.integers(0, 256, (9, 6, 6, 3), dtype=np.uint8), r"\(6, 6, 3\)"),
+        (rng.integers(0, 256, (9, 8, 8), dtype=np.uint8), r"\(8, 8\)"),  # grayscale vs RGB
+    ):
+        path = _npz(tmp_path / "d.npz", x_test=x_test)
+        with pytest.raises(
+            DataError, match=rf"d\.npz: x_train has images \(8, 8, 3\) but x_test has {shown}"
+        ):
+            npz_splits(path)
+    # (N, H, W) and (N, H, W, 1) are the same grayscale images
+    gray = rng.integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    path = _npz(tmp_path / "d.npz", x_train=gray, x_test=gray[:9, :, :, None])
+    assert npz_splits(path).input_shape == (1, 8, 8)
+    path = _npz(tmp_path / "d.npz", x_train=gray.reshape(30, 64))
+    with pytest.raises(
+        DataError, match=r"d\.npz: x_train has shape \(30, 64\); images must be \(N, H, W\)"
+    ):
+        npz_splits(path)
+    # channels-first images are refused, not transposed
+    for c in (1, 3, 4):
+        path = _npz(tmp_path / "d.npz", x_train=np.zeros((30, c, 8, 8), np.uint8))
+        with pytest.raises(DataError, match=r"x_train has shape .*channels-first .*\(N, H, W, C\)"):
+            npz_splits(path)
+
+
+def test_npz_too_few_or_no_training_samples(tmp_path):
+    from flowdistill.data import split
+    from flowdistill.data.datasets import npz_subset_splits
+    from flowdistill.errors import ConfigError
+
+    path = _npz(tmp_path / "d.npz", x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=[])
+    with pytest.raises(DataError, match=r"d\.npz: x_train holds no images"):
+        npz_splits(path)
+    with pytest.raises(DataError, match=r"d\.npz: x_train holds no images"):
+        npz_subset_splits(path)
+    path = _npz(tmp_path / "d.npz", x_train=np.zeros((3, 8, 8, 3), np.uint8), y_train=[0, 1, 2])
+    with pytest.raises(DataError, match=r"d\.npz: too few samples .*needs at least 5 samples"):
+        npz_splits(path, val_fraction=0.1)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        npz_splits(_npz(tmp_path / "ok.npz"), val_fraction=0.0)
+    with pytest.raises(ConfigError, match="fractions must be positive"):
+        split(np.zeros(4), np.zeros(4), (1.0, 0.0), seed=0)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ShapeMismatchError
-from .readers import cached_npz, read_idx, read_idx_pair, read_npz
+from .readers import cached_npz, check_image_splits, read_idx, read_idx_pair, read_npz
 
 __all__ = [
     "Batches",
@@ -46,17 +46,46 @@ class Splits:
         return tuple(self.train.x.shape[1:])
 
 
+def _bounds(fractions: tuple[float, ...], n: int) -> np.ndarray:
+    """Where the parts of ``fractions`` of ``n`` samples end (rounded cumulative sizes)."""
+    return np.round(np.cumsum(fractions) / sum(fractions) * n).astype(int)
+
+
+def _per_class_need(fractions: tuple[float, ...]) -> int:
+    """The fewest samples of one class that give every part of ``fractions`` one of them."""
+    for n in range(1, 100_000):
+        if np.all(np.diff(_bounds(fractions, n), prepend=0) > 0):
+            return n
+    return int(np.ceil(sum(fractions) / min(fractions))) + 1
+
+
 def split(
-    x: np.ndarray, y: np.ndarray, fractions: tuple[float, ...], seed: int
+    x: np.ndarray, y: np.ndarray, fractions: tuple[float, ...], seed: int, source: str = ""
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified, seeded partition of ``(x, y)`` into parts of the given ``fractions``."""
+    """Stratified, seeded partition of ``(x, y)`` into parts of the given ``fractions``;
+    a part left without samples raises DataError (naming ``source``, the data's file) that
+    says how many samples each class needs."""
+    prefix = f"{source}: " if source else ""
+    if len(fractions) == 0 or min(fractions) <= 0:
+        raise ConfigError(f"split: fractions must be positive numbers, got {fractions}")
+    if len(y) == 0:
+        raise DataError(f"{prefix}no samples to split")
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[] for _ in fractions]
-    for label in np.unique(y):
+    classes, counts = np.unique(y, return_counts=True)
+    for label in classes:
         idx = rng.permutation(np.flatnonzero(y == label))
-        bounds = np.round(np.cumsum(fractions) / sum(fractions) * len(idx)).astype(int)
+        bounds = _bounds(fractions, len(idx))
         for i, (lo, hi) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
             parts[i].append(idx[lo:hi])
+    empty = [f for f, chunks in zip(fractions, parts, strict=True) if not sum(map(len, chunks))]
+    if empty:
+        raise DataError(
+            f"{prefix}too few samples for a stratified split into fractions {tuple(fractions)}: "
+            f"{len(y)} samples in {len(classes)} classes (the smallest has {counts.min()}) leave "
+            f"the part of fraction {empty[0]} empty; each class needs at least "
+            f"{_per_class_need(tuple(fractions))} samples"
+        )
     out = []
     for chunks in parts:
         order = rng.permutation(np.concatenate(chunks))
@@ -108,26 +137,35 @@ def _with_val(
     y_test: np.ndarray,
     val_fraction: float,
     seed: int,
+    source: str = "",
 ) -> Splits:
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must lie in (0, 1), got {val_fraction}")
     if len(x_train) != len(y_train) or len(x_test) != len(y_test):
         raise DataError(
-            f"images and labels differ in count: train {len(x_train)} vs {len(y_train)}, "
-            f"test {len(x_test)} vs {len(y_test)}"
+            f"{source + ': ' if source else ''}images and labels differ in count: train "
+            f"{len(x_train)} vs {len(y_train)}, test {len(x_test)} vs {len(y_test)}"
         )
-    train, val = split(x_train, y_train, (1.0 - val_fraction, val_fraction), seed)
+    train, val = split(x_train, y_train, (1.0 - val_fraction, val_fraction), seed, source)
     return _standardize([train, val, (x_test, y_test)], channel_axis=1)
 
 
+def _npz_pairs(path: str, d: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ``(x, y)`` pairs train, test (and ``x_val, y_val`` when present) of a ``.npz``,
+    checked by :func:`~flowdistill.data.readers.check_image_splits`."""
+    names = ["train", "test"] + (["val"] if "x_val" in d and "y_val" in d else [])
+    return check_image_splits(
+        [(f"x_{n}", d[f"x_{n}"], f"y_{n}", d[f"y_{n}"]) for n in names], str(path)
+    )
+
+
 def npz_splits(path: str, val_fraction: float = 0.1, seed: int = 0) -> Splits:
-    """A ``.npz`` with ``x_train, y_train, x_test, y_test``; validation carved from train."""
+    """A ``.npz`` with ``x_train, y_train, x_test, y_test`` (images ``(N, H, W[, C])``,
+    channels last; integer class labels); validation carved from train."""
     d = read_npz(path, keys=("x_train", "y_train", "x_test", "y_test"))
+    (x_train, y_train), (x_test, y_test) = _npz_pairs(path, d)[:2]
     return _with_val(
-        _images(d["x_train"]),
-        d["y_train"],
-        _images(d["x_test"]),
-        d["y_test"],
-        val_fraction,
-        seed,
+        _images(x_train), y_train, _images(x_test), y_test, val_fraction, seed, str(path)
     )
 
 
@@ -141,7 +179,7 @@ def cifar_splits(folder: str, val_fraction: float = 0.1, seed: int = 0) -> Split
     to_float = lambda x: x.astype(np.float32) / 255.0  # noqa: E731  (already N, C, H, W)
     return _with_val(
         to_float(d["x_train"]), d["y_train"], to_float(d["x_test"]), d["y_test"],
-        val_fraction, seed,
+        val_fraction, seed, str(folder),
     )  # fmt: skip
 
 
@@ -178,7 +216,7 @@ def npz_subset_splits(
     split of ``val_size`` images carved from the training images and, optionally, a stratified
     training subset of ``train_size`` images from the rest; the full test split is kept."""
     d = cached_npz(path, ("x_train", "y_train", "x_test", "y_test"), cache_dir)
-    x, y = d["x_train"], d["y_train"]
+    (x, y), (x_test, y_test) = _npz_pairs(path, d)
     n = len(y)
     if val_size <= 0 or val_size >= n:
         raise DataError(f"val_size must be in (0, {n}), got {val_size}")
@@ -187,13 +225,12 @@ def npz_subset_splits(
     if not 0 < size <= rest:
         raise DataError(f"train_size must be in (0, {rest}], got {train_size}")
     fractions = (size, val_size) if size == rest else (size, val_size, rest - size)
-    parts = split(x, y, fractions, seed)
+    parts = split(x, y, fractions, seed, str(path))
     train, val = parts[0], parts[1]
     return _standardize(
-        [(_images(train[0]), train[1]), (_images(val[0]), val[1]),
-         (_images(d["x_test"]), d["y_test"])],
+        [(_images(train[0]), train[1]), (_images(val[0]), val[1]), (_images(x_test), y_test)],
         channel_axis=1,
-    )  # fmt: skip
+    )
 
 
 def idx_splits(
@@ -205,13 +242,14 @@ def idx_splits(
     seed: int = 0,
 ) -> Splits:
     """MNIST-style IDX files; validation carved from the training files."""
+    (x_train, y_train), (x_test, y_test) = check_image_splits(
+        [
+            (str(train_images), read_idx(train_images), str(train_labels), read_idx(train_labels)),
+            (str(test_images), read_idx(test_images), str(test_labels), read_idx(test_labels)),
+        ]
+    )
     return _with_val(
-        _images(read_idx(train_images)),
-        read_idx(train_labels),
-        _images(read_idx(test_images)),
-        read_idx(test_labels),
-        val_fraction,
-        seed,
+        _images(x_train), y_train, _images(x_test), y_test, val_fraction, seed, str(train_images)
     )
 
 
@@ -228,7 +266,7 @@ def idx_holdout_splits(
     if len(fractions) != 3 or min(fractions) <= 0:
         raise DataError(f"fractions must be three positive numbers, got {fractions}")
     x, y = read_idx_pair(images, labels)
-    parts = split(_images(x), y, fractions, seed)
+    parts = split(_images(x), y, fractions, seed, str(images))
     return _standardize(parts, channel_axis=1)
 
 

@@ -17,15 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = [
+    "check_image_splits",
+    "class_labels",
+    "image_array",
     "read_chars",
     "read_cifar",
     "read_idx",
     "read_idx_pair",
     "read_image_folder",
     "read_npz",
+    "read_text",
 ]
 
 # IDX type codes → numpy dtypes (big-endian as stored)
@@ -86,7 +90,96 @@ def read_idx_pair(
             f"{images} and {labels} do not pair: images {x.shape}, labels {y.shape} "
             "(expected (N, H, W) and (N,))"
         )
-    return x, y
+    return x, class_labels(y, str(labels))
+
+
+def image_array(x: np.ndarray, name: str, source: str = "") -> np.ndarray:
+    """``x`` checked to be non-empty numeric images ``(N, H, W)`` or ``(N, H, W, C)``
+    (channels last); errors name ``source`` (the file) and ``name`` (the array)."""
+    where = f"{source}: {name}" if source else name
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{where} holds {x.dtype} values; images must be numeric (uint8 pixels)")
+    if x.ndim not in (3, 4):
+        flat = " (flattened images are not accepted: reshape them)" if x.ndim == 2 else ""
+        raise DataError(
+            f"{where} has shape {x.shape}; images must be (N, H, W) or (N, H, W, C){flat}"
+        )
+    if x.ndim == 4 and x.shape[1] in (1, 3, 4) and min(x.shape[2:]) > 4:
+        raise DataError(
+            f"{where} has shape {x.shape}, which looks channels-first (N, C, H, W); images "
+            "must be channels-last (N, H, W, C): store x.transpose(0, 2, 3, 1)"
+        )
+    if len(x) == 0 or x.size == 0:
+        raise DataError(f"{where} holds no images (shape {x.shape})")
+    return x
+
+
+def class_labels(y: np.ndarray, name: str, source: str = "") -> np.ndarray:
+    """``y`` as int64 class indices ``(N,)``: ``(N, 1)`` is flattened; one-hot or other
+    2-D labels, floats, strings and negative values raise DataError naming ``source`` and
+    ``name``."""
+    where = f"{source}: {name}" if source else name
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        hint = (
+            " (one-hot or multi-label rows are not accepted: store class indices, e.g. y.argmax(1))"
+            if y.ndim == 2
+            else ""
+        )
+        raise DataError(f"{where} has shape {y.shape}; class indices (N,) are expected{hint}")
+    if y.dtype.kind in "US":
+        raise DataError(
+            f"{where} holds {y.dtype} values (strings); labels must be integer class indices "
+            "0..C-1: map the names to indices first"
+        )
+    if y.dtype.kind not in "iu":
+        raise DataError(
+            f"{where} holds {y.dtype} values; labels must be integer class indices 0..C-1 "
+            "(store them as an integer array)"
+        )
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{where} holds the negative label {int(y.min())}; classes are 0..C-1")
+    return y.astype(np.int64)
+
+
+def check_image_splits(
+    pairs: list[tuple[str, np.ndarray, str, np.ndarray]], source: str = ""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each ``(images name, images, labels name, labels)`` checked with :func:`image_array`
+    and :func:`class_labels`, to pair up, to share the first (training) pair's image shape
+    and to hold no class that the training labels lack; returns the ``(x, y)`` pairs with
+    int64 labels. Errors name ``source`` (the file) and the arrays."""
+    prefix = f"{source}: " if source else ""
+    out = []
+    for x_name, x, y_name, y in pairs:
+        x, y = image_array(x, x_name, source), class_labels(y, y_name, source)
+        if len(x) != len(y):
+            raise DataError(
+                f"{prefix}{x_name} and {y_name} differ in count: {len(x)} images, {len(y)} labels"
+            )
+        out.append((x, y))
+
+    def image_shape(x: np.ndarray) -> tuple[int, ...]:
+        return x.shape[1:] if x.ndim == 4 else (*x.shape[1:], 1)
+
+    (train_name, _, y_train_name, _), (x_train, y_train) = pairs[0], out[0]
+    seen = np.unique(y_train)
+    for (x_name, _, y_name, _), (x, y) in zip(pairs[1:], out[1:], strict=True):
+        if image_shape(x) != image_shape(x_train):
+            raise DataError(
+                f"{prefix}{train_name} has images {x_train.shape[1:]} but {x_name} has "
+                f"{x.shape[1:]} (shapes {x_train.shape} and {x.shape}); every split must "
+                "share one image size and channel count"
+            )
+        unseen = np.setdiff1d(np.unique(y), seen)
+        if len(unseen):
+            raise DataError(
+                f"{prefix}{y_name} holds class(es) {unseen[:10].tolist()} that never occur in "
+                f"{y_train_name} (its classes: {seen[:20].tolist()}); a model cannot learn them"
+            )
+    return out
 
 
 def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x_train", "y_train")) -> dict:
@@ -109,7 +202,14 @@ def read_npz(path: str | os.PathLike, keys: tuple[str, ...] = ("x_train", "y_tra
             return {k: archive[k] for k in archive.files}
     except DataError:
         raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error) as err:
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise DataError(
+                f"{path} holds an object (pickled) array, which is not loaded for safety; "
+                "store plain numeric arrays"
+            ) from None
+        raise DataError(f"cannot read {path}: truncated or corrupted archive ({err})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as err:
         raise DataError(f"cannot read {path}: truncated or corrupted archive ({err})") from None
 
 
@@ -160,7 +260,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
@@ -168,8 +268,24 @@ def _cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path} is not a readable CIFAR batch (corrupt?): {err}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise DataError(f"{path} lacks the CIFAR keys b'data' and {label_key!r}")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[label_key], dtype=np.int64)
+    try:
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+    except ValueError as err:  # ragged lists
+        raise DataError(f"{path}: b'data' or {label_key!r} is not an array ({err})") from None
+    if data.dtype != np.uint8:  # never wrap 256 to 0 or truncate floats silently
+        numeric = data.size and data.dtype.kind in "biuf"
+        if data.dtype.kind not in "iu" or (numeric and (data.min() < 0 or data.max() > 255)):
+            found = f" values {data.min()}..{data.max()}" if numeric else ""
+            raise DataError(
+                f"{path}: b'data' holds {data.dtype}{found}; CIFAR pixels must be uint8 0..255"
+            )
+        data = data.astype(np.uint8)
+    labels = class_labels(labels, repr(label_key), str(path))
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise DataError(
+            f"{path}: {label_key!r} holds the label {int(labels.max())}, outside "
+            f"0..{num_classes - 1} (CIFAR-{num_classes} has {num_classes} classes)"
+        )
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(
             f"{path}: expected (N, 3072) pixels and N labels, got {data.shape} and {labels.shape}"
@@ -187,11 +303,12 @@ def read_cifar(folder: str | os.PathLike) -> dict[str, np.ndarray]:
         raise DataError(f"CIFAR folder not found: {folder}")
     if (folder / "train").is_file():  # cifar-100-python
         train_files, test_file, key = [folder / "train"], folder / "test", b"fine_labels"
+        classes = 100
     else:
         train_files = [folder / f"data_batch_{i}" for i in range(1, 6)]
-        test_file, key = folder / "test_batch", b"labels"
-    parts = [_cifar_batch(_require(p), key) for p in train_files]
-    x_test, y_test = _cifar_batch(_require(test_file), key)
+        test_file, key, classes = folder / "test_batch", b"labels", 10
+    parts = [_cifar_batch(_require(p), key, classes) for p in train_files]
+    x_test, y_test = _cifar_batch(_require(test_file), key, classes)
     return {
         "x_train": np.concatenate([x for x, _ in parts]),
         "y_train": np.concatenate([y for _, y in parts]),
@@ -214,33 +331,79 @@ _IMAGE_SUFFIXES = {
 }
 
 
+_IMAGE_MODES = ("L", "LA", "RGB", "RGBA")  # 8-bit modes, so the pixels fit uint8
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, sorted by their path relative to it;
+    hidden files and folders (names starting with '.') are skipped."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a symbolic link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [
+            Path(top, f)
+            for f in files
+            if not f.startswith(".") and Path(f).suffix.lower() in _IMAGE_SUFFIXES
+        ]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
 def read_image_folder(
     root: str | os.PathLike, size: tuple[int, int] | None = None, mode: str = "RGB"
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An ImageFolder-style tree ``root/<class>/<image>``: uint8 images ``(N, H, W, C)``,
     int64 labels and the class names (sorted folder names; label ``k`` is ``classes[k]``).
-    Images are converted to ``mode`` and, when ``size = (H, W)`` is given, resized
-    (bilinear); without it every image must already have the same size."""
+
+    Images in subfolders of a class folder belong to that class (read recursively, sorted
+    by relative path); hidden files and folders (``.ipynb_checkpoints``) are skipped, and a
+    class folder without images is an error. Images are converted to ``mode`` (``L``,
+    ``LA``, ``RGB`` or ``RGBA``) and, when ``size = (H, W)`` is given, resized (bilinear);
+    without it every image must already have the same size."""
     from PIL import Image, UnidentifiedImageError
 
+    if mode not in _IMAGE_MODES:
+        raise ConfigError(f"read_image_folder: mode must be one of {_IMAGE_MODES}, got {mode!r}")
+    if size is not None and not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
+        and min(size) > 0
+    ):
+        raise ConfigError(
+            f"read_image_folder: size must be a pair (H, W) of positive integers, got {size!r}"
+        )
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root} holds no class folders (expected root/<class>/<image>)")
     images, labels = [], []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() not in _IMAGE_SUFFIXES:
-                continue
+        files = _class_images(root / name)
+        if not files:
+            raise DataError(
+                f"class folder {root / name} holds no images (suffixes "
+                f"{', '.join(sorted(_IMAGE_SUFFIXES))}); remove it or add its images"
+            )
+        for path in files:
             try:
                 with Image.open(path) as im:
                     im = im.convert(mode)
                     if size is not None:
-                        im = im.resize((size[1], size[0]), Image.BILINEAR)
+                        im = im.resize((int(size[1]), int(size[0])), Image.BILINEAR)
                     arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as err:
+            except Image.DecompressionBombError as err:
+                raise DataError(
+                    f"cannot read image {path}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS if "
+                    "the file is trusted)"
+                ) from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error) as err:
                 raise DataError(f"cannot read image {path}: {err}") from None
             if images and arr.shape != images[0].shape:
                 raise DataError(
@@ -249,14 +412,19 @@ def read_image_folder(
                 )
             images.append(arr)
             labels.append(label)
-    if not images:
-        raise DataError(f"{root} holds no images with a known suffix")
     x = np.stack(images)
     return (x if x.ndim == 4 else x[..., None]), np.asarray(labels, dtype=np.int64), classes
 
 
 def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
-    """A plain-text file's text; a missing, empty or undecodable file is named."""
+    """A plain-text file's text; a missing, empty or undecodable file is named, an unknown
+    ``encoding`` is a ConfigError."""
+    try:
+        "".encode(encoding)  # (codecs.lookup would accept rot13, a str-to-str codec)
+    except (LookupError, TypeError):
+        raise ConfigError(
+            f"unknown text encoding {encoding!r} (try 'utf-8' or 'latin-1')"
+        ) from None
     path = _require(path)
     try:
         text = path.read_text(encoding=encoding)

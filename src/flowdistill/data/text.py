@@ -23,8 +23,10 @@ class CharTokenizer:
     """
 
     def __init__(self, vocab: list[str]) -> None:
-        if len(set(vocab)) != len(vocab) or any(len(c) != 1 for c in vocab):
-            raise DataError("a character vocabulary holds distinct single characters")
+        bad = [c for c in vocab if not isinstance(c, str) or len(c) != 1]
+        if bad or len(set(vocab)) != len(vocab):
+            what = f"{bad[0]!r} is not a single character" if bad else "it repeats a character"
+            raise DataError(f"a character vocabulary holds distinct single characters; {what}")
         self.vocab = list(vocab)
         self.index = {c: i for i, c in enumerate(self.vocab)}
 
@@ -54,9 +56,20 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CharTokenizer:
+        """A vocabulary written by :meth:`save`; a missing or malformed file is named."""
         try:
-            return cls(json.loads(Path(path).read_text())["vocab"])
-        except (OSError, ValueError, KeyError) as err:
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} is not a saved CharTokenizer: {err}") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("vocab"), list):
+            raise DataError(
+                f"{path} is not a saved CharTokenizer: expected a JSON object whose 'vocab' is "
+                "a list of characters"
+            )
+        vocab = saved["vocab"]
+        try:
+            return cls(vocab)
+        except DataError as err:
             raise DataError(f"{path} is not a saved CharTokenizer: {err}") from None
 
 

@@ -402,3 +402,16 @@ def test_empty_splits_and_resume_without_a_folder_are_refused(pair, tiny_data):
         fit(d, data, train=TrainConfig(epochs=1, **QUIET))
     with pytest.raises(ConfigError, match="resume=True continues the run in out_dir"):
         fit(d, tiny_data, train=TrainConfig(epochs=1, **QUIET), resume=True)
+
+
+@pytest.mark.parametrize(
+    "optim,message",
+    [
+        (OptimConfig(warmup_epochs=2), r"warmup_epochs \(2\) is not shorter than train.epochs"),
+    ],
+)
+def test_a_warm_up_as_long_as_the_run_is_refused(optim, message, tiny_data, tmp_path):
+    d = flowdistill.make_distiller("student", None, _student())
+    with pytest.raises(ConfigError, match=message):
+        fit(d, tiny_data, optim, TrainConfig(epochs=2, **QUIET), tmp_path, batch_size=16)
+    assert not any(tmp_path.iterdir())

@@ -288,6 +288,17 @@ def _probe_logits(taps: Any, x: torch.Tensor, side: str, name: str) -> tuple[int
         ) from exc
 
 
+def _check_schedule(optim: OptimConfig, epochs: int) -> None:
+    """A warm-up shorter than the run, else the rate would never reach ``optim.lr``. (Step
+    milestones beyond the run are allowed: a run may time or train the first epochs of a
+    longer recipe.)"""
+    if optim.warmup_epochs and optim.warmup_epochs >= epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs ({optim.warmup_epochs}) is not shorter than train.epochs "
+            f"({epochs}): the learning rate would never reach optim.lr"
+        )
+
+
 def _check_creatable(out: Path) -> None:
     """``out`` can be created (a folder that cannot, on a read-only or virtual file system,
     is named now rather than after the first epoch); what the check created is removed."""
@@ -479,6 +490,7 @@ def fit(
     train = _config(train, TrainConfig, "train")
     optim.validate()
     train.validate()
+    _check_schedule(optim, train.epochs)
     data = _check_inputs(distiller, data, batch_size)
     was_training = distiller.training  # the mode the caller left it in, given back at the end
     out = Path(out_dir) if out_dir is not None else None

@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     from .data import char_splits, digits_splits, idx_splits, npz_splits, read_text
     from .distillers import make_distiller
     from .engine import fit
-    from .engine.checkpoint import load_model_weights
+    from .engine.checkpoint import digest, load_model_weights
     from .errors import ConfigError
     from .models import build_model, data_kwargs
 
@@ -218,8 +218,8 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         )  # fmt: skip
     identity = run_identity(cfg, teacher_mode)
     if not teacher_mode and teacher is not None:  # the teacher's weights, not only its path:
-        identity["teacher_weights"] = _sha256(cfg.teacher.checkpoint)  # another file there
-    result = fit(  # is another run
+        identity["teacher_weights"] = digest(teacher.state_dict())[:16]  # other weights there
+    result = fit(  # are another run
         distiller,
         data,
         cfg.optim,
@@ -374,16 +374,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv
     return reported(lambda: args.func(args), "flowdistill")
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def reported(run: Callable[[], int], prog: str) -> int:

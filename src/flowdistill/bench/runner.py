@@ -511,10 +511,7 @@ def run_bench(
             )
 
     if failed:
-        raise FlowdistillError(
-            f"{len(failed)} of {len(methods) * seeds} runs failed (the finished ones are kept "
-            "and reused by the same command): " + "; ".join(failed)
-        )
+        raise runs_failed(failed, len(methods) * seeds)
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
     student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
@@ -687,7 +684,22 @@ def _tune_dir(out: Path, method: str, point: dict, seed: int) -> Path:
     return out / "tune" / method / _hash(point) / f"seed{seed}"
 
 
+def runs_failed(failed: list[str], total: int) -> FlowdistillError:
+    """The error of a bench whose runs ``failed`` (each named) of ``total``, raised once the
+    others have trained."""
+    return FlowdistillError(
+        f"{len(failed)} of {total} runs failed (the finished ones are kept and reused by the "
+        "same command): " + "; ".join(failed)
+    )
+
+
 DIVERGED = "diverged.json"
+
+
+def _diverged(run_dir: Path, key: dict) -> bool:
+    """Whether the tuning run of ``key`` in ``run_dir`` is recorded as diverged."""
+    marker = run_dir / DIVERGED
+    return marker.exists() and same_run(_read_record(marker), key)
 
 
 def _tune_run(
@@ -697,8 +709,7 @@ def _tune_run(
     """One tuning run: its result, or ``None`` where its loss became non-finite (a grid
     point that diverges is the worst point, not the end of the bench; ``diverged.json``
     records it, so that the same command does not train it again)."""
-    marker = run_dir / DIVERGED
-    if marker.exists() and same_run(_read_record(marker), key):
+    if _diverged(run_dir, key):
         return None
     try:
         result, _ = _train_run(
@@ -708,7 +719,7 @@ def _tune_run(
     except NonFiniteLossError as err:  # raised on every process alike (its check is reduced)
         if distributed.is_main():
             record = {"key_hash": _hash(key), "key": key, "error": str(err)}
-            atomic_write_text(marker, json.dumps(record, indent=1))
+            atomic_write_text(run_dir / DIVERGED, json.dumps(record, indent=1))
         distributed.barrier()
         return None
     return result
@@ -808,9 +819,7 @@ class _Pool:
             if record is not None and not same_run(record, key):
                 raise _other_configuration(run_dir, record, key)
             done = record is not None and (not with_cost or (run_dir / "inference.json").exists())
-            marker = run_dir / DIVERGED
-            if not with_cost and marker.exists():  # a tuning run that diverged before
-                done = done or same_run(_read_record(marker), key)
+            done = done or (not with_cost and _diverged(run_dir, key))  # a tuning run
             if not done:
                 todo.append({**self.spec, "method": method, "options": options, "seed": seed,
                              "run_dir": str(run_dir), "key": key, "with_cost": with_cost,
@@ -840,10 +849,7 @@ class _Pool:
             raise
         ex.shutdown()
         if errors:
-            raise FlowdistillError(
-                f"{len(errors)} of {len(todo)} runs failed (the finished ones are kept): "
-                + "; ".join(errors)
-            )
+            raise runs_failed(errors, len(todo))
 
 
 def follow_parent(parent: int, every: float = 1.0) -> None:

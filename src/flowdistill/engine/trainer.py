@@ -243,14 +243,11 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
 
 def _check_class_count(distiller: Distiller, data: Splits, device: torch.device) -> None:
     """The student (and the teacher) run on the inputs and predict ``data.num_classes``
-    classes, in logits that fit each split's targets; the teacher's weights are finite and
-    token ids lie in the models' vocabularies."""
-    models = [("student", distiller.student_taps, distiller.student_shapes)]
+    classes, in logits that fit each split's targets."""
+    models = [("student", distiller.student_taps)]
     if distiller.teacher_taps is not None:
-        models.append(("teacher", distiller.teacher_taps, distiller.teacher_shapes))
-    _refuse_non_finite_teacher(distiller)
-    _check_token_ids(distiller, data)
-    for side, taps, _ in models:
+        models.append(("teacher", distiller.teacher_taps))
+    for side, taps in models:
         # one forward pass on two inputs of each split (the teacher's: training inputs
         # only): do they fit the model, and do its logits fit the split's targets?
         for name in ("train", "val", "test") if side == "student" else ("train",):
@@ -521,6 +518,8 @@ def fit(
     cuda = device.type == "cuda"
     if train.data_on_device if train.data_on_device is not None else cuda:
         data = _on_device(data, device)
+    _refuse_non_finite_teacher(distiller)
+    _check_token_ids(distiller, data)
     _check_class_count(distiller, data, device)
     params = distiller.trainable_parameters()
     optimizer = _optimizer(params, optim, fused=cuda)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from ..bench.provenance import provenance
-from ..bench.runner import DEFAULT_CACHE, _hash, _params, mean_std
+from ..bench.runner import DEFAULT_CACHE, _hash, _params, mean_std, runs_failed
 from ..bench.suites import data_dir, register_suite
 from ..engine import distributed
 from ..engine.checkpoint import atomic_write_text, load_checkpoint
-from ..errors import ConfigError, DataError, FlowdistillError
+from ..errors import ConfigError, DataError
 from .data import ImageData, digits_images, mnist_test_images
 from .model import MultiScaleFlow
 from .train import FlowDistiller, FlowKDConfig, FlowTrainConfig, fit_flow
@@ -315,10 +315,7 @@ def run_nf_bench(
                 }
             )
     if failed:
-        raise FlowdistillError(
-            f"{len(failed)} of {len(methods) * seeds} runs failed (the finished ones are kept "
-            "and reused by the same command): " + "; ".join(failed)
-        )
+        raise runs_failed(failed, len(methods) * seeds)
 
     # sampling speed and samples of the seed-0 models, measured side by side
     models = {"teacher": teacher}

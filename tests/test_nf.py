@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from flowdistill.bench import compact_table, get_suite, markdown_table, run_bench
-from flowdistill.engine.checkpoint import load_checkpoint
+from flowdistill.bench.runner import _hash
+from flowdistill.engine.checkpoint import load_checkpoint, save_checkpoint
 from flowdistill.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from flowdistill.nf import (
     FlowDistiller,
@@ -222,6 +224,22 @@ def test_bench_runs_a_tiny_suite_and_reuses_runs(tiny_images, tmp_path):
     again = run_nf_bench(suite, ["final_kd", "synth_kd"], log=logs.append, **kw)
     assert sum("reusing" in line for line in logs) == 1 + 3 * 2  # teacher + every run
     assert again["runs"] == results["runs"]
+    # a run saved before keys held the teacher's weights is the same run
+    record_file = tmp_path / "out" / "runs" / "final_kd" / "seed0" / "result.json"
+    record = json.loads(record_file.read_text())
+    del record["key"]["teacher_weights"]
+    record["key_hash"] = _hash(record["key"])
+    record_file.write_text(json.dumps(record))
+    assert run_nf_bench(suite, ["final_kd"], log=logs.append, **kw)["runs"] == [
+        r for r in results["runs"] if r["method"] in ("student", "final_kd")
+    ]
+    # other teacher weights at the teacher's path: its runs are not reused as this one's
+    path = Path(results["teacher"]["checkpoint"])
+    tensors, meta = load_checkpoint(path)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    save_checkpoint(path, {**tensors, name: tensors[name] + 0.01}, meta)
+    with pytest.raises(ConfigError, match=r"another configuration \(teacher_weights differ\)"):
+        run_nf_bench(suite, ["final_kd"], log=logs.append, **kw)
 
 
 def test_bench_cli_dispatches_flow_suites(tmp_path, monkeypatch):

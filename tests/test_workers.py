@@ -2,6 +2,7 @@
 results of the same runs trained one after another."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,4 +287,28 @@ def test_a_teacher_that_scores_otherwise_than_the_tables_is_refused(tmp_path):
     record["teacher"]["metric"] = first["teacher"]["metric"] - 0.01
     table.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=r"scores .* but the runs in .* scored"):
+        run_bench("digits", **kw)
+
+
+def test_a_run_of_a_teacher_with_other_weights_at_the_same_path_is_refused(tmp_path):
+    """A run's key holds its teacher's weights, not only the teacher's cache path: where the
+    cached teacher is replaced by other weights and no table is left to compare with, the
+    finished run is not reused as if distilled from it (it is named, with what differs)."""
+    from flowdistill.bench.runner import BEST
+    from flowdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    kw = dict(methods=["student"], seeds=1, epochs=1, teacher_epochs=1, progress=False,
+              out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None)  # fmt: skip
+    first = run_bench("digits", **kw)
+    assert first["teacher"]["weights"]
+    (tmp_path / "b" / "results.json").unlink()  # no table left to compare teachers with
+    assert run_bench("digits", **kw)["runs"] == first["runs"]  # the same teacher: reused
+    path = Path(first["teacher"]["checkpoint"])
+    assert path.name == BEST
+    tensors, meta = load_checkpoint(path)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 0.01  # other weights at the same path
+    save_checkpoint(path, tensors, meta)
+    (tmp_path / "b" / "results.json").unlink()
+    with pytest.raises(ConfigError, match=r"another configuration \(teacher_weights differ\)"):
         run_bench("digits", **kw)

@@ -23,7 +23,12 @@ from ..data.datasets import Split, Splits
 from ..distillers import get_method, list_methods, make_distiller
 from ..distillers.registry import method_options, resolve, tune_points
 from ..engine import distributed
-from ..engine.checkpoint import atomic_write_text, load_checkpoint, load_model_weights
+from ..engine.checkpoint import (
+    atomic_write_text,
+    digest,
+    load_checkpoint,
+    load_model_weights,
+)
 from ..engine.trainer import BEST, fit, refuse_unsynchronised_state
 from ..errors import ConfigError, DataError, FlowdistillError, NonFiniteLossError
 from ..models import MODELS, build_model, data_kwargs
@@ -185,6 +190,8 @@ def _run_key(
     }
     if budget < 1.0:
         key["budget"] = budget
+    if "weights" in teacher_info:  # the teacher's weights, not only its path
+        key["teacher_weights"] = teacher_info["weights"]
     _add_processes(key)
     return key
 
@@ -193,11 +200,17 @@ def same_run(record: dict[str, Any], key: dict[str, Any]) -> bool:
     """Whether a saved run (its record holds ``key_hash`` and ``key``) is the run of
     ``key``: the same key, or one that differs only by feature taps saved in the options of
     a method that takes none (suites once passed every method their taps, which such a
-    method ignored; ``make_distiller`` now refuses them), so that those runs stay reused."""
+    method ignored; ``make_distiller`` now refuses them), so that those runs stay reused.
+    Runs saved before keys held the teacher's weights (``teacher_weights``) are compared
+    without them; :func:`_refuse_another_teacher` compares their table's teacher score."""
     if record.get("key_hash") == _hash(key):
         return True
     saved = record.get("key")
-    return isinstance(saved, dict) and _without_ignored_taps(saved) == _without_ignored_taps(key)
+    if not isinstance(saved, dict):
+        return False
+    if "teacher_weights" not in saved:
+        key = {k: v for k, v in key.items() if k != "teacher_weights"}
+    return _hash(_without_ignored_taps(saved)) == _hash(_without_ignored_taps(key))  # (as JSON)
 
 
 def _without_ignored_taps(key: dict[str, Any]) -> dict[str, Any]:
@@ -305,6 +318,7 @@ def _teacher(
         "metric": last if at_best is None or suite.task == "lm" else at_best,
         "metric_last_epoch": last,
         "checkpoint": str(folder / ("model.safetensors" if suite.task == "lm" else BEST)),
+        "weights": digest(teacher.state_dict())[:16],
     }
 
 
@@ -770,10 +784,11 @@ def _tune_method(
 
 
 def _refuse_another_teacher(out: Path, teacher_info: dict[str, Any]) -> None:
-    """Runs are keyed by their teacher's cache path; a teacher trained again on another
-    machine, or by other code, can land on that path with other weights. Where ``out``
-    holds a table of earlier runs whose teacher scored otherwise than this one, its runs
-    would be mixed with runs of another teacher: refused, named."""
+    """A teacher trained again on another machine, or by other code, can land on the
+    cache path of an earlier one with other weights. Where ``out`` holds a table of earlier
+    runs whose teacher had other weights or scored otherwise than this one, its runs would be
+    mixed with runs of another teacher: refused, named. (Runs keyed since keys held the
+    teacher's weights are refused one by one too; this also covers earlier runs.)"""
     previous = out / "results.json"
     if not previous.exists():
         return
@@ -781,12 +796,15 @@ def _refuse_another_teacher(out: Path, teacher_info: dict[str, Any]) -> None:
     then, now = old.get("metric"), teacher_info.get("metric")
     if old.get("checkpoint") != teacher_info.get("checkpoint") or then is None or now is None:
         return
-    if not math.isclose(float(then), float(now), rel_tol=0.0, abs_tol=1e-9):
+    weights = old.get("weights"), teacher_info.get("weights")
+    other_weights = None not in weights and weights[0] != weights[1]
+    if other_weights or not math.isclose(float(then), float(now), rel_tol=0.0, abs_tol=1e-9):
+        now_w, then_w = (f" (weights {w})" if other_weights else "" for w in weights[::-1])
         raise ConfigError(
-            f"the teacher at {teacher_info['checkpoint']} scores {now:.4f}, but the runs in "
-            f"{out} were distilled from a teacher of the same key that scored {then:.4f} "
-            "(trained again, by other code or on another machine): their runs and new ones "
-            "would not compare; put the original teacher there, or choose another --out"
+            f"the teacher at {teacher_info['checkpoint']}{now_w} scores {now:.4f}, but the runs "
+            f"in {out} were distilled from a teacher of the same key{then_w} that scored "
+            f"{then:.4f} (trained again, by other code or on another machine): their runs and "
+            "new ones would not compare; put the original teacher there, or choose another --out"
         )
 
 

@@ -20,10 +20,19 @@ import numpy as np
 import torch
 
 from ..bench.provenance import provenance
-from ..bench.runner import DEFAULT_CACHE, _hash, _params, mean_std, runs_failed
+from ..bench.runner import (
+    DEFAULT_CACHE,
+    _hash,
+    _other_configuration,
+    _params,
+    _read_record,
+    mean_std,
+    runs_failed,
+    same_run,
+)
 from ..bench.suites import data_dir, register_suite
 from ..engine import distributed
-from ..engine.checkpoint import atomic_write_text, load_checkpoint
+from ..engine.checkpoint import atomic_write_text, digest, load_checkpoint
 from ..errors import ConfigError, DataError
 from .data import ImageData, digits_images, mnist_test_images
 from .model import MultiScaleFlow
@@ -107,7 +116,7 @@ def _teacher(
     result_file = folder / "result.json"
     if result_file.exists():
         log(f"teacher: reusing the cached teacher in {folder}")
-        result = json.loads(result_file.read_text())
+        result = _read_record(result_file)
     else:
         log(f"teacher: training {suite.teacher} for {suite.teacher_train.epochs} epochs → {folder}")
         torch.manual_seed(0)
@@ -126,6 +135,7 @@ def _teacher(
         "metric_last_epoch": result["test_bpd_last"],
         "best_val_epoch": result["best_val_epoch"],
         "checkpoint": str(folder / "best.safetensors"),
+        "weights": digest(teacher.state_dict())[:16],
     }
 
 
@@ -273,18 +283,16 @@ def run_nf_bench(
             }
             if budget < 1.0:
                 key["budget"] = budget
+            key["teacher_weights"] = teacher_info["weights"]  # not only the teacher's path
             run_dir = out / "runs" / method / f"seed{seed}"
             result_file = run_dir / "result.json"
-            cached = json.loads(result_file.read_text()) if result_file.exists() else None
-            if cached is not None and cached.get("key_hash") == _hash(key):
+            cached = _read_record(result_file) if result_file.exists() else None
+            if cached is not None and same_run(cached, key):
                 log(f"{method} seed {seed}: reusing {run_dir}")
                 result = cached
             else:
                 if cached is not None:
-                    raise ConfigError(
-                        f"{run_dir} holds a run of another configuration; "
-                        "choose another --out directory"
-                    )
+                    raise _other_configuration(run_dir, cached, key)
                 torch.manual_seed(seed)
                 student = _build(suite.student, data)
                 distiller = FlowDistiller(student, teacher, kd, n_bins=data.n_bins)

@@ -60,10 +60,16 @@ def test_standard_suites_use_the_standard_recipe(classes, pair):
     assert method_config(suite, "kd") == {}
     for method, expected in [("flowdistill", [stages[-1]]), ("sp", [stages[-1]]),
                              ("fitnet", [stages[1]]), ("at", list(stages)),
-                             ("vid", list(stages)), ("rkd", [pooled]), ("crd", [pooled]),
-                             ("reviewkd", [*stages, pooled])]:  # fmt: skip
+                             ("vid", list(stages)), ("rkd", [pooled]),
+                             ("crd", [pooled])]:  # fmt: skip
         options = method_config(suite, method)
         assert options["student_taps"] == options["teacher_taps"] == expected, method
+    # ReviewKD: the teacher's stages before their last ReLU (the reference code's
+    # preact=True features), the student's as they are, and the pooled feature
+    options = method_config(suite, "reviewkd")
+    assert options["student_taps"] == [*stages, pooled]
+    preact = create_model(teacher).preact_taps()
+    assert options["teacher_taps"] == [*(preact[s] for s in stages), pooled]
     weights = {"resnet56-resnet20": 0.6}.get(pair, 5.0)  # ReviewKD's published weights
     assert method_config(suite, "reviewkd")["review_weight"] == weights
 

@@ -10,6 +10,7 @@ import torch
 
 from flowdistill.models import MODELS, create_model, feature_stages, list_models
 from flowdistill.models.cifar import VGG, CifarResNet, WideResNet
+from flowdistill.models.imagenet import ResNet
 from flowdistill.models.mobile import channel_shuffle
 from flowdistill.taps import FeatureTaps
 
@@ -89,6 +90,41 @@ def test_forward_and_feature_taps(name: str) -> None:
     for stage in info:
         side = size // stage["stride"]
         assert shapes[stage["name"]] == (stage["channels"], side, side), stage
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_pre_activation_taps(name: str) -> None:
+    """Each declared pre-activation tap holds its stage's feature before the stage's last
+    ReLU (ResNets, VGGs: the ReLU of it is the stage's output) or, for the pre-activation
+    wide ResNets, the BatchNorm that the next ReLU follows applied to the stage's output."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    preact = model.preact_taps()
+    assert bool(preact) == isinstance(model, (CifarResNet, WideResNet, VGG, ResNet))
+    if not preact:
+        return
+    stages = [stage["name"] for stage in model.feature_info()]
+    assert sorted(preact) == sorted(stages)
+    for m in model.modules():  # running statistics other than (0, 1): BN is not identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    size = 64 if name in IMAGENET else 32
+    taps = FeatureTaps(model, [*stages, *preact.values()])
+    with torch.no_grad():
+        _, feats = taps(torch.randn(2, 3, size, size))
+    taps.remove()
+    for stage, path in preact.items():
+        before, after = feats[path], feats[stage]
+        assert before.shape == after.shape, stage
+        assert (before < 0).any(), stage  # values a ReLU has not yet clipped
+        if isinstance(model, WideResNet):
+            with torch.no_grad():
+                expected = model.get_submodule(path)(after)
+            torch.testing.assert_close(before, expected)
+        else:
+            torch.testing.assert_close(torch.relu(before), after)
 
 
 def test_feature_info_is_a_copy() -> None:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..config import ModelConfig, OptimConfig
 from ..data.datasets import (
     Splits,
@@ -20,6 +22,7 @@ from ..data.datasets import (
 from ..data.readers import read_text
 from ..data.text import CharTokenizer, char_splits
 from ..errors import ConfigError, DataError
+from ..models import create_model
 
 __all__ = ["STANDARD_PAIRS", "SUITES", "Suite", "data_dir", "get_suite", "register_suite"]
 
@@ -144,9 +147,12 @@ def standard_method_options(pair: str) -> dict[str, dict[str, Any]]:
     """The feature taps of each method on a standard pair, as the authors' CIFAR code takes
     them (RepDistiller, mdistiller): FitNet the second stage (its hint layer), AT and VID
     every stage, RKD, PKT and CRD the pooled feature, ReviewKD every stage and the pooled
-    feature, SP and every other feature method the last stage; plus the per-pair weights
-    of :data:`STANDARD_WEIGHTS`."""
-    _, _, stages, pooled = STANDARD_PAIRS[pair]
+    feature (the teacher's stages before their last ReLU, its ``preact=True`` features,
+    :meth:`~flowdistill.models.cifar.ZooNet.preact_taps`), SP and every other feature
+    method the last stage; plus the per-pair weights of :data:`STANDARD_WEIGHTS`."""
+    teacher, _, stages, pooled = STANDARD_PAIRS[pair]
+    with torch.device("meta"):  # (the module layout only: no weights)
+        preact = create_model(teacher).preact_taps()
 
     def taps(names) -> dict[str, list[str]]:
         return {"student_taps": list(names), "teacher_taps": list(names)}
@@ -159,7 +165,10 @@ def standard_method_options(pair: str) -> dict[str, dict[str, Any]]:
         "rkd": taps([pooled]),
         "pkt": taps([pooled]),
         "crd": taps([pooled]),
-        "reviewkd": taps([*stages, pooled]),
+        "reviewkd": {
+            "student_taps": [*stages, pooled],
+            "teacher_taps": [*(preact[stage] for stage in stages), pooled],
+        },
     }
     for method, weights in STANDARD_WEIGHTS[pair].items():
         options[method] = {**options.get(method, {}), **weights}

@@ -71,10 +71,12 @@ class ReviewKD(FeatureDistiller):
     :class:`ABF` module (``mid_channels = min(512, channels of the deepest student tap)``)
     whose output, at the teacher stage's resolution and width, is matched to the teacher
     stage by the hierarchical context loss :func:`flowdistill.losses.hcl` (pyramid levels
-    4, 2, 1). The loss is weighted by ``review_weight = 1`` (the default of the authors'
-    training script; their published CIFAR-100 runs set it per pair: 5 for resnet32x4 →
-    resnet8x4 and the WRN pairs, 0.6 for resnet56 → resnet20, which the standard suites
-    use) and warmed up linearly as ``min(e / W, 1)`` in 0-based epoch ``e`` (cross-entropy
+    4, 2, 1). The authors take the teacher's stages before their last ReLU (on the zoo's
+    models, :meth:`~flowdistill.models.cifar.ZooNet.preact_taps`; the standard suites do).
+    The loss is weighted by ``review_weight = 1`` (the default of the authors' training
+    script; their published CIFAR-100 runs set it per pair: 5 for resnet32x4 → resnet8x4
+    and the WRN pairs, 0.6 for resnet56 → resnet20, which the standard suites use) and
+    warmed up linearly as ``min(e / W, 1)`` in 0-based epoch ``e`` (cross-entropy
     weight 1), with ``W = warmup_epochs = 20`` epochs of a ``reference_epochs = 240`` run as
     in the authors' CIFAR code, shortened in proportion for a shorter run as ``dkd`` and
     ``nd`` do (``reference_epochs=None`` keeps 20 epochs whatever the run's length); outside

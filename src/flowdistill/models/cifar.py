@@ -11,6 +11,9 @@ Every model here takes 3×32×32 inputs, returns logits, and lists its feature s
 :meth:`ZooNet.feature_info` before any forward pass: each entry names a module path for
 :class:`flowdistill.taps.FeatureTaps` with its channel count and its stride relative to a
 32×32 input, the last entry being the last feature map before global pooling.
+:meth:`ZooNet.preact_taps` names, for each stage, the module whose output is that stage's
+feature before its last ReLU: the ``preact=True`` features of the reference release (the
+teacher features of ReviewKD).
 """
 
 from __future__ import annotations
@@ -52,10 +55,18 @@ class ZooNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._stages: tuple[FeatureInfo, ...] = ()
+        self._preact: dict[str, str] = {}
 
     def feature_info(self) -> list[FeatureInfo]:
         """The feature stages, shallow to deep (a fresh list of fresh dicts)."""
         return [FeatureInfo(**stage) for stage in self._stages]
+
+    def preact_taps(self) -> dict[str, str]:
+        """``{stage tap: module path}`` of each stage's pre-activation feature (same
+        channels and stride as the stage; its values before the ReLU that ends it, or, for
+        the pre-activation wide ResNets, after the BatchNorm that the next ReLU follows);
+        empty where the model declares none."""
+        return dict(self._preact)
 
     def _declare(self, *stages: tuple[str, int, int]) -> None:
         self._stages = tuple(FeatureInfo(name=n, channels=c, stride=s) for n, c, s in stages)
@@ -85,7 +96,8 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequenti
 
 class BasicBlock(nn.Module):
     """Two 3×3 convolutions with BatchNorm; identity shortcut, or a strided 1×1 projection
-    (``downsample``) when the shape changes; ReLU after the sum."""
+    (``downsample``) when the shape changes; ReLU after the sum (``preact``, an identity,
+    outputs the sum before it)."""
 
     expansion = 1
 
@@ -98,17 +110,19 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _conv_bn(c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else None
+        self.preact = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        return torch.relu(self.preact(out + shortcut))  # (not in place: preact is tapped)
 
 
 class Bottleneck(nn.Module):
     """1×1 reduce, 3×3 (carrying the stride), 1×1 expand to ``4 * planes``, each with
-    BatchNorm; projection shortcut when the shape changes; ReLU after the sum."""
+    BatchNorm; projection shortcut when the shape changes; ReLU after the sum (``preact``,
+    an identity, outputs the sum before it)."""
 
     expansion = 4
 
@@ -123,13 +137,14 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _conv_bn(c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else None
+        self.preact = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        return torch.relu(self.preact(out + shortcut))  # (not in place: preact is tapped)
 
 
 def resnet_stage(
@@ -150,7 +165,8 @@ class CifarResNet(ZooNet):
     ``widths`` are the stem and the three stage widths: ``(16, 16, 32, 64)`` for
     ``resnet8`` ... ``resnet110``, ``(32, 64, 128, 256)`` for the ×4 variants.
 
-    Taps: ``layer1`` ``(w1, 32, 32)``, ``layer2`` ``(w2, 16, 16)``, ``layer3`` ``(w3, 8, 8)``.
+    Taps: ``layer1`` ``(w1, 32, 32)``, ``layer2`` ``(w2, 16, 16)``, ``layer3`` ``(w3, 8, 8)``;
+    their pre-activation features: ``layer<k>.<last block>.preact``.
     """
 
     def __init__(self, depth: int, widths: Sequence[int], num_classes: int = 100) -> None:
@@ -168,6 +184,7 @@ class CifarResNet(ZooNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)
         self._declare(("layer1", w1, 1), ("layer2", w2, 2), ("layer3", w3, 4))
+        self._preact = {f"layer{k}": f"layer{k}.{n - 1}.preact" for k in (1, 2, 3)}
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +261,7 @@ class _WideBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()  # (not in place: bn1 is a tapped pre-activation feature)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.relu2 = nn.ReLU(inplace=True)
@@ -283,7 +300,9 @@ class WideResNet(ZooNet):
     at strides 1, 2, 2, then BN-ReLU, global average pooling and a linear classifier.
 
     Taps: ``block1`` ``(16k, 32, 32)``, ``block2`` ``(32k, 16, 16)``, ``block3``
-    ``(64k, 8, 8)`` (stage outputs, before the following stage's or the final BN-ReLU).
+    ``(64k, 8, 8)`` (stage outputs, before the following stage's or the final BN-ReLU);
+    their pre-activation features are those after that BN: ``block2.layer.0.bn1``,
+    ``block3.layer.0.bn1``, ``bn1``.
     """
 
     def __init__(self, depth: int, widen: int, num_classes: int = 100) -> None:
@@ -297,10 +316,12 @@ class WideResNet(ZooNet):
         self.block2 = _WideStage(w1, w2, n, stride=2)
         self.block3 = _WideStage(w2, w3, n, stride=2)
         self.bn1 = nn.BatchNorm2d(w3)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()  # (not in place: bn1 is a tapped pre-activation feature)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)
         self._declare(("block1", w1, 1), ("block2", w2, 2), ("block3", w3, 4))
+        self._preact = {"block1": "block2.layer.0.bn1", "block2": "block3.layer.0.bn1",
+                        "block3": "bn1"}  # fmt: skip
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -354,7 +375,8 @@ class VGG(ZooNet):
     blocks both run at 4×4.
 
     Taps: ``block1`` ``(128, 16, 16)``, ``block2`` ``(256, 8, 8)``, ``block3``
-    ``(512, 4, 4)``, ``block4`` ``(512, 4, 4)`` (post-ReLU block outputs).
+    ``(512, 4, 4)``, ``block4`` ``(512, 4, 4)`` (post-ReLU block outputs); their
+    pre-activation features are those of each block's last BatchNorm.
     """
 
     def __init__(self, depth: int, num_classes: int = 100) -> None:
@@ -368,7 +390,9 @@ class VGG(ZooNet):
             for w in widths:
                 layers += [nn.Conv2d(c_in, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(True)]
                 c_in = w
+            layers[-1] = nn.ReLU()  # (not in place: the BatchNorm before it is tapped)
             self.add_module(f"block{i}", nn.Sequential(*layers))
+            self._preact[f"block{i}"] = f"block{i}.{len(layers) - 2}"
         self.pool0 = nn.MaxPool2d(2)
         self.pool1 = nn.MaxPool2d(2)
         self.pool2 = nn.MaxPool2d(2)
@@ -381,6 +405,7 @@ class VGG(ZooNet):
             ("block3", layout[3][-1], 8),
             ("block4", layout[4][-1], 8),
         )
+        del self._preact["block0"]  # (not a declared stage)
         init_weights(self)
         for m in self.modules():
             if isinstance(m, nn.Linear):

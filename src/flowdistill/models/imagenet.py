@@ -25,7 +25,8 @@ class ResNet(ZooNet):
 
     Taps (strides relative to the input): ``layer1`` ``(64e, H/4)``, ``layer2``
     ``(128e, H/8)``, ``layer3`` ``(256e, H/16)``, ``layer4`` ``(512e, H/32)``, where
-    ``e`` is the block's expansion (1 basic, 4 bottleneck).
+    ``e`` is the block's expansion (1 basic, 4 bottleneck); their pre-activation features:
+    ``layer<k>.<last block>.preact``.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class ResNet(ZooNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, num_classes)
         self._declare(*((f"layer{k + 1}", 64 * 2**k * block.expansion, 4 * 2**k) for k in range(4)))
+        self._preact = {f"layer{k}": f"layer{k}.{d - 1}.preact" for k, d in enumerate(depths, 1)}
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

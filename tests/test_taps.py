@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -219,3 +221,140 @@ def test_a_tap_that_is_not_a_string_is_named():
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(TapError, match=r"a module path \(a string\), got 2 of type int.*'2'"):
         FeatureTaps(net, [2])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_a_model_saved_or_copied_while_its_distiller_lives_carries_no_hook(tmp_path):
+    """``torch.save``/``pickle``/``copy.deepcopy`` of the user's own model work while its
+    distiller lives; the loaded or copied model computes the same outputs, has no hooks
+    (so TorchScript takes it) and writes nothing into the distiller, which still captures."""
+    import copy
+    import pickle
+
+    import flowdistill
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
+    student = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 5))
+    d = flowdistill.make_distiller(
+        "fitnet", teacher, student, student_taps=["1"], teacher_taps=["1"],
+        example_input=torch.randn(2, 20),
+    )  # fmt: skip
+    x = torch.randn(4, 20)
+    torch.save(student, tmp_path / "student.pt")
+    loaded = torch.load(tmp_path / "student.pt", weights_only=False)
+    copies = [loaded, pickle.loads(pickle.dumps(teacher)), copy.deepcopy(student)]
+    for twin, original in zip(copies, [student, teacher, student], strict=True):
+        assert all(not m._forward_hooks for m in twin.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), original(x))
+        scripted = torch.jit.script(twin)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), original(x))
+    # the distiller keeps its hooks and still reads the original models' features
+    assert len(student[1]._forward_hooks) == 1 and len(teacher[1]._forward_hooks) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(d.student_forward(x)["1"], torch.relu(student[0](x)))
+        torch.testing.assert_close(d.teacher_forward(x)["1"], torch.relu(teacher[0](x)))
+    # the documented way to script the model itself: detach the taps first
+    d.student_taps.remove()
+    torch.testing.assert_close(torch.jit.script(student)(x), student(x))
+
+
+def test_a_distiller_saved_whole_comes_back_with_working_taps(tmp_path):
+    import flowdistill
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    student = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    d = flowdistill.make_distiller(
+        "fitnet", teacher, student, student_taps=["1"], teacher_taps=["1"],
+        example_input=torch.randn(2, 6),
+    )  # fmt: skip
+    torch.save(d, tmp_path / "distiller.pt")
+    back = torch.load(tmp_path / "distiller.pt", weights_only=False)
+    x = torch.randn(3, 6)
+    with torch.no_grad():  # the loaded taps read the loaded models, not the originals
+        back.student[0].weight.mul_(2.0)
+        torch.testing.assert_close(back.student_forward(x)["1"], torch.tanh(back.student[0](x)))
+        torch.testing.assert_close(back.teacher_forward(x)["1"], torch.tanh(back.teacher[0](x)))
+        torch.testing.assert_close(d.student_forward(x)["1"], torch.tanh(student[0](x)))
+
+
+@dataclasses.dataclass
+class Out:
+    feats: torch.Tensor
+    out: torch.Tensor
+    note: str = ""
+
+
+@dataclasses.dataclass
+class LogitsOut:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class DataclassNet(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.body, self.head, self.kind = nn.Linear(4, 6), nn.Linear(6, 3), kind
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.kind(h, self.head(h)) if self.kind is Out else self.kind(self.head(h), h)
+
+
+def test_a_dataclass_output_is_read_like_a_dict_of_its_fields():
+    """As for a dict (or a Hugging Face ModelOutput): the ``logits`` field when there is
+    one, else the first tensor field, or the field ``output`` names; an index is refused."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    named, unnamed = DataclassNet(LogitsOut), DataclassNet(Out)
+    with torch.no_grad():
+        assert torch.equal(FeatureTaps(named)(x)[1]["logits"], named(x).logits)
+        assert torch.equal(FeatureTaps(unnamed)(x)[1]["logits"], unnamed(x).feats)
+        assert torch.equal(FeatureTaps(unnamed, output="out")(x)[1]["logits"], unnamed(x).out)
+    with pytest.raises(TapError, match=r"by key \(one of 'feats', 'out', 'note'\)"):
+        FeatureTaps(unnamed, output=1)(x)
+    with pytest.raises(TapError, match=r"no entry 'logit'; its entries: 'feats', 'out', 'note'"):
+        FeatureTaps(unnamed, output="logit")(x)
+
+
+class Holder:
+    """A model output that is neither a tensor, a sequence, a dict nor a dataclass."""
+
+    def __init__(self, scores):
+        self.scores, self.name = scores, "holder"
+
+
+def test_an_output_with_no_tensor_found_names_the_output_option():
+    net = nn.Sequential(nn.Linear(4, 3))
+    net.register_forward_hook(lambda _m, _i, out: Holder(out))
+    with pytest.raises(TapError, match=r"name its logits with output= .*teacher_output=.*'scores'"):
+        FeatureTaps(net)(torch.zeros(2, 4))
+    assert FeatureTaps(net, output="scores")(torch.zeros(2, 4))[1]["logits"].shape == (2, 3)
+
+
+class ListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2)})
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.heads["a"](x)
+
+
+def test_a_tap_on_a_container_names_the_paths_of_its_elements():
+    net = ListNet()
+    with pytest.raises(TapError, match=r"'layers' is a ModuleList, a container .* 'layers\.1'"):
+        FeatureTaps(net, ["layers[1]"])
+    with pytest.raises(TapError, match=r"'layers\.1'"):
+        FeatureTaps(net, ["layers[-1]"])
+    with pytest.raises(TapError, match=r"'heads' is a ModuleDict.*elements: 'heads\.a'"):
+        FeatureTaps(net, ["heads"])
+    x = torch.randn(2, 4)
+    _, feats = FeatureTaps(net, ["layers.1"])(x)
+    torch.testing.assert_close(feats["layers.1"], net.layers[1](torch.tanh(net.layers[0](x))))

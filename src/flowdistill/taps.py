@@ -6,7 +6,16 @@ to pick one element of a module that returns a tuple (``"rnn[0]"``). The special
 ``"logits"`` is the model's own output: the first tensor when the model returns a tuple or
 a list, the ``"logits"`` entry of a dict-like object (else its first tensor), or the element
 that ``output`` names (an index into a tuple, a key or attribute name). Outputs are
-captured with forward hooks; the model is never rewritten.
+captured with forward hooks; the model is never rewritten. A dataclass output is read like a
+dict of its fields.
+
+The hooks stay on the model while its taps live. A model saved whole (``torch.save``,
+``pickle``) or copied (``copy.deepcopy``) on its own takes a copy of its taps along that
+nothing holds, so the loaded or copied model comes back without hooks: it computes what the
+original does and captures nothing (a distiller saved or copied whole keeps working taps).
+TorchScript compiles every hook of a module and cannot compile these, so script such a copy
+(``torch.jit.script(copy.deepcopy(model))``) or detach the hooks first with
+:meth:`FeatureTaps.remove` (``distiller.student_taps.remove()``).
 
 >>> import torch
 >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -20,7 +29,7 @@ torch.Size([5, 8])
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import re
 import weakref
@@ -66,16 +75,27 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
     )
 
 
+def _entries(value: Any) -> Mapping | None:
+    """A model output read as a dict: a mapping itself, a dataclass its fields by name."""
+    if isinstance(value, Mapping):
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return None
+
+
 def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
-    """The tensor inside a module output: ``value[index]`` or the first tensor found."""
+    """The tensor inside a module output: ``value[index]`` or the first tensor found (of a
+    dict or a dataclass, its ``"logits"`` entry when it has one)."""
     if isinstance(value, torch.Tensor):
         if index is not None:
             raise TapError(f"output is a single tensor, it cannot be indexed with [{index}]")
         return value
-    if isinstance(value, Mapping):
-        if index is None and "logits" in value:
-            return value["logits"]
-        value = list(value.values())
+    entries = _entries(value)
+    if entries is not None:
+        if index is None and entries.get("logits") is not None:
+            return first_tensor(entries["logits"])
+        value = list(entries.values())
     if isinstance(value, Sequence):
         if index is not None:
             if not -len(value) <= index < len(value):
@@ -91,23 +111,37 @@ def first_tensor(value: Any, index: int | None = None) -> torch.Tensor:
 
 def select_output(value: Any, output: int | str | None = None) -> torch.Tensor:
     """The logits inside a model's output: ``value[output]`` for an index into a tuple or
-    list, the entry (or attribute) named ``output``, or by default :func:`first_tensor`."""
+    list, the entry (or attribute) named ``output``, or by default :func:`first_tensor`.
+    An output that holds no tensor :func:`first_tensor` can find raises :class:`TapError`
+    naming the attributes that hold tensors (to pick one with ``output``)."""
+    entries = _entries(value)
     if output is None:
-        return first_tensor(value)
+        try:
+            return first_tensor(value)
+        except TapError:
+            attributes = entries if entries is not None else getattr(value, "__dict__", {})
+            held = [k for k, v in attributes.items() if isinstance(v, torch.Tensor)]
+            if not held:
+                raise
+            raise TapError(
+                f"the model output ({type(value).__name__}) holds no tensor flowdistill can "
+                f"find by itself: name its logits with output= (student_output= / "
+                f"teacher_output= of a distiller), one of {', '.join(map(repr, held))}"
+            ) from None
     if isinstance(output, str):
         if isinstance(value, Mapping) and output in value:
             return first_tensor(value[output])
         if not isinstance(value, Mapping) and hasattr(value, output):
             return first_tensor(getattr(value, output))
-        held = list(value) if isinstance(value, Mapping) else None
+        held = list(entries) if entries is not None else None
         raise TapError(
             f"the model output ({type(value).__name__}) has no entry {output!r}"
             + (f"; its entries: {', '.join(map(repr, held))}" if held is not None else "")
         )
-    if isinstance(value, Mapping):
+    if entries is not None:
         raise TapError(
             f"the model returns a {type(value).__name__}: name its logits by key "
-            f"(one of {', '.join(map(repr, value))}), not by index [{output}]"
+            f"(one of {', '.join(map(repr, entries))}), not by index [{output}]"
         )
     return first_tensor(value, output)
 
@@ -121,14 +155,24 @@ def check_output(output: Any, what: str) -> None:
         )
 
 
+def _no_taps() -> None:
+    """The taps of a :class:`_Capture` whose taps were gone when it was copied."""
+    return None
+
+
 class _Capture:
     """The forward hook of one tap: an object, not a closure, so that ``copy.deepcopy`` of
     a model together with its taps gives hooks that fill the *copied* taps. It holds its
     taps weakly: a model outliving its taps (a teacher reused for several distillers) keeps
-    no hook that stores activations, as the taps remove their hooks when collected."""
+    no hook that stores activations, as the taps remove their hooks when collected.
 
-    def __init__(self, taps: FeatureTaps, name: str, index: int | None) -> None:
-        self.taps_ref, self.name, self.index = weakref.ref(taps), name, index
+    Copied or pickled, it takes its taps along (:meth:`__reduce__`): a distiller saved
+    whole comes back with working taps, while a model copied or saved on its own comes back
+    with copied taps that nothing holds, which are collected and remove their hooks."""
+
+    def __init__(self, taps: FeatureTaps | None, name: str, index: int | None) -> None:
+        self.taps_ref = _no_taps if taps is None else weakref.ref(taps)
+        self.name, self.index = name, index
 
     def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
         taps = self.taps_ref()
@@ -139,12 +183,10 @@ class _Capture:
             taps._probing.setdefault(self.name, []).append(value._version)
         taps._store[self.name] = value
 
-    def __deepcopy__(self, memo: dict) -> _Capture:
-        taps = self.taps_ref()
-        new = copy.copy(self)
-        if taps is not None:  # the copied taps (the copied model's own, via the memo)
-            new.taps_ref = weakref.ref(copy.deepcopy(taps, memo))
-        return new
+    def __reduce__(self) -> tuple:
+        # the taps themselves, not the (unpicklable) weak reference: a deep copy or a pickle
+        # copies them once, through its memo, together with the model they hook
+        return (_Capture, (self.taps_ref(), self.name, self.index))
 
 
 class FeatureTaps:
@@ -186,6 +228,8 @@ class FeatureTaps:
                 raise TapError(f"cannot parse tap {name!r}; expected 'module.path' or 'path[i]'")
             path, index = match["path"], match["index"]
             module = resolve_module(model, path)
+            if getattr(module.forward, "__func__", None) is nn.Module.forward:  # a container
+                raise TapError(_container_message(name, path, index, module))
             hook = _Capture(self, name, None if index is None else int(index))
             self._handles.append(module.register_forward_hook(hook))
 
@@ -243,7 +287,8 @@ class FeatureTaps:
             )
 
     def remove(self) -> None:
-        """Detach every hook from the model."""
+        """Detach every hook from the model (before ``torch.jit.script(model)``, say); the
+        taps capture nothing afterwards."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -253,3 +298,21 @@ class FeatureTaps:
             self.remove()
         except Exception:
             pass
+
+
+def _container_message(name: str, path: str, index: str | None, module: nn.Module) -> str:
+    """Why a tap on a container module (a ``ModuleList``, ``ModuleDict``) is refused, with
+    the paths of its elements to tap instead."""
+    kind = type(module).__name__
+    children = [f"{path}.{child}" if path else child for child, _ in module.named_children()]
+    listed = isinstance(module, nn.ModuleList) and index is not None
+    if listed and -len(children) <= int(index) < len(children):
+        hint = f"to tap its element {index}, use the module path {children[int(index)]!r}"
+    else:
+        hint = "tap one of its elements: " + ", ".join(map(repr, children[:5]))
+        hint += ", ..." if len(children) > 5 else ""
+    what = " (a bracket picks an element of a module's output)" if index is not None else ""
+    return (
+        f"tap {name!r}: {path!r} is a {kind}, a container that the model never calls, so a "
+        f"hook on it never runs{what}; {hint}"
+    )

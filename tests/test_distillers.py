@@ -45,6 +45,7 @@ def test_every_method_trains_one_step(name, pair):
     options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     distiller.on_fit_start(16)
+    distiller.on_fit_targets(torch.arange(16) % 4)
     distiller.batch_index = torch.tensor([3, 0, 7, 12])
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     distiller.train()
@@ -172,20 +173,27 @@ def test_teacher_and_student_sharing_parameters_are_refused(pair):
     assert all(p.requires_grad for p in student.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", ALL)
-def test_every_method_trains_a_float64_pair_in_float64(name):
+def test_every_method_trains_a_pair_in_its_dtype(name, dtype):
+    """A float64 pair trains in float64; a bf16 pair (weights in bf16, no autocast) trains
+    too, its losses taken in float32 or wider, and predicts in bf16."""
     torch.manual_seed(0)
-    teacher, student = SmallCNN(1, 4, (8, 8, 16)).double(), SmallCNN(1, 4, (4, 4, 8)).double()
-    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    teacher, student = SmallCNN(1, 4, (8, 8, 16)), SmallCNN(1, 4, (4, 4, 8))
+    teacher, student = teacher.to(dtype), student.to(dtype)
+    x = torch.randn(4, 1, 8, 8, dtype=dtype)
     options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     d = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     d.on_fit_start(16)
+    d.on_fit_targets(torch.arange(16) % 4)
     d.batch_index = torch.tensor([3, 0, 7, 12])
     d.train()
     terms = d(x, torch.tensor([0, 1, 2, 3]))
-    assert terms["loss"].dtype == torch.float64
+    assert terms["loss"].dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.isfinite(terms["loss"])
     terms["loss"].backward()
-    assert d.eval().predict(x).dtype == torch.float64
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert d.eval().predict(x).dtype == dtype
 
 
 def test_a_method_that_cannot_be_built_says_so_with_its_options(pair):

@@ -50,6 +50,18 @@ def _run(out_dir, epochs, resume=False, method="kd"):
     return student, result
 
 
+def _schedule_state(method: str) -> dict[str, torch.Tensor]:
+    """TAID's interpolation weight and ND's running class centres after two epochs."""
+    teacher, student = _models()
+    distiller = flowdistill.make_distiller(
+        method, teacher, student, example_input=torch.zeros(2, 12)
+    )
+    train = TrainConfig(epochs=2, seed=0, progress=False, device="cpu")
+    fit(distiller, _data(), OptimConfig(lr=0.1, schedule="constant"), train, batch_size=33)
+    names = ("t", "momentum", "class_sum", "class_count")
+    return {k: v.clone() for k, v in distiller.state_dict().items() if k in names}
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
@@ -71,6 +83,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         {"resumed": resumed.state_dict(), "straight": straight.state_dict()},
         os.path.join(tmp, f"flow{rank}.pt"),
     )
+    for method in ("taid", "nd"):  # state updated at every step from the batch
+        torch.save(_schedule_state(method), os.path.join(tmp, f"{method}{rank}.pt"))
     teacher, other = _models()
     crd = flowdistill.make_distiller(
         "crd", teacher, other, example_input=torch.zeros(2, 12), student_taps=["1"],
@@ -133,6 +147,15 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert [row["epoch"] for row in history] == [1, 2, 3]
     for mine, theirs in zip(history, result.history, strict=True):  # metrics summed over ranks
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+    # TAID's t follows the whole run's progress and loss, ND's centres every process's
+    # samples, as in one process (t: up to the loss averaged over two shares of a batch)
+    for method in ("taid", "nd"):
+        single = _schedule_state(method)
+        for rank in (0, 1):
+            state = torch.load(tmp_path / f"{method}{rank}.pt")
+            assert set(state) == set(single) and state, method
+            for k, v in single.items():
+                torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
     for rank in (0, 1):
         assert "data-parallel" in (tmp_path / f"crd{rank}.txt").read_text()
         flow = torch.load(tmp_path / f"flow{rank}.pt")

@@ -357,6 +357,41 @@ def test_resume_refuses_another_method_architecture_or_fewer_epochs(tmp_path, pa
             train=TrainConfig(epochs=3, **QUIET), **again)  # fmt: skip
 
 
+def test_resume_refuses_other_settings_and_names_them(tmp_path, pair, tiny_data):
+    """Through the Python API too, a checkpoint resumes only under the optimizer, batch
+    size, seed and method options it was trained with (each change named); the number of
+    epochs and how the run executes (amp, progress) may change."""
+    teacher = pair[0]
+    first = dict(optim=OptimConfig(lr=0.05), train=TrainConfig(epochs=2, **QUIET),
+                 batch_size=32, options={})  # fmt: skip
+    changes = [
+        ({"optim": OptimConfig(lr=0.05, momentum=0.0)}, r"optim\.momentum: 0\.9 -> 0\.0"),
+        ({"optim": OptimConfig(lr=0.1)}, r"optim\.lr: 0\.05 -> 0\.1"),
+        ({"optim": OptimConfig(name="adamw", lr=0.05)}, r"optim\.name: 'sgd' -> 'adamw'"),
+        ({"train": TrainConfig(epochs=3, seed=4, **QUIET)}, r"train\.seed: 0 -> 4"),
+        ({"batch_size": 16}, r"batch_size: 32 -> 16"),
+        ({"options": {"temperature": 2.0}}, r"options\.temperature: 4\.0 -> 2\.0"),
+    ]
+
+    def run(resume, **kw):
+        kw = {**first, **kw}
+        distiller = flowdistill.make_distiller("kd", teacher, _student(), **kw["options"])
+        return fit(distiller, tiny_data, kw["optim"], kw["train"], out_dir=tmp_path,
+                   batch_size=kw["batch_size"], resume=resume)  # fmt: skip
+
+    run(False)
+    for change, named in changes:
+        if "train" not in change:
+            change = {**change, "train": TrainConfig(epochs=3, **QUIET)}
+        with pytest.raises(CheckpointError, match=r"trained with other settings \(" + named):
+            run(True, **change)
+    # the same settings, the default temperature given by name, more epochs, another
+    # execution: resumed
+    result = run(True, options={"temperature": 4.0},
+                 train=TrainConfig(epochs=3, amp=False, **QUIET))  # fmt: skip
+    assert len(result.history) == 3
+
+
 def test_a_bench_run_resumes_only_its_own_checkpoint(tmp_path, pair, tiny_data):
     """fit's meta identifies a bench run: an unfinished checkpoint of another key is
     refused, and so is a finished record without its checkpoint (it would be overwritten)."""
@@ -402,6 +437,48 @@ def test_empty_splits_and_resume_without_a_folder_are_refused(pair, tiny_data):
         fit(d, data, train=TrainConfig(epochs=1, **QUIET))
     with pytest.raises(ConfigError, match="resume=True continues the run in out_dir"):
         fit(d, tiny_data, train=TrainConfig(epochs=1, **QUIET), resume=True)
+
+
+def test_a_frozen_student_and_non_finite_inputs_are_named(pair, tiny_data):
+    frozen = _student().requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing to train.*unfreeze the student"):
+        fit(flowdistill.make_distiller("kd", pair[0], frozen), tiny_data,
+            train=TrainConfig(epochs=1, **QUIET))  # fmt: skip
+    x = tiny_data.val.x.clone()
+    x[3, 0, 1, 1] = float("nan")
+    x[5, 0, 2, 2] = float("inf")
+    data = Splits(tiny_data.train, Split(x, tiny_data.val.y), tiny_data.test, 4)
+    with pytest.raises(DataError, match=r"data.val inputs hold 2 non-finite values"):
+        fit(flowdistill.make_distiller("kd", pair[0], _student()), data,
+            train=TrainConfig(epochs=1, **QUIET))  # fmt: skip
+
+
+def test_a_last_batch_of_one_sample_is_left_out_where_batch_norm_trains(tiny_data):
+    """97 samples in batches of 16 leave one: a BatchNorm that trains cannot take it, so the
+    epoch has six batches (without BatchNorm, seven); a batch size of one is refused."""
+    torch.manual_seed(0)
+    extra = Split(tiny_data.train.x[:1], tiny_data.train.y[:1])
+    train = Split(torch.cat([tiny_data.train.x, extra.x]), torch.cat([tiny_data.train.y, extra.y]))
+    data = Splits(train, tiny_data.val, tiny_data.test, 4)
+    norm = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.ReLU(),
+        torch.nn.Linear(8, 4),
+    )
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+    for model, batches in ((norm, 6), (plain, 7)):
+        steps = []
+        model.register_forward_hook(
+            lambda m, i, o, steps=steps: steps.append(len(o)) if m.training else None
+        )
+        fit(flowdistill.make_distiller("student", None, model), data,
+            train=TrainConfig(epochs=1, **QUIET), batch_size=16)  # fmt: skip
+        assert len(steps) == batches and min(steps) >= (2 if model is norm else 1)
+    with pytest.raises(ConfigError, match="batch_size=1 .* BatchNorm"):
+        fit(flowdistill.make_distiller("student", None, norm), data,
+            train=TrainConfig(epochs=1, **QUIET), batch_size=1)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -234,6 +234,7 @@ def test_no_training_step_waits_for_the_device(name, pair):
     options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = _distiller(name, pair, **options)
     distiller.on_fit_start(16)
+    distiller.on_fit_targets(torch.arange(16) % 4)
     distiller.on_epoch_start(0, 4)  # mid-schedule: ramps and warm-ups are partial
     distiller.batch_index = torch.tensor([3, 0, 7, 12])
     distiller.train()

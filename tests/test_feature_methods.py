@@ -29,6 +29,7 @@ def make(name, teacher, student, x, s_taps, t_taps, **options):
 def step(d, x):
     """One forward in training mode (memory bank sized, indices set)."""
     d.on_fit_start(16)
+    d.on_fit_targets(torch.arange(16) % 4)
     d.batch_index = torch.tensor([3, 0, 7, 12])
     d.train()
     return d(x, Y)
@@ -276,6 +277,7 @@ def test_crd_memory_bank_momentum_update_at_batch_index():
     teacher, student, x = cnn_pair()
     d = make("crd", teacher, student, x, ["stage3"], ["stage3"])
     d.on_fit_start(16)
+    d.on_fit_targets(torch.arange(16) % 4)
     assert d.memory_student.shape == (16, 128) and d.num_negatives == 15
     d.train()
     idx = torch.tensor([3, 0, 7, 12])
@@ -297,15 +299,54 @@ def test_crd_memory_bank_momentum_update_at_batch_index():
     torch.testing.assert_close(d.normalizer, z)
 
 
-def test_crd_negatives_skip_the_positive_and_are_capped():
+def test_crd_uniform_negatives_skip_the_positive_and_are_capped():
     teacher, student, x = cnn_pair()
-    d = make("crd", teacher, student, x, ["pool"], ["pool"], nce_k=40)
+    d = make("crd", teacher, student, x, ["pool"], ["pool"], nce_k=40, negatives="uniform")
     d.on_fit_start(10)
     assert d.num_negatives == 9
     idx = torch.tensor([3, 0, 9, 5])
     keys = d.sample_keys(idx)
     assert keys.shape == (4, 10) and torch.equal(keys[:, 0], idx)
     assert not (keys[:, 1:] == idx[:, None]).any() and keys.max() < 10 and keys.min() >= 0
+
+
+def test_crd_class_negatives_are_drawn_uniformly_from_the_other_classes():
+    """The default, as the authors' CIFAR loader: every negative of a sample is of another
+    class, and each sample of another class is drawn about equally often."""
+    teacher, student, x = cnn_pair()
+    labels = torch.tensor([2, 0, 2, 1, 0, 2, 2, 1, 0, 2, 2, 0, 1, 2, 0, 2])  # unsorted, uneven
+    d = make("crd", teacher, student, x, ["pool"], ["pool"], nce_k=20_000)
+    d.on_fit_start(16)
+    d.on_fit_targets(labels)
+    torch.manual_seed(0)
+    idx = torch.arange(16)
+    keys = d.sample_keys(idx)
+    assert keys.shape == (16, 16) and torch.equal(keys[:, 0], idx)  # capped at 15 others
+    for i in range(16):  # many draws for each positive
+        drawn = d.sample_keys(torch.full((4000,), i))[:, 1:].flatten()
+        others = (labels != labels[i]).nonzero().flatten()
+        assert set(drawn.tolist()) == set(others.tolist()), i  # every other-class sample
+        counts = torch.bincount(drawn, minlength=16)[others].double()
+        expected = drawn.numel() / len(others)
+        assert ((counts - expected).abs() / expected).max() < 0.05, i  # about uniform
+
+
+def test_crd_class_negatives_need_class_labels():
+    teacher, student, x = cnn_pair()
+    d = make("crd", teacher, student, x, ["pool"], ["pool"])
+    d.on_fit_start(16)
+    with pytest.raises(ConfigError, match="on_fit_targets"):
+        d.sample_keys(torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="one integer class label per training sample"):
+        d.on_fit_targets(torch.zeros(16, 5, dtype=torch.long))  # token ids
+    with pytest.raises(ConfigError, match="at least two classes"):
+        d.on_fit_targets(torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ConfigError, match="negatives must be one of"):
+        make("crd", teacher, student, x, ["pool"], ["pool"], negatives="hard")
+    u = make("crd", teacher, student, x, ["pool"], ["pool"], negatives="uniform")
+    u.on_fit_start(16)
+    u.on_fit_targets(torch.zeros(16, 5, dtype=torch.long))  # not needed: accepted
+    assert u.sample_keys(torch.tensor([0, 1])).shape == (2, 16)
 
 
 def test_crd_needs_memory_and_indices_but_batch_mode_does_not():

@@ -62,6 +62,7 @@ def _fingerprint(name: str, point: dict) -> torch.Tensor:
     options = {**(taps if REGISTRY[resolve(name)[0]].uses_feature_taps else {}), **point}
     distiller = make_distiller(name, teacher, student, example_input=x[:4], **options)
     distiller.on_fit_start(8)
+    distiller.on_fit_targets(y)
     distiller.batch_index = torch.arange(8)
     distiller.train()
     distiller.on_epoch_start(19, 20)

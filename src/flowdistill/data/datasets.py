@@ -278,7 +278,8 @@ class Batches:
     With ``world > 1`` (data-parallel training) ``batch_size`` is the global batch: process
     ``rank`` gets the samples ``rank, rank + world, ...`` of each global batch, so that the
     processes together see exactly the batches of a single-process run; a last global batch
-    smaller than ``world`` is dropped.
+    smaller than ``world`` is dropped (smaller than ``min_share * world``: one that would
+    give a process fewer than ``min_share`` samples, which BatchNorm cannot train on).
     """
 
     def __init__(
@@ -290,12 +291,13 @@ class Batches:
         drop_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        min_share: int = 1,
     ) -> None:
         if not 0 <= rank < world:
             raise ConfigError(f"Batches: need 0 <= rank < world, got rank {rank}, world {world}")
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.min_share = rank, world, max(1, int(min_share))
         self.epoch = 0
         #: dataset indices of the batch last yielded (for methods keyed by sample, e.g. CRD)
         self.last_index: torch.Tensor | None = None
@@ -303,7 +305,7 @@ class Batches:
     def __len__(self) -> int:
         n = len(self.data)
         full = n // self.batch_size
-        if self.drop_last or n % self.batch_size < self.world:
+        if self.drop_last or n % self.batch_size < self.world * self.min_share:
             return full
         return full + 1
 

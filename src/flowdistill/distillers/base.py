@@ -251,6 +251,11 @@ class Distiller(nn.Module):
         """Called once by the engine with the training inputs, before anything trains: a
         method whose state was built for particular data (a cache) checks them here."""
 
+    def on_fit_targets(self, targets: torch.Tensor) -> None:  # noqa: B027
+        """Called once by the engine with the training targets (labels, or token ids),
+        before anything trains: a method that samples by class (CRD's negatives) indexes
+        them here."""
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:  # noqa: B027
         """Called by the engine before each epoch (0-based); schedules live here."""
 

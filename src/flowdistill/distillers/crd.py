@@ -18,6 +18,7 @@ from .registry import register
 __all__ = ["CRD"]
 
 _MODES = ("memory", "batch")
+_NEGATIVES = ("class", "uniform")
 
 
 class _Embed(nn.Module):
@@ -47,8 +48,10 @@ class CRD(FeatureDistiller):
     first batch and kept, as in the authors' code. ``mode="batch"`` drops the memory bank
     and uses the in-batch InfoNCE :func:`flowdistill.losses.info_nce` (no dataset indices,
     no memory: for large data). Weight ``crd_weight = 0.8``, cross-entropy weight 1, as in
-    RepDistiller. Negatives are drawn uniformly (with replacement) from the other training
-    samples; the authors' CIFAR loader draws them from other classes.
+    RepDistiller. With ``negatives="class"`` (the default, as the authors' CIFAR loader
+    does) each sample's negatives are drawn uniformly, with replacement, from the training
+    samples of other classes (the engine passes the training labels to
+    :meth:`on_fit_targets`); ``negatives="uniform"`` draws them from every other sample.
     """
 
     tune_grid = {"crd_weight": [0.4, 0.8], "kd_weight": [0.0, 1.0]}
@@ -67,11 +70,17 @@ class CRD(FeatureDistiller):
         nce_t: float = 0.07,
         nce_m: float = 0.5,
         crd_weight: float = 0.8,
+        negatives: str = "class",
         **base: Any,
     ) -> None:
         super().__init__(teacher, student, **base)
         if mode not in _MODES:
             raise ConfigError(f"crd: mode must be one of {', '.join(_MODES)}, got {mode!r}")
+        if negatives not in _NEGATIVES:
+            raise ConfigError(
+                f"crd: negatives must be one of {', '.join(_NEGATIVES)}, got {negatives!r}"
+            )
+        self.negatives = negatives
         if feat_dim < 1 or nce_k < 1:
             raise ConfigError(f"crd: feat_dim and nce_k must be positive, got {feat_dim}, {nce_k}")
         if nce_t <= 0 or not 0.0 <= nce_m < 1.0:
@@ -91,6 +100,12 @@ class CRD(FeatureDistiller):
         self.register_buffer("memory_student", None)
         self.register_buffer("memory_teacher", None)
         self.register_buffer("normalizer", None)
+        # negatives="class": the training samples ordered by class, and where each class's
+        # run of them starts and how long it is (set by on_fit_targets; not saved)
+        self.register_buffer("_by_class", None, persistent=False)
+        self.register_buffer("_labels", None, persistent=False)
+        self.register_buffer("_class_start", None, persistent=False)
+        self.register_buffer("_class_count", None, persistent=False)
         # whether ``normalizer`` holds Z: known on the host, so that a step never reads the
         # buffer from the device; None after loading a state dict, read once then
         self._z_set: bool | None = False
@@ -116,6 +131,32 @@ class CRD(FeatureDistiller):
         self.memory_teacher = torch.rand(shape, device=device).mul_(2 * stdv).sub_(stdv)
         self.normalizer = torch.full((2,), -1.0, device=device)
         self._z_set = False
+
+    def on_fit_targets(self, targets: torch.Tensor) -> None:
+        """Index the training samples by class, for negatives of other classes."""
+        if self.mode != "memory" or self.negatives != "class":
+            return
+        if targets.dim() != 1 or targets.is_floating_point() or targets.is_complex():
+            raise ConfigError(
+                "crd: negatives='class' draws negatives from other classes and needs one "
+                f"integer class label per training sample, got targets of shape "
+                f"{tuple(targets.shape)} and dtype {targets.dtype}; use negatives='uniform'"
+            )
+        labels = targets.detach().long()
+        if labels.numel() and int(labels.min()) < 0:
+            raise ConfigError("crd: negatives='class' needs class labels >= 0")
+        counts = torch.bincount(labels)
+        if int(counts.max()) == labels.numel():
+            raise ConfigError(
+                "crd: negatives='class' needs training samples of at least two classes, "
+                f"but all {labels.numel()} are of class {int(labels[0])}; use "
+                "negatives='uniform'"
+            )
+        device = self.embed_s.linear.weight.device
+        self._by_class = torch.argsort(labels, stable=True).to(device)
+        self._labels = labels.to(device)
+        self._class_count = counts.to(device)
+        self._class_start = (torch.cumsum(counts, 0) - counts).to(device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint's memory sizes the bank when on_fit_start was not called first
@@ -155,13 +196,28 @@ class CRD(FeatureDistiller):
         return idx
 
     def sample_keys(self, idx: torch.Tensor) -> torch.Tensor:
-        """``(B, K+1)`` memory rows: each sample's own index, then ``K`` uniform negatives
-        drawn from the other samples (with replacement)."""
-        neg = torch.randint(
-            0, self.num_data - 1, (idx.shape[0], self.num_negatives), device=idx.device
-        )
-        neg = neg + (neg >= idx[:, None]).long()  # skip the positive's own index
-        return torch.cat([idx[:, None], neg], dim=1)
+        """``(B, K+1)`` memory rows: each sample's own index, then ``K`` negatives drawn
+        uniformly (with replacement) from the samples of other classes, or, with
+        ``negatives="uniform"``, from every other sample."""
+        shape = (idx.shape[0], self.num_negatives)
+        if self.negatives == "uniform":
+            neg = torch.randint(0, self.num_data - 1, shape, device=idx.device)
+            neg = neg + (neg >= idx[:, None]).long()  # skip the positive's own index
+            return torch.cat([idx[:, None], neg], dim=1)
+        if self._by_class is None or self._by_class.numel() != self.num_data:
+            raise ConfigError(
+                "crd: negatives='class' needs the training labels; call "
+                "on_fit_targets(train_targets) before training (the engine does), or use "
+                "negatives='uniform'"
+            )
+        cls = self._labels[idx]
+        start, count = self._class_start[cls, None], self._class_count[cls, None]
+        # a position among the samples of other classes, in class order, skipping the run
+        # of the positive's own class
+        pos = (torch.rand(shape, device=idx.device) * (self.num_data - count)).long()
+        pos = torch.minimum(pos, self.num_data - count - 1)  # (rounding at the top)
+        pos = pos + (pos >= start).long() * count
+        return torch.cat([idx[:, None], self._by_class[pos]], dim=1)
 
     @torch.no_grad()
     def update_memory(self, idx: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:

@@ -362,6 +362,20 @@ class FlowDistill(Distiller):
         self.tau, self.active_steps, self.active_pairs = 1.0, self.steps, len(self.pairs)
         self._held: torch.Tensor | None = None
 
+    def follow_student_dtype(self) -> FlowDistill:
+        """The adapters take the student's floating dtype (they read its features); the
+        flows, the standardisation and the task embedding work on the widened adapter
+        outputs and teacher features, so they take float32 for a bf16/fp16 student (as
+        under autocast) and float64 for a float64 one."""
+        dtype = next((p.dtype for p in self.student.parameters() if p.is_floating_point()), None)
+        if dtype is None:
+            return self
+        wide = torch.promote_types(dtype, torch.float32)
+        for module in self.children():
+            if module is not self.student and module is not self.teacher:
+                module.to(dtype if module is self.adapters else wide)
+        return self
+
     # ------------------------------------------------------------------ schedules
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         ramp_epochs = self.ramp * epochs

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..engine import distributed
 from ..errors import ConfigError, ShapeMismatchError, TapError
 from ..taps import LOGITS, resolve_module
 from .base import Distiller
@@ -241,6 +242,17 @@ class ND(Distiller):
         of 0 then, computed on the device rather than read from it)."""
         y = targets.reshape(-1).long()
         live = 1.0 - self.class_fixed  # 0-d: 0 once set_class_means has fixed the centres
+        if distributed.world_size() > 1:  # data-parallel: every process adds every share
+            sums = torch.zeros_like(self.class_sum).index_add_(
+                0, y, t_emb.to(self.class_sum.dtype) * live
+            )
+            counts = torch.zeros_like(self.class_count).index_add_(
+                0, y, live.expand(y.shape[0]).to(self.class_count.dtype)
+            )
+            both = distributed.all_reduce_sum(torch.cat([sums, counts[:, None]], dim=1))
+            self.class_sum.add_(both[:, :-1])
+            self.class_count.add_(both[:, -1])
+            return
         self.class_sum.index_add_(0, y, t_emb.to(self.class_sum.dtype) * live)
         self.class_count.index_add_(0, y, live.expand(y.shape[0]).to(self.class_count.dtype))
 

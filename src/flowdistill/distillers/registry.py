@@ -12,6 +12,8 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..errors import ConfigError, FlowdistillError, UnknownMethodError
 from ..taps import LOGITS
 
@@ -206,6 +208,24 @@ def _simple_option_types(cls: type) -> dict[str, Any]:
     return out
 
 
+def _recorded(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` as JSON values, for a checkpoint's record: the example input left out,
+    a tensor as its shape, any other object as its type's name."""
+
+    def value(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return [value(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): value(x) for k, x in v.items()}
+        if isinstance(v, torch.Tensor):
+            return f"tensor{tuple(v.shape)}"
+        return type(v).__name__
+
+    return {k: value(v) for k, v in options.items() if k != "example_input"}
+
+
 def make_distiller(
     name: str, teacher: nn.Module | None, student: nn.Module, **options: Any
 ) -> Distiller:
@@ -236,7 +256,10 @@ def make_distiller(
         )
     typed = _typed(cls, name, options)
     try:
-        return cls(teacher, student, **typed).follow_student_dtype()
+        distiller = cls(teacher, student, **typed).follow_student_dtype()
+        # every option, defaults included: what a resumed run is checked against
+        distiller.options = _recorded({**accepted, **typed})
+        return distiller
     except FlowdistillError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # from torch or a model

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .. import losses
+from ..engine import distributed
 from ..errors import ConfigError
 from ..taps import LOGITS
 from .base import Distiller
@@ -76,6 +77,7 @@ class TAID(Distiller):
         self.register_buffer("momentum", torch.tensor(0.0, dtype=torch.float32))
         self._num_samples: int | None = None
         self._epoch, self._epochs, self._seen = 0, None, 0
+        self._seen_all: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ schedule
     def on_fit_start(self, num_train_samples: int) -> None:
@@ -83,6 +85,7 @@ class TAID(Distiller):
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         self._epoch, self._epochs, self._seen = int(epoch), int(epochs), 0
+        self._seen_all: torch.Tensor | None = None  # data-parallel: every process's samples
 
     def progress(self) -> float:
         """Fraction of the run's training samples seen before the current step."""
@@ -100,7 +103,7 @@ class TAID(Distiller):
         return float(self.t)
 
     @torch.no_grad()
-    def step_t(self, loss: torch.Tensor, progress: float) -> None:
+    def step_t(self, loss: torch.Tensor, progress: float | torch.Tensor) -> None:
         """:meth:`update_t` in tensor operations on the device, nothing read back: the first
         step only records the loss; then the momentum of the relative loss change moves ``t``
         up by ``alpha * sigmoid(momentum) * (1 - t)``, never below the linear schedule at
@@ -110,15 +113,32 @@ class TAID(Distiller):
         prev = torch.where(first, loss, self.prev_loss)
         relative = (prev - loss) / (prev + 1e-15)
         momentum = self.beta * self.momentum + (1.0 - self.beta) * relative
-        target = self.t_start + (self.t_end - self.t_start) * min(max(progress, 0.0), 1.0)
+        progress = torch.as_tensor(progress, dtype=self.t.dtype, device=self.t.device)
+        target = self.t_start + (self.t_end - self.t_start) * progress.clamp(0.0, 1.0)
         if self.adaptive:
             step = self.alpha * torch.sigmoid(momentum) * (1.0 - self.t)
-            t = (self.t + step).clamp(min=target).clamp(max=self.t_end)
+            t = torch.maximum(self.t + step, target).clamp(max=self.t_end)
         else:
-            t = torch.full_like(self.t, target)
+            t = target.expand_as(self.t).clone()
         self.momentum.copy_(torch.where(first, self.momentum, momentum))
         self.t.copy_(torch.where(first, self.t, t))
         self.prev_loss.copy_(loss)
+
+    def _step_t_data_parallel(self, loss: torch.Tensor, batch: int) -> None:
+        """:meth:`step_t` under data-parallel training: from the loss of the whole global
+        batch (each process's loss weighted by its share) at the progress of every
+        process's samples, alike in every process, as one process would step on the whole
+        batch; summed on the device, nothing read back."""
+        n = torch.tensor(float(batch), device=loss.device)
+        total = distributed.all_reduce_sum(torch.stack([loss.float() * n, n]))
+        if self._seen_all is None:
+            self._seen_all = torch.zeros((), device=loss.device)
+        progress = torch.zeros((), device=loss.device)
+        if self._num_samples and self._epochs:
+            done = self._epoch * self._num_samples + self._seen_all
+            progress = done / (self._epochs * self._num_samples)
+        self.step_t(total[0] / total[1], progress)
+        self._seen_all = self._seen_all + total[1]
 
     def diagnostics(self) -> dict[str, float]:
         return {"taid_t": float(self.t)}
@@ -136,8 +156,12 @@ class TAID(Distiller):
                 entropy = -torch.xlogy(p_t, p_t).sum(dim=-1)
                 entropy = entropy.mean() if mask is None else losses.masked_mean(
                     entropy.view(mask.shape), mask)  # fmt: skip
-            self.step_t(kl.detach() + entropy, self.progress())
-            self._seen += int(targets.shape[0])
+            loss = kl.detach() + entropy
+            if distributed.world_size() > 1:
+                self._step_t_data_parallel(loss, targets.shape[0])
+            else:
+                self.step_t(loss, self.progress())
+                self._seen += int(targets.shape[0])
         return self.total(
             {
                 "ce": self.ce_weight * self.cross_entropy(s_logits, targets),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import OptimConfig, TrainConfig, _build
+from ..config import _EXECUTION, OptimConfig, TrainConfig, _build
 from ..data.datasets import Batches, Split, Splits, random_crop_flip
 from ..distillers.base import IGNORE_INDEX, Distiller, padding_refusal
 from ..errors import (
@@ -221,6 +221,12 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
             raise DataError(
                 f"fit: data.{name} labels must be integer class indices, got dtype {y.dtype}"
             )
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(
+                f"fit: data.{name} inputs hold {bad} non-finite values (NaN or inf); clean "
+                "or impute them before training"
+            )
         y = y.long()
         counted = y[y != IGNORE_INDEX] if y.ndim > 1 else y  # token targets: padding left out
         low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
@@ -239,6 +245,16 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
         if not len(parts[name]):
             raise DataError(f"fit: data.{name} is empty ({why})")
     return Splits(parts["train"], parts["val"], parts["test"], data.num_classes)
+
+
+def _trains_batch_norm(distiller: Distiller) -> bool:
+    """Whether a BatchNorm layer of the student or of the method's own modules trains
+    (takes batch statistics); the teacher's run in evaluation mode."""
+    teacher = set(map(id, distiller.teacher.modules())) if distiller.teacher is not None else set()
+    return any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in teacher
+        for m in distiller.modules()
+    )
 
 
 def _check_class_count(distiller: Distiller, data: Splits, device: torch.device) -> None:
@@ -381,6 +397,38 @@ def refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
             )
 
 
+def fit_identity(
+    distiller: Distiller, optim: OptimConfig, train: TrainConfig, batch_size: int
+) -> dict[str, Any]:
+    """What ``fit`` trains, as its checkpoint records it: the method and its options (as
+    :func:`~flowdistill.make_distiller` received them), the optimizer, the batch size and
+    the training settings that change the result (not the number of epochs, which a resumed
+    run may extend, nor how fast it runs: device, ``amp``, ``compile``, ...)."""
+    identity = {
+        "method": distiller.name,
+        "options": getattr(distiller, "options", None),
+        "optim": asdict(optim),
+        "train": {k: v for k, v in asdict(train).items() if k not in _EXECUTION},
+        "batch_size": batch_size,
+    }
+    return json.loads(json.dumps(identity, default=str))  # (as the checkpoint holds it)
+
+
+def refuse_other_fit(path: Path, saved: dict | None, identity: dict) -> None:
+    """A checkpoint resumes only under the settings it was trained with
+    (:func:`fit_identity`); the first differences are named. Checkpoints written before it
+    recorded them are not checked."""
+    if saved is None or saved == identity:
+        return
+    differ = _differences(saved, identity)
+    if differ:
+        raise CheckpointError(
+            f"{path} holds a run trained with other settings ({'; '.join(differ[:5])}); "
+            "resume it with the settings it was started with, or choose another output "
+            "directory"
+        )
+
+
 def refuse_fewer_epochs(path: Path, state: dict, epochs: int, name: str) -> None:
     """A checkpoint with more epochs done than the run has cannot be resumed by it."""
     if state["epoch"] + 1 > epochs:
@@ -512,6 +560,7 @@ def fit(
     seed_everything(train.seed + rank, train.deterministic)
     distiller.on_fit_start(len(data.train))
     distiller.on_fit_data(data.train.x)
+    distiller.on_fit_targets(data.train.y)
     distiller.to(device)
     if train.channels_last:
         distiller.to(memory_format=torch.channels_last)
@@ -522,12 +571,27 @@ def fit(
     _check_token_ids(distiller, data)
     _check_class_count(distiller, data, device)
     params = distiller.trainable_parameters()
+    if not params:
+        raise ConfigError(
+            f"fit: nothing to train: no parameter of the student (or of {distiller.name}'s "
+            "own modules) has requires_grad=True; unfreeze the student"
+        )
     optimizer = _optimizer(params, optim, fused=cuda)
+    # a BatchNorm that trains cannot take a batch of one sample: a last batch that would
+    # give a process one sample is left out of each epoch
+    min_share = 2 if _trains_batch_norm(distiller) else 1
+    if batch_size < min_share * world:
+        raise ConfigError(
+            f"fit: batch_size={batch_size} gives each of {world} process(es) fewer than 2 "
+            "samples, on which the BatchNorm layers that train cannot compute batch "
+            "statistics; use a larger batch"
+        )
     loader = Batches(
         data.train, batch_size, shuffle=True, seed=train.seed, drop_last=False, rank=rank,
-        world=world,
+        world=world, min_share=min_share,
     )  # fmt: skip
     steps_per_epoch = len(loader)
+    identity = fit_identity(distiller, optim, train, batch_size)
     use_amp = train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -555,6 +619,7 @@ def fit(
             distiller, model_state, ckpt_path, "this distiller (another student or method "
             "configuration?)", strict=False,
         )  # fmt: skip
+        refuse_other_fit(ckpt_path, state.get("fit"), identity)
         try:
             unpack_optimizer(optimizer, tensors, state["optimizer"])
         except (KeyError, ValueError, RuntimeError) as exc:
@@ -745,6 +810,7 @@ def fit(
                     "best_val_score": best_score,
                     "best_val_epoch": best_epoch,
                     "method": distiller.name,
+                    "fit": identity,
                     "meta": meta or {},
                 },
             )

@@ -13,7 +13,14 @@ import torch
 from flowdistill.bench import compact_table, get_suite, markdown_table, run_bench
 from flowdistill.bench.runner import _hash
 from flowdistill.engine.checkpoint import load_checkpoint, save_checkpoint
-from flowdistill.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from flowdistill.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteLossError,
+    ValueRangeError,
+)
+from flowdistill.flows.layers import ActNorm
 from flowdistill.nf import (
     FlowDistiller,
     FlowKDConfig,
@@ -26,6 +33,7 @@ from flowdistill.nf import (
     mnist_test_images,
 )
 from flowdistill.nf.bench import NF_METHODS, NFSuite, nf_method_config, run_nf_bench
+from flowdistill.nf.model import dequantize
 
 
 @pytest.fixture
@@ -153,6 +161,32 @@ def test_bad_configurations_are_refused(tiny_images):
         ImageData(*(torch.full((2, 1, 4, 4), 9, dtype=torch.uint8),) * 3, n_bins=5)
     with pytest.raises(DataError, match="uint8"):
         ImageData(*(torch.zeros(2, 1, 4, 4),) * 3, n_bins=5)
+
+
+def test_bad_images_are_refused_before_they_spoil_the_flow(tiny_images):
+    """Integer pixels (not dequantised) and values outside [0, 1] are named; ActNorm does
+    not initialise from a non-finite batch, so the flow still works on valid data after."""
+    flow = _flow(tiny_images)
+    raw = tiny_images.train[:4]
+    with pytest.raises(DataError, match="dequantised images.*uint8"):
+        flow.bits_per_dim(raw, n_bins=5)
+    with pytest.raises(DataError, match=r"in \[0, 1\], got values from 0 to 4"):
+        flow.log_prob(raw.float())
+    bad = dequantize(raw, 5)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="in \\[0, 1\\]"):
+        flow.log_prob(bad)
+    assert not any(bool(m.initialized) for m in flow.modules() if isinstance(m, ActNorm))
+    with pytest.raises(ValueRangeError, match="non-finite"):
+        ActNorm(3)(torch.tensor([[1.0, float("nan"), 0.0], [0.0, 1.0, 2.0]]))
+    assert torch.isfinite(flow.log_prob(dequantize(tiny_images.train[:16], 5))).all()
+    empty = tiny_images.val[:0]
+    with pytest.raises(DataError, match=r"ImageData.val is empty \(no epoch could be chosen\)"):
+        ImageData(tiny_images.train, empty, tiny_images.test, n_bins=5)
+    with pytest.raises(DataError, match="n_bins must be an integer >= 2"):
+        ImageData(tiny_images.train, tiny_images.val, tiny_images.test, n_bins=0)
+    with pytest.raises(DataError, match="no images"):
+        evaluate_bpd(flow, empty, 5)
 
 
 def test_digits_images_are_integer_levels():

@@ -229,6 +229,7 @@ class CRD(FeatureDistiller):
             memory.index_copy_(0, idx, F.normalize(rows, p=2, dim=1))
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_targets(targets)  # padded token targets refused before anything else
         s_feats, t_feats, s_logits, t_logits = self.features(inputs)
         v_s, v_t = self.embed_s(s_feats[0]), self.embed_t(t_feats[0])
         if self.mode == "batch":

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ValueRangeError
+
 __all__ = [
     "ActNorm",
     "AffineCoupling",
@@ -203,6 +205,11 @@ class ActNorm(InvertibleLayer):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set ``loc`` / ``log_scale`` from the batch ``x`` (done automatically once)."""
+        if not bool(torch.isfinite(x).all()):  # it would stay NaN for every later input
+            raise ValueRangeError(
+                "ActNorm initialises from its first batch, which holds non-finite values "
+                "(NaN or inf); it is left uninitialised: pass finite inputs"
+            )
         dims = [0, *range(2, x.ndim)]
         mean = x.mean(dim=dims)
         std = x.std(dim=dims, unbiased=False) if x[:, 0].numel() > 1 else torch.ones_like(mean)

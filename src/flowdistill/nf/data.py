@@ -26,8 +26,14 @@ class ImageData:
     n_bins: int
 
     def __post_init__(self) -> None:
+        if isinstance(self.n_bins, bool) or not isinstance(self.n_bins, int) or self.n_bins < 2:
+            raise DataError(f"ImageData.n_bins must be an integer >= 2, got {self.n_bins!r}")
         for name in ("train", "val", "test"):
             x = getattr(self, name)
+            if not isinstance(x, torch.Tensor) or not len(x):
+                why = {"train": "nothing to train on", "val": "no epoch could be chosen",
+                       "test": "nothing to report"}[name]  # fmt: skip
+                raise DataError(f"ImageData.{name} is empty ({why})")
             if x.ndim != 4 or x.dtype != torch.uint8:
                 raise DataError(f"ImageData.{name} must be uint8 (N, C, H, W), got {x.dtype} "
                                 f"{tuple(x.shape)}")  # fmt: skip

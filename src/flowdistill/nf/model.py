@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, DataError, ShapeMismatchError
 from ..flows.layers import (
     ActNorm,
     AffineCoupling,
@@ -225,11 +225,27 @@ class MultiScaleFlow(nn.Module):
         return self.priors[level](keep)
 
     def _check(self, y: Tensor) -> None:
+        """Images of the model's shape, dequantised: floating point and, where the logit
+        transform reads them, in ``[0, 1]`` (checked where it costs no wait for a device:
+        on the CPU, or in evaluation mode)."""
         if y.ndim != 4 or tuple(y.shape[1:]) != self.image_shape:
             raise ShapeMismatchError(
                 f"MultiScaleFlow expects images (B, {', '.join(map(str, self.image_shape))}), "
                 f"got {tuple(y.shape)}"
             )
+        if not y.is_floating_point():
+            raise DataError(
+                f"MultiScaleFlow takes dequantised images (floating point in [0, 1]: "
+                f"flowdistill.nf.dequantize(images, n_bins)), got dtype {y.dtype}"
+            )
+        if self.preprocess is not None and (y.device.type == "cpu" or not self.training):
+            low, high = torch.aminmax(y.detach())
+            if not (float(low) >= 0.0 and float(high) <= 1.0):  # (NaN fails too)
+                raise DataError(
+                    f"MultiScaleFlow's logit transform takes images in [0, 1], got values "
+                    f"from {float(low):g} to {float(high):g}: dequantise integer pixels with "
+                    "flowdistill.nf.dequantize(images, n_bins)"
+                )
 
     def encode(self, y: Tensor) -> FlowOutput:
         """Data ``(B, C, H, W)`` to latents, per-level activations and ``log p(y)``."""

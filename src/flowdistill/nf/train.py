@@ -34,7 +34,7 @@ from ..engine.trainer import (
     resolve_device,
     seed_everything,
 )
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError
+from ..errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from .data import ImageData
 from .losses import check_pair, final_latent_kd, intermediate_latent_kd, synthesized_kd
 from .model import MultiScaleFlow, bits_per_dim, dequantize
@@ -203,7 +203,9 @@ def evaluate_bpd(
         total += float(model.bits_per_dim(y, n_bins).double().sum())
         count += len(y)
     model.train(was_training)
-    return total / max(count, 1)
+    if not count:
+        raise DataError("evaluate_bpd: no images to score")
+    return total / count
 
 
 @torch.no_grad()

@@ -512,6 +512,14 @@ def test_a_language_model_from_a_text_file_by_config(tmp_path, capsys):
     assert main(["distill", "--config", str(tmp_path / "s.yaml"), "data.block_size=0",
                  f"out_dir={tmp_path / 'x'}"]) == 2  # fmt: skip
     assert "data.block_size must be >= 1" in capsys.readouterr().err
+    # the teacher's vocabulary is kept beside its weights, and a corpus whose characters
+    # map to other ids (the same count: "z" for "q") is refused
+    assert json.loads((tmp_path / "t" / "vocab.json").read_text()) == tok.vocab
+    (tmp_path / "other.txt").write_text(text.replace("q", "z"))
+    other = [f"data.path={tmp_path / 'other.txt'}", f"out_dir={tmp_path / 'y'}"]
+    assert main(["distill", "--config", str(tmp_path / "s.yaml"), *other]) == 2
+    assert "the teacher" in (err := capsys.readouterr().err) and "vocabulary of" in err
+    assert not (tmp_path / "y").exists()
 
 
 def test_an_unknown_flag_is_still_refused(capsys):

@@ -366,6 +366,8 @@ def test_read_chars_round_trips(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(DataError, match="not utf-8"):
         read_chars(tmp_path / "b.txt")
+    with pytest.raises(DataError, match="is a folder, not a data file"):
+        read_chars(tmp_path)
 
 
 def test_read_chars_tiny_shakespeare(shared_file):

@@ -86,6 +86,13 @@ def test_char_splits_hold_back_a_selection_split():
     assert len(data.train) == (fit_end - 1) // 16  # every training window ends before it
     with pytest.raises(DataError, match="select_fraction"):
         char_splits(TEXT, block_size=16, select_fraction=1.0)
+    # a split too short for one window is named, with what to change
+    n = len(TEXT)
+    with pytest.raises(DataError, match=rf"the selection split .* of a {n:,}-character text: "
+                       r"\d+ tokens are too few for one window of .*lower block_size"):  # fmt: skip
+        char_splits(TEXT, block_size=int(len(TEXT) * 0.9 * 0.01) + 8, select_fraction=0.01)
+    with pytest.raises(DataError, match=r"the held-out split \(the last 0.1\)"):
+        char_splits(TEXT, block_size=int(len(TEXT) * 0.1) + 1)
 
 
 def test_tiny_shakespeare(shared_file):
@@ -752,6 +759,9 @@ def test_the_top_k_cache_refuses_empty_inputs_and_non_finite_options(lm):
     data, _, teacher, student = lm
     with pytest.raises(DataError, match="inputs are empty"):
         build_topk_cache(teacher, data.train.x[:0], k=4)
+    for bad in ({"k": 2.5}, {"k": 0}, {"k": True}, {"k": 4, "batch_size": 0}):
+        with pytest.raises(ConfigError, match=r"must be an integer >= 1, got"):
+            build_topk_cache(teacher, data.train.x[:8], **bad)
     cache = build_topk_cache(teacher, data.train.x[:8], k=4)
     with pytest.raises(ConfigError, match="temperature must be positive, got nan"):
         CachedKD(cache, student, temperature=float("nan"))

@@ -146,6 +146,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_bench(args)
 
 
+#: a text run's character vocabulary (a JSON list, id order), written beside its weights
+VOCAB = "vocab.json"
+
+
+def _check_teacher_vocab(checkpoint: str, vocab: list[str] | None) -> None:
+    """A teacher trained by ``train-teacher`` on text left its vocabulary beside its
+    weights: token ids of another corpus's vocabulary would mean other characters to it."""
+    from .errors import DataError
+
+    saved = Path(checkpoint).parent / VOCAB
+    if vocab is None or not saved.is_file():
+        return
+    try:
+        theirs = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{saved} is damaged ({err})") from None
+    if theirs != vocab:
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(theirs, vocab, strict=False)) if a != b),
+            min(len(theirs), len(vocab)),
+        )
+        raise DataError(
+            f"the teacher ({checkpoint}) was trained on a vocabulary of {len(theirs)} "
+            f"characters ({saved}) and this corpus has {len(vocab)}, which differ from id "
+            f"{differ} on: its ids would mean other characters to the teacher; distil on "
+            "the teacher's corpus (or one with the same characters)"
+        )
+
+
 def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     from .config import config_to_dict, load_config, run_identity
     from .data import char_splits, digits_splits, idx_splits, npz_splits, read_text
@@ -158,14 +187,16 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     cfg = load_config(args.config, overrides)
     d = cfg.data
+    vocab = None  # a text corpus's characters, in id order
     if d.name == "digits":
         data = digits_splits(d.split_seed, d.val_fraction, d.test_fraction)
     elif d.name == "npz":
         data = npz_splits(d.path, d.val_fraction, d.split_seed)
     elif d.name == "text":
-        data, _ = char_splits(
+        data, tokenizer = char_splits(
             read_text(d.path), d.block_size, d.test_fraction, select_fraction=d.val_fraction
         )
+        vocab = tokenizer.vocab
     else:
         data = idx_splits(
             d.train_images,
@@ -209,6 +240,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
                 )
             teacher = build(cfg.teacher)
             load_model_weights(teacher, cfg.teacher.checkpoint)
+            _check_teacher_vocab(cfg.teacher.checkpoint, vocab)
         outputs = {"student_output": cfg.student.output}
         if teacher is not None:
             outputs["teacher_output"] = cfg.teacher.output
@@ -217,6 +249,8 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
             **{**outputs, **cfg.method_options},
         )  # fmt: skip
     identity = run_identity(cfg, teacher_mode)
+    if vocab is not None:  # ids mean these characters: another corpus is another run
+        identity["vocab"] = "".join(vocab)
     if not teacher_mode and teacher is not None:  # the teacher's weights, not only its path:
         identity["teacher_weights"] = digest(teacher.state_dict())[:16]  # other weights there
     result = fit(  # are another run
@@ -237,6 +271,10 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
 
     if not distributed.is_main():  # (rank 0 alone reports, as it alone writes)
         return 0
+    if vocab is not None and cfg.out_dir:  # what the model's ids mean, for decoding it
+        from .engine.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(cfg.out_dir) / VOCAB, json.dumps(vocab))
     print(
         json.dumps(
             {

@@ -45,6 +45,8 @@ _IDX_TYPES = {
 
 def _require(path: str | os.PathLike) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a data file")
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     return path

@@ -110,11 +110,24 @@ def char_splits(
     tokenizer = tokenizer or CharTokenizer.from_text(text)
     ids = tokenizer.encode(text)
     cut = int(len(ids) * (1.0 - val_fraction))
-    held = token_windows(ids[cut:], block_size)
+
+    def windows(part: torch.Tensor, name: str) -> Split:
+        try:
+            return token_windows(part, block_size)
+        except DataError as err:
+            if block_size < 1:
+                raise
+            raise DataError(
+                f"the {name} of a {len(ids):,}-character text: {err}; lower block_size or "
+                "give that split a larger fraction of the text"
+            ) from None
+
+    held = windows(ids[cut:], f"held-out split (the last {val_fraction:g})")
     if select_fraction == 0.0:
-        train = token_windows(ids[:cut], block_size)
+        train = windows(ids[:cut], "training split")
         return Splits(train, held, held, num_classes=tokenizer.vocab_size), tokenizer
     fit_end = int(cut * (1.0 - select_fraction))
-    train = token_windows(ids[:fit_end], block_size)
-    select = token_windows(ids[fit_end:cut], block_size)
+    train = windows(ids[:fit_end], "training split")
+    select_name = f"selection split (the last {select_fraction:g} of the training text)"
+    select = windows(ids[fit_end:cut], select_name)
     return Splits(train, select, held, num_classes=tokenizer.vocab_size), tokenizer

@@ -113,10 +113,9 @@ def build_topk_cache(
     check_output(output, "output")
     if dtype not in _DTYPES:
         raise ConfigError(f"cache dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for name, value in (("k", k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if len(inputs) == 0:
         raise DataError("build_topk_cache: inputs are empty; there is nothing to cache")
     was_training = teacher.training

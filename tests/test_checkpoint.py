@@ -78,6 +78,13 @@ def test_load_model_weights_checks_fit(tmp_path):
     assert torch.equal(other.weight, model.weight)
     with pytest.raises(CheckpointError, match="does not fit"):
         load_model_weights(torch.nn.Linear(2, 3, bias=False), tmp_path / "m.safetensors")
+    wider = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 2))
+    save_checkpoint(tmp_path / "w.safetensors", wider.state_dict(), {})
+    narrower = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    with pytest.raises(CheckpointError) as info:  # one line: the first mismatch, the count
+        load_model_weights(narrower, tmp_path / "w.safetensors")
+    assert "\n" not in str(info.value) and "0.weight" in str(info.value)
+    assert str(info.value).endswith("(and 2 more)")
 
 
 def test_written_files_follow_the_umask_like_open(tmp_path):

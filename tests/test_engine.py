@@ -439,6 +439,13 @@ def test_empty_splits_and_resume_without_a_folder_are_refused(pair, tiny_data):
         fit(d, tiny_data, train=TrainConfig(epochs=1, **QUIET), resume=True)
 
 
+def test_deterministic_holds_for_the_run_only(pair, tiny_data):
+    assert not torch.are_deterministic_algorithms_enabled()
+    fit(flowdistill.make_distiller("kd", pair[0], _student()), tiny_data,
+        train=TrainConfig(epochs=1, deterministic=True, **QUIET))  # fmt: skip
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting, back
+
+
 def test_a_frozen_student_and_non_finite_inputs_are_named(pair, tiny_data):
     frozen = _student().requires_grad_(False)
     with pytest.raises(ConfigError, match="nothing to train.*unfreeze the student"):

@@ -128,9 +128,13 @@ def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, prefix: 
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:
+    except RuntimeError as err:  # torch lists every mismatch: the first, and how many
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        first = lines[0] if lines else str(err)
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         raise CheckpointError(
-            f"checkpoint {path} does not fit {type(model).__name__}: {err}"
+            f"checkpoint {path} does not fit {type(model).__name__} (another architecture or "
+            f"width?): {first}{more}"
         ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -512,6 +513,26 @@ def _tensorboard(out: Path | None):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+def _keeps_determinism_settings(function):
+    """``function`` with torch's global determinism settings (deterministic algorithms,
+    cuDNN benchmarking) put back as they were when it returns: ``train.deterministic``
+    holds for one run, not for the rest of the caller's process."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        algorithms = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        benchmark = torch.backends.cudnn.benchmark
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+            torch.backends.cudnn.benchmark = benchmark
+
+    return wrapper
+
+
+@_keeps_determinism_settings
 def fit(
     distiller: Distiller,
     data: Splits,

@@ -105,6 +105,14 @@ def test_masked_loss_equals_the_loss_on_the_unmasked_tokens(kind, logits):
     assert torch.allclose(masked, alone)
     assert torch.allclose(s1.grad[keep], s2.grad[0])
     assert not s1.grad[~keep].any()  # masked tokens get no gradient
+    # whatever the masked positions hold (NaN, inf), value and gradient are the same
+    s3, t3 = s.clone(), t.clone()
+    s3[~keep], t3[~keep] = float("nan"), float("inf")
+    s3.requires_grad_()
+    spoiled = LOSSES[kind](s3, t3, mask)
+    spoiled.backward()
+    assert torch.allclose(spoiled, alone)
+    assert torch.allclose(s3.grad[keep], s2.grad[0]) and not s3.grad[~keep].any()
 
 
 @pytest.mark.parametrize("kind", sorted(LOSSES))

@@ -50,7 +50,9 @@ __all__ = [
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of ``values`` over the positions where ``mask`` is true (all when ``None``); a
-    left-out value never enters, not even a non-finite one."""
+    left-out value never enters the mean, not even a non-finite one (its gradient is 0 here;
+    a non-finite value's own inputs may still get NaN gradients from it: the LM losses zero
+    the left-out rows of their logits first)."""
     if mask is None:
         return values.mean()
     if mask.shape != values.shape:
@@ -98,6 +100,9 @@ def _reduce(
         return s.new_zeros((), dtype=dtype)
 
     def kept_sum(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        if k is not None:  # left-out rows enter as zeros: whatever they hold (NaN, say),
+            a = torch.where(k[:, None], a, 0.0)  # they give no value and no gradient
+            b = torch.where(k[:, None], b, 0.0)
         values = per_row(a, b)
         return (values if k is None else torch.where(k, values, 0.0)).sum()
 

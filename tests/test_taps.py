@@ -223,6 +223,21 @@ def test_a_tap_that_is_not_a_string_is_named():
         FeatureTaps(net, [2])
 
 
+def _fitnet_pair(inputs: int, wide: int, narrow: int, classes: int, act):
+    """Two-layer MLP teacher (``wide``) and student (``narrow``), FitNet on their hidden
+    activations (tap ``"1"``)."""
+    import flowdistill
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(inputs, wide), act(), nn.Linear(wide, classes))
+    student = nn.Sequential(nn.Linear(inputs, narrow), act(), nn.Linear(narrow, classes))
+    d = flowdistill.make_distiller(
+        "fitnet", teacher, student, student_taps=["1"], teacher_taps=["1"],
+        example_input=torch.randn(2, inputs),
+    )  # fmt: skip
+    return teacher, student, d
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_a_model_saved_or_copied_while_its_distiller_lives_carries_no_hook(tmp_path):
     """``torch.save``/``pickle``/``copy.deepcopy`` of the user's own model work while its
@@ -231,15 +246,7 @@ def test_a_model_saved_or_copied_while_its_distiller_lives_carries_no_hook(tmp_p
     import copy
     import pickle
 
-    import flowdistill
-
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 5))
-    student = nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 5))
-    d = flowdistill.make_distiller(
-        "fitnet", teacher, student, student_taps=["1"], teacher_taps=["1"],
-        example_input=torch.randn(2, 20),
-    )  # fmt: skip
+    teacher, student, d = _fitnet_pair(20, 32, 8, 5, nn.ReLU)
     x = torch.randn(4, 20)
     torch.save(student, tmp_path / "student.pt")
     loaded = torch.load(tmp_path / "student.pt", weights_only=False)
@@ -262,15 +269,7 @@ def test_a_model_saved_or_copied_while_its_distiller_lives_carries_no_hook(tmp_p
 
 
 def test_a_distiller_saved_whole_comes_back_with_working_taps(tmp_path):
-    import flowdistill
-
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    student = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
-    d = flowdistill.make_distiller(
-        "fitnet", teacher, student, student_taps=["1"], teacher_taps=["1"],
-        example_input=torch.randn(2, 6),
-    )  # fmt: skip
+    teacher, student, d = _fitnet_pair(6, 8, 4, 3, nn.Tanh)
     torch.save(d, tmp_path / "distiller.pt")
     back = torch.load(tmp_path / "distiller.pt", weights_only=False)
     x = torch.randn(3, 6)

@@ -85,6 +85,10 @@ def test_a_config_that_is_not_utf8_or_is_a_folder(tmp_path):
         load_config(latin)
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(tmp_path)
+    toml = tmp_path / "run.toml"
+    toml.write_text('method = "kd"\n')
+    with pytest.raises(ConfigError, match=r"configs are YAML \(or JSON\), not toml"):
+        load_config(toml)
 
 
 def test_method_options_are_checked_against_their_types():

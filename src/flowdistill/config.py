@@ -365,6 +365,11 @@ def load_config(
             raise ConfigError(f"config file {path} is a directory")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        if path.suffix.lower() in (".toml", ".ini", ".cfg"):
+            raise ConfigError(
+                f"config file {path}: configs are YAML (or JSON), not {path.suffix[1:]}; "
+                "write it as a .yaml file"
+            )
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:

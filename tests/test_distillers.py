@@ -196,6 +196,38 @@ def test_every_method_trains_a_pair_in_its_dtype(name, dtype):
     assert d.eval().predict(x).dtype == dtype
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", ALL)
+def test_every_method_leaves_the_users_models_saveable(name, pair, tmp_path):
+    """While a distiller lives, the user's own student and teacher save whole, copy and
+    pickle; the copies carry none of its hooks (so TorchScript takes them) and compute what
+    the originals do."""
+    import copy
+    import pickle
+
+    teacher, student, x = pair
+    options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
+    d = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
+    models = [m for m in (student, d.teacher) if m is not None]
+    for model in models:
+        torch.save(model, tmp_path / "model.pt")
+        copies = [torch.load(tmp_path / "model.pt", weights_only=False),
+                  pickle.loads(pickle.dumps(model)), copy.deepcopy(model)]  # fmt: skip
+        for twin in copies:
+            assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules())
+            with torch.no_grad():
+                torch.testing.assert_close(twin.eval()(x), model.eval()(x))
+    if name == "nd":  # (its hook sits on the classifier's input, not a tap's output)
+        scripted = torch.jit.script(copy.deepcopy(student))
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), student(x))
+    d.on_fit_start(16)
+    d.on_fit_targets(torch.arange(16) % 4)
+    d.batch_index = torch.tensor([3, 0, 7, 12])
+    d.train()
+    assert d(x, torch.tensor([0, 1, 2, 3]))["loss"].isfinite()  # the distiller still works
+
+
 def test_a_method_that_cannot_be_built_says_so_with_its_options(pair):
     teacher, student, _ = pair
     rgb = torch.randn(2, 3, 8, 8)  # the pair reads one channel

@@ -7,6 +7,7 @@ last ``nn.Linear`` producing the logits), shared with ``ofa``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -46,12 +47,37 @@ def find_classifier(
     return found[-1]
 
 
+class _PreHook:
+    """The forward pre-hook of an :class:`InputCapture`, holding it weakly (as the taps'
+    hooks hold their taps): copied or pickled with the model alone, it takes a copy of its
+    capture that nothing holds, which is collected and removes the copied hook, so that the
+    user's model saves, copies and scripts as it would without a distiller."""
+
+    def __init__(self, capture: InputCapture | None) -> None:
+        self.ref = weakref.ref(capture) if capture is not None else _nothing
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        capture = self.ref()
+        if capture is not None:
+            capture._hook(module, args)
+
+    def __reduce__(self) -> tuple:
+        return (_PreHook, (self.ref(),))
+
+
+def _nothing() -> None:
+    return None
+
+
 class InputCapture:
     """A forward pre-hook that keeps the first positional input of a module."""
 
     def __init__(self, module: nn.Module) -> None:
         self.value: torch.Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._hook)
+        self.handle = module.register_forward_pre_hook(_PreHook(self))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "value": None}  # (no activation of the last forward)
 
     def _hook(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         self.value = args[0] if args and isinstance(args[0], torch.Tensor) else None

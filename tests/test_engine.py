@@ -402,6 +402,15 @@ def test_a_bench_run_resumes_only_its_own_checkpoint(tmp_path, pair, tiny_data):
     with pytest.raises(CheckpointError, match="another configuration \\(key_hash differs\\)"):
         fit(_kd(pair), tiny_data, train=TrainConfig(epochs=3, **QUIET), out_dir=tmp_path / "a",
             resume=True, batch_size=32, meta={"key_hash": "two"})  # fmt: skip
+    # with the keys themselves saved, the entries that differ are named
+    with pytest.raises(_Interrupted):
+        fit(_kd(pair, stop_at=1), tiny_data, train=TrainConfig(epochs=3, **QUIET),
+            out_dir=tmp_path / "k", batch_size=32,
+            meta={"key_hash": "one", "key": {"seed": 0, "teacher": "t.safetensors"}})  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"configuration \(seed: 0 -> 1\)"):
+        fit(_kd(pair), tiny_data, train=TrainConfig(epochs=3, **QUIET), out_dir=tmp_path / "k",
+            resume=True, batch_size=32,
+            meta={"key_hash": "two", "key": {"seed": 1, "teacher": "t.safetensors"}})  # fmt: skip
     fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data,
         train=TrainConfig(epochs=1, **QUIET), out_dir=tmp_path / "b", batch_size=32)  # fmt: skip
     (tmp_path / "b" / "last.safetensors").unlink()

@@ -392,6 +392,8 @@ def refuse_other_configuration(path: Path, saved: dict, meta: dict) -> None:
             what = f"{key} differs"
             if key == "identity":
                 what = "; ".join(_differences(saved[key], meta[key])[:5])
+            elif key == "key_hash" and isinstance(saved.get("key"), dict):  # a bench run's
+                what = "; ".join(_differences(saved["key"], meta.get("key") or {})[:5]) or what
             raise CheckpointError(
                 f"{path} holds a run of another configuration ({what}); resume it with the "
                 "settings it was started with, or choose another output directory"

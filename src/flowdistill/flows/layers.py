@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ValueRangeError
-
 __all__ = [
     "ActNorm",
     "AffineCoupling",
@@ -206,7 +204,7 @@ class ActNorm(InvertibleLayer):
     def initialize(self, x: Tensor) -> None:
         """Set ``loc`` / ``log_scale`` from the batch ``x`` (done automatically once)."""
         if not bool(torch.isfinite(x).all()):  # it would stay NaN for every later input
-            raise ValueRangeError(
+            raise ValueError(
                 "ActNorm initialises from its first batch, which holds non-finite values "
                 "(NaN or inf); it is left uninitialised: pass finite inputs"
             )

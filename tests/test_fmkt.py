@@ -87,16 +87,21 @@ def test_unrolled_euler_matches_odeint_on_the_same_field(path, steps):
     assert len(preds) == steps and all(p.shape == s.shape for p in preds)
 
 
-def test_straight_path_steps_follow_the_encoder_residual():
+def test_straight_path_steps_follow_the_authors_rollout():
+    """The authors' rollout: every step predicts a displacement from the start s,
+    ŷ_k = s + g(x_k, t_k), and moves the state by g/N, so x_1 is the mean prediction."""
     torch.manual_seed(0)
     flow = MetaFlow((5,))
     _wake(flow)
     s = torch.randn(3, 5)
-    _, preds = flow.unroll(s, 2)
+    x1, preds = flow.unroll(s, 2)
     g0 = flow.encoder(s, torch.tensor(0.0))
     torch.testing.assert_close(preds[0], s + g0)  # ŷ_0 = s + g(s, 0)
-    x_half = s + g0 / 2  # v = g / (1 - t) on the straight path, dt = 1/2
-    torch.testing.assert_close(preds[1], x_half + flow.encoder(x_half, torch.tensor(0.5)))
+    x_half = s + g0 / 2  # dt = 1/2
+    g1 = flow.encoder(x_half, torch.tensor(0.5))
+    torch.testing.assert_close(preds[1], s + g1)  # from s, not from x_half
+    torch.testing.assert_close(x1, x_half + g1 / 2)
+    torch.testing.assert_close(x1, (preds[0] + preds[1]) / 2)  # the implicit ensemble
     torch.testing.assert_close(flow.velocity(0.0, s), g0)
 
 
@@ -150,8 +155,8 @@ def test_logit_prediction_is_the_mean_of_independently_computed_steps(pair):
         for k in range(n):
             t = k / n
             g = d.flow.encoder(xt, torch.tensor(t))
-            outs.append(xt + g)  # ŷ_k = x_k + g(x_k, t_k)
-            xt = xt + g / (1 - t) / n  # straight path: v = (ŷ - x) / (1 - t)
+            outs.append(z + g)  # ŷ_k = s + g(x_k, t_k): a displacement from the start
+            xt = xt + g / n
     torch.testing.assert_close(pred, torch.stack(outs).mean(0))
     assert not torch.allclose(pred, z, atol=1e-3)
 
@@ -252,6 +257,24 @@ def test_feature_mode_on_maps_inserts_the_flow_serially(pair):
     assert all(
         id(p) not in deployed for p in [*d.target_proj.parameters(), *d.target_norm.parameters()]
     )
+
+
+def test_feature_mode_compares_displacements_from_the_tapped_feature(pair):
+    """The authors' feature-mode loss: PKD between the displacement the student needs,
+    s - y, and the one each step predicts, s - ŷ_k (recomputed here from the pieces)."""
+    teacher, student, x = pair
+    d = _make("fmkt", pair, tap="stage2", train_steps=[2])
+    _wake(d.flow)
+    d.train()
+    terms = d(x, Y)
+    with torch.no_grad():
+        s = d.student_taps(x)[1]["stage2"]  # the tapped module's own output
+        _, preds = d.flow.unroll(s, 2)
+        target = d.target_proj(d.target_norm(d.teacher_taps(x)[1][d.teacher_tap]))
+        expected = torch.stack([pkd(s - target, s - p) for p in preds]).mean()
+        plain = torch.stack([pkd(p, target) for p in preds]).mean()
+    torch.testing.assert_close(terms["fmkt"], d.fm_weight * d.warmup_factor * expected)
+    assert not torch.allclose(expected, plain)  # (another loss than PKD(ŷ_k, y))
 
 
 def test_training_step_counts_are_drawn_from_the_set(pair):

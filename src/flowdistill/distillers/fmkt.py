@@ -4,24 +4,24 @@ Knowledge Transfer via Flow Matching", arXiv:2402.02012, 2024; the authors' code
 
 **Algorithm.** A *meta-encoder* :math:`g_\theta(x, t)` (a network with a sinusoidal time
 embedding) defines a flow that carries the student's representation :math:`s` toward the
-teacher's :math:`y` along an affine probability path :math:`x_t = \alpha_t y + \sigma_t
-\varepsilon` (``t = 0`` the student, ``t = 1`` the teacher, the convention of
+teacher's :math:`y` (``t = 0`` the student, ``t = 1`` the teacher, the convention of
 :mod:`flowdistill.flows`; the student representation takes the place of the source sample,
-as noise does in a diffusion sampler). At state :math:`x` and time :math:`t` the encoder
-predicts the teacher-side endpoint as a residual, :math:`\hat y = x + g_\theta(x, t)`, and
-the path turns the prediction into a velocity,
-:math:`v = \dot\alpha_t \hat y + \dot\sigma_t\,(x - \alpha_t \hat y)/\sigma_t` (on the
-straight path :math:`v = g_\theta/(1 - t)`). Training *unrolls* the Euler solver with
-:math:`N` steps, :math:`t_k = k/N`,
+as noise does in a diffusion sampler). Training *unrolls* the Euler solver with :math:`N`
+steps, :math:`t_k = k/N`; on the straight (rectified) path, as in the authors' code, every
+step predicts the teacher-side endpoint as a displacement *from the start*,
 
 .. math::
 
     x_{t_0} = s, \qquad
-    \hat y_k = x_{t_k} + g_\theta(x_{t_k}, t_k), \qquad
-    x_{t_{k+1}} = x_{t_k} + v(\hat y_k, x_{t_k}, t_k) / N,
+    \hat y_k = s + g_\theta(x_{t_k}, t_k), \qquad
+    x_{t_{k+1}} = x_{t_k} + g_\theta(x_{t_k}, t_k) / N,
 
-and the loss is the mean over the steps of a metric-based distillation loss (KD, DKD, PKD
-or DIST) between each step's prediction and the teacher,
+so that the integrated :math:`x_1 = \frac1N \sum_k \hat y_k` is the mean of the step
+predictions (on the VP and VE paths, extensions of this project, the encoder predicts
+:math:`\hat y_k = x_{t_k} + g_\theta` and the path turns it into the velocity
+:math:`\dot\alpha_t \hat y + \dot\sigma_t\,(x - \alpha_t \hat y)/\sigma_t`). The loss is
+the mean over the steps of a metric-based distillation loss (KD, DKD, PKD or DIST) between
+each step's prediction and the teacher,
 
 .. math:: \mathcal{L}_\mathrm{FM} = \frac1N \sum_{k=0}^{N-1}
           \mathcal{L}_\mathrm{metric}(\hat y_k, y),
@@ -34,8 +34,8 @@ Paths: rectified flow (``"straight"``: :math:`\alpha_t = t, \sigma_t = 1 - t`), 
 :math:`\alpha_t = \sin\frac{\pi t}2, \sigma_t = \cos\frac{\pi t}2`) and VE
 (:math:`\alpha_t = 1`, :math:`\sigma_t` geometric from :math:`\sigma_{\max} = 10` to
 :math:`\sigma_{\min} = 0.01`), all from :mod:`flowdistill.flows.paths`. The encoder's last
-layer starts at zero, so a fresh flow predicts :math:`\hat y_k = x_{t_k}` (on the straight
-and VE paths it is then the identity map).
+layer starts at zero, so a fresh flow predicts :math:`\hat y_k = s` on the straight path
+(:math:`x_{t_k}` on the others; on the straight and VE paths it is then the identity map).
 
 **Feature mode** (``tap`` a student module path): the flow runs in the student's feature
 space; the teacher's feature at ``teacher_tap`` is projected into it (BatchNorm then a
@@ -44,11 +44,20 @@ authors' BN + 1×1 convolution). The flow is inserted *serially*: a forward hook
 tapped module's output by the integrated :math:`x_1`, so the rest of the student computes on
 the transported feature, in training and at inference (the meta-encoder is part of the
 deployed model; :meth:`FMKT.predict` runs it with ``inference_steps``). The student's
-cross-entropy is taken on its final logits.
+cross-entropy is taken on its final logits. As in the authors' code, each step's metric
+compares displacements from the tapped feature :math:`s`: the one the student needs,
+:math:`s - y`, with the one the step predicts, :math:`s - \hat y_k` (with the default PKD,
+a per-channel correlation, this asks for the direction of each channel's move, not its
+scale).
 
 **Logit mode** (``tap="logits"``, the default): the flow runs on the student's logits and
 each step's prediction :math:`\hat y_k` is a set of logits, trained with the metric against
 the teacher's logits plus cross-entropy against the labels (both averaged over the steps).
+This departs from the authors' CIFAR code, whose logit-based module runs the flow on the
+student's last feature map and turns each step's prediction into logits with a learned
+pooling + linear head that replaces the student's classifier (FM-KT Θ trains a separate
+copy of that head); here the meta-encoder sees the logits alone, which works with any
+student without locating its classifier.
 The prediction is the mean of the step outputs, :math:`\frac1N\sum_k \hat y_k`: FM-KT is an
 *implicit ensemble* over the solver's steps.
 
@@ -188,11 +197,14 @@ class MetaFlow(nn.Module):
     from the student representation (``t = 0``) toward the teacher's (``t = 1``) by
     :meth:`unroll` with explicit Euler steps.
 
-    The encoder predicts the endpoint as a residual on the current state,
+    On the straight path (the authors' rollout) the encoder gives the displacement from the
+    start: step :math:`k` predicts :math:`\hat y_k = s + g_\theta(x_k, t_k)` and moves the
+    state by :math:`g_\theta(x_k, t_k)/N`, so that :math:`x_1 = \frac1N\sum_k \hat y_k` is
+    the mean of the step predictions. On the VP and VE paths (extensions of this project)
+    the encoder predicts the endpoint as a residual on the current state,
     :math:`\hat y(x, t) = x + g_\theta(x, t)`, and the path turns it into the velocity
     :math:`v = \dot\alpha_t \hat y + \dot\sigma_t (x - \alpha_t \hat y) / \sigma_t`
-    (:meth:`~flowdistill.flows.AffinePath.x1_to_velocity`; on the straight path
-    :math:`v = g_\theta / (1 - t)`)."""
+    (:meth:`~flowdistill.flows.AffinePath.x1_to_velocity`)."""
 
     def __init__(
         self,
@@ -211,12 +223,14 @@ class MetaFlow(nn.Module):
         self.encoder = MetaEncoder(shape, encoder, hidden, depth, causal)
 
     def endpoint(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The teacher-side endpoint predicted at ``(x, t)``: ``x + g(x, t)``."""
+        """The VP/VE paths' teacher-side endpoint predicted at ``(x, t)``: ``x + g(x, t)``."""
         return x + self.encoder(x, t)
 
     def velocity(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The field ``dx/dt`` at ``(x, t)``, in the ``func(t, x)`` order of
-        :func:`flowdistill.flows.odeint`."""
+        :func:`flowdistill.flows.odeint`: ``g(x, t)`` on the straight path."""
+        if self.path_name == "straight":
+            return self.encoder(x, t)
         return self.path.x1_to_velocity(self.endpoint(t, x), x, t)
 
     def unroll(self, s: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -225,6 +239,11 @@ class MetaFlow(nn.Module):
         x, preds = s, []
         for k in range(int(steps)):
             t = torch.full((), k / steps, dtype=x.dtype, device=x.device)
+            if self.path_name == "straight":  # the authors' rollout: predictions from s
+                g = self.encoder(x, t)
+                preds.append(s + g)
+                x = x + g / steps
+                continue
             y = self.endpoint(t, x)
             preds.append(y)
             x = x + self.path.x1_to_velocity(y, x, t) / steps
@@ -354,7 +373,7 @@ def _insertion_hook(owner: weakref.ReferenceType):
         steps = distiller._steps if distiller._steps is not None else distiller.inference_steps
         x1, preds = distiller.flow.unroll(output, steps)
         if distiller._capture:
-            distiller._rollout = preds
+            distiller._rollout = (output, preds)
         return x1.to(output.dtype)
 
     return hook
@@ -456,7 +475,7 @@ class FMKT(Distiller):
         self.target_proj: nn.Module | None = None
         self._steps: int | None = None
         self._capture = False
-        self._rollout: list[torch.Tensor] | None = None
+        self._rollout: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self._stats = _StepStats(name)
         if self.feature_mode:
             t_shape = self.teacher_shapes[teacher_tap]
@@ -487,28 +506,32 @@ class FMKT(Distiller):
         return step_metric(self.metric, pred, target, labels, mask=mask, **self.metric_options)
 
     def _student_with_flow(self, inputs: Any, steps: int):
-        """Student features with the flow inserted at ``tap`` and the step predictions."""
+        """``(student features with the flow inserted at tap, the tapped feature before
+        the flow, the step predictions)``."""
         self._steps, self._capture, self._rollout = steps, True, None
         try:
             s_out = self.student_forward(inputs)
-            preds = self._rollout
+            rollout = self._rollout
         finally:
             self._steps, self._capture, self._rollout = None, False, None
-        if preds is None:
+        if rollout is None:
             raise TapError(f"{self.name}: the forward pass did not reach the tap {self.tap!r}")
-        return s_out, preds
+        start, preds = rollout
+        return s_out, start, preds
 
     # ------------------------------------------------------------------ training
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         t_out = self.teacher_forward(inputs)
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
         if self.feature_mode:
-            s_out, preds = self._student_with_flow(inputs, steps)
+            s_out, start, preds = self._student_with_flow(inputs, steps)
             t_feat = t_out[self.teacher_tap].to(preds[0].dtype)
             mask = self.feature_mask(targets, preds[0], f"tap {self.tap!r}")
             self.feature_mask(targets, t_feat, f"teacher_tap {self.teacher_tap!r}")
             target = self.target_proj(self.target_norm(t_feat, mask))
-            fm = torch.stack([self._metric(p, target, None, mask) for p in preds]).mean()
+            start = start.to(preds[0].dtype)
+            need = start - target  # the displacement the student needs; each step's own:
+            fm = torch.stack([self._metric(need, start - p, None, mask) for p in preds]).mean()
             ce = self.cross_entropy(s_out[LOGITS], targets)
         else:
             s_logits = self.student_forward(inputs)[LOGITS]

@@ -312,3 +312,25 @@ def test_a_run_of_a_teacher_with_other_weights_at_the_same_path_is_refused(tmp_p
     (tmp_path / "b" / "results.json").unlink()
     with pytest.raises(ConfigError, match=r"another configuration \(teacher_weights differ\)"):
         run_bench("digits", **kw)
+
+
+def test_an_interrupted_run_keyed_before_teacher_weights_resumes(tmp_path):
+    """A run checkpointed before run keys held the teacher's weights is resumed under the
+    key it was saved with (same_run), not refused as another configuration."""
+    from flowdistill.bench.runner import _hash
+    from flowdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    kw = dict(methods=["student"], seeds=1, epochs=1, teacher_epochs=1, progress=False,
+              out=tmp_path / "b", cache=tmp_path / "cache", log=lambda *_: None)  # fmt: skip
+    first = run_bench("digits", **kw)
+    run = tmp_path / "b" / "runs" / "student" / "seed0"
+    tensors, state = load_checkpoint(run / "last.safetensors")
+    old = {k: v for k, v in state["meta"]["key"].items() if k != "teacher_weights"}
+    state["meta"] = {"key_hash": _hash(old), "key": old}  # as an earlier version saved it
+    save_checkpoint(run / "last.safetensors", tensors, state)
+    for name in ("result.json", "inference.json"):  # interrupted before it finished
+        (run / name).unlink()
+    (tmp_path / "b" / "results.json").unlink()
+    again = run_bench("digits", **kw)
+    assert [r["metric"] for r in again["runs"]] == [r["metric"] for r in first["runs"]]
+    assert json.loads((run / "result.json").read_text())["key"] == old

@@ -25,11 +25,12 @@ from ..distillers.registry import method_options, resolve, tune_points
 from ..engine import distributed
 from ..engine.checkpoint import (
     atomic_write_text,
+    checkpoint_meta,
     digest,
     load_checkpoint,
     load_model_weights,
 )
-from ..engine.trainer import BEST, fit, refuse_unsynchronised_state
+from ..engine.trainer import BEST, CHECKPOINT, fit, refuse_unsynchronised_state
 from ..errors import ConfigError, DataError, FlowdistillError, NonFiniteLossError
 from ..models import MODELS, build_model, data_kwargs
 from ..taps import first_tensor
@@ -634,6 +635,10 @@ def _train_run(
     student = _build(suite.student, data, suite.task)
     distiller = make_distiller(method, teacher, student, example_input=example, **options)
     train = _train_config(suite, epochs=suite.epochs, seed=seed, progress=progress)
+    meta = {"key_hash": _hash(key), "key": key}
+    saved = checkpoint_meta(run_dir / CHECKPOINT).get("meta") or {}
+    if saved.get("key_hash") not in (None, meta["key_hash"]) and same_run(saved, key):
+        meta = {"key_hash": saved["key_hash"], "key": saved["key"]}  # keyed before: resumed
     result = fit(
         distiller,
         data,
@@ -642,7 +647,7 @@ def _train_run(
         out_dir=run_dir,
         resume=True,
         batch_size=suite.batch_size,
-        meta={"key_hash": _hash(key), "key": key},
+        meta=meta,
     ).to_dict()
     cost = None
     if with_cost:

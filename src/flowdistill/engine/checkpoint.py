@@ -116,6 +116,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, meta
 
 
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` of a checkpoint, read from its header alone (no tensor is loaded nor
+    verified: :func:`load_checkpoint` does that); ``{}`` where the header cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        meta = json.loads(header.get(_META_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, prefix: str = "") -> None:
     """Load weights saved by the engine (``best.safetensors``/``model.safetensors``) into ``model``.
 

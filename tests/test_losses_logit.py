@@ -331,3 +331,36 @@ def test_class_indices_out_of_range_are_a_library_error_naming_the_range():
                        r"\(got -100 to 2\)") as err:  # fmt: skip
         losses.dkd(s, t, torch.tensor([0, 2, -100]))  # padding where DKD needs a label
     assert isinstance(err.value, FlowdistillError) and isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda s, t, y, m: losses.kd(s, t, 2.0, m),
+        lambda s, t, y, m: losses.dkd(s, t, y, mask=m),
+        lambda s, t, y, m: losses.dist(s, t, mask=m),
+        lambda s, t, y, m: losses.ls(s, t, mask=m),
+        lambda s, t, y, m: losses.taid(s, t, 0.6, m),
+    ],
+    ids=["kd", "dkd", "dist", "ls", "taid"],
+)
+def test_left_out_positions_give_neither_value_nor_gradient(loss):
+    """Whatever padded positions hold (NaN, inf), a masked logit loss has the value and the
+    gradient it has with finite junk there; the left-out rows get no gradient."""
+    s, t = rand(3, 5, 7, seed=1, scale=2.0), rand(3, 5, 7, seed=2, scale=2.0)
+    y = labels(15, 7).view(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2, 4] = False
+    y = torch.where(mask, y, -100)
+    clean = s.clone().requires_grad_()
+    expected = loss(clean, t, y, mask)
+    expected.backward()
+    spoiled_s, spoiled_t = s.clone(), t.clone()
+    spoiled_s[~mask], spoiled_t[~mask] = float("nan"), float("inf")
+    spoiled_s.requires_grad_()
+    value = loss(spoiled_s, spoiled_t, y, mask)
+    value.backward()
+    close(value.detach(), expected.detach())
+    assert torch.isfinite(spoiled_s.grad).all() and not spoiled_s.grad[~mask].any()
+    torch.testing.assert_close(spoiled_s.grad[mask], clean.grad[mask])

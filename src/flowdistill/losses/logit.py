@@ -37,6 +37,7 @@ def kd(
             f"kd: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape"
         )
+    student_logits, teacher_logits = zero_left_out("kd", mask, student_logits, teacher_logits)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(dtype).flatten(0, -2) / temperature
     t = teacher_logits.to(dtype).flatten(0, -2) / temperature
@@ -44,6 +45,20 @@ def kd(
     log_p_t = F.log_softmax(t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     return masked_mean(kl, position_mask("kd", mask, student_logits)) * temperature**2
+
+
+def zero_left_out(
+    name: str, mask: torch.Tensor | None, *logits: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``logits`` with the positions ``mask`` leaves out set to 0, so that whatever they
+    hold (NaN or inf from a model at padded positions, say) gives neither a value nor a
+    gradient; unchanged without a mask."""
+    keep = position_mask(name, mask, logits[0])
+    if keep is None:
+        return logits
+    keep = keep.view(*logits[0].shape[:-1], 1)
+    return tuple(torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device))
+                 for z in logits)  # fmt: skip
 
 
 def position_mask(
@@ -137,6 +152,8 @@ def dkd(
     """
     s, t = _rows("dkd", student_logits, teacher_logits)
     keep = position_mask("dkd", mask, student_logits)
+    if keep is not None:
+        s, t = zero_left_out("dkd", keep, s, t)
     if keep is not None and tuple(target.shape) == tuple(student_logits.shape[:-1]):
         target = torch.where(keep.view(target.shape), target, 0)  # any class: not counted
     y = _targets("dkd", target, student_logits)
@@ -207,6 +224,9 @@ def dist(
     setting; their CIFAR-100 setting is ``T = 4``, both with loss weight 2).
     """
     s, t = _rows("dist", student_logits, teacher_logits)
+    if mask is not None:
+        position_mask("dist", mask, student_logits)  # (its shape checked first)
+        s, t = zero_left_out("dist", mask.reshape(-1), s, t)
     y_s = F.softmax(s / temperature, dim=-1)
     y_t = F.softmax(t / temperature, dim=-1)
     keep = position_mask("dist", mask, student_logits)
@@ -246,6 +266,9 @@ def ls(
     by 9 with cross-entropy weight 0.1.
     """
     s, t = _rows("ls", student_logits, teacher_logits)
+    if mask is not None:
+        position_mask("ls", mask, student_logits)  # (its shape checked first)
+        s, t = zero_left_out("ls", mask.reshape(-1), s, t)
     if s.shape[-1] < 2:
         raise ShapeMismatchError(f"ls: standardising needs at least 2 classes, got {s.shape[-1]}")
     s = standardize_logits(s).view(student_logits.shape)
@@ -295,6 +318,8 @@ def taid(
     :math:`p_t` (constant for the student's gradient). The schedule of ``t`` lives in the
     ``taid`` method.
     """
+    if mask is not None:
+        student_logits, teacher_logits = zero_left_out("taid", mask, student_logits, teacher_logits)
     p_t = taid_target(student_logits, teacher_logits, t).flatten(0, -2)
     s, _ = _rows("taid", student_logits, teacher_logits)
     log_q = F.log_softmax(s, dim=-1)

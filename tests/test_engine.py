@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -362,6 +363,32 @@ def test_resume_refuses_another_method_architecture_or_fewer_epochs(tmp_path, pa
     with pytest.raises(CheckpointError, match="does not fit this distiller"):
         fit(flowdistill.make_distiller("kd", teacher, wider), tiny_data,
             train=TrainConfig(epochs=3, **QUIET), **again)  # fmt: skip
+
+
+def test_more_epochs_under_a_cosine_schedule_are_recorded_as_spliced(tmp_path, pair, tiny_data):
+    """Resumed with more epochs, a cosine schedule is spliced (its rate had fallen toward
+    0 for the planned length): a warning says so and result.json records where; a step
+    schedule, whose milestones do not move, extends exactly and records nothing."""
+    teacher = pair[0]
+    for schedule, spliced in (("cosine", True), ("step", False)):
+        out = tmp_path / schedule
+        optim = OptimConfig(schedule=schedule, milestones=[1] if schedule == "step" else [])
+        kw = dict(out_dir=out, batch_size=32)
+        fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data, optim,
+            TrainConfig(epochs=2, **QUIET), **kw)  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(flowdistill.make_distiller("kd", teacher, _student()), tiny_data, optim,
+                TrainConfig(epochs=3, **QUIET), resume=True, **kw)  # fmt: skip
+        said = [str(w.message) for w in caught if "spliced" in str(w.message)]
+        record = json.loads((out / "result.json").read_text())
+        if spliced:
+            assert len(said) == 1 and "planned for 2 epochs" in said[0]
+            assert record["schedule_extended"] == [
+                {"at_epoch": 2, "from_epochs": 2, "to_epochs": 3}
+            ]
+        else:
+            assert not said and "schedule_extended" not in record
 
 
 def test_resume_refuses_other_settings_and_names_them(tmp_path, pair, tiny_data):

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -620,6 +621,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
+    extended: list[dict[str, int]] = []  # resumed with more epochs under a cosine schedule
     best_score, best_epoch, best_state = -math.inf, -1, None
     best_val, best_val_loss = -1.0, math.nan
     if resume and ckpt_path is not None and not ckpt_path.exists():
@@ -659,6 +661,19 @@ def fit(
             if rank:  # (a checkpoint of another process count) a stream of this rank's own
                 torch.manual_seed(torch.randint(2**62, ()).item() + rank)
         start_epoch, history = state["epoch"] + 1, state["history"]
+        extended = list(state.get("schedule_extended", []))
+        planned = state.get("epochs")
+        if planned is not None and planned != train.epochs and optim.schedule == "cosine":
+            extended.append({"at_epoch": start_epoch, "from_epochs": planned,
+                             "to_epochs": train.epochs})  # fmt: skip
+            warnings.warn(
+                f"{ckpt_path}: the run was planned for {planned} epochs under a cosine "
+                f"schedule and is resumed to {train.epochs}: from epoch {start_epoch + 1} its "
+                f"learning rate follows the {train.epochs}-epoch schedule, spliced onto the "
+                f"{planned}-epoch one (not what a {train.epochs}-epoch run from the start "
+                "does); result.json records it as schedule_extended",
+                stacklevel=3,
+            )
         best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]
         best_val_loss = state.get("best_val_loss", math.nan)
         best_score = state.get("best_val_score", best_val)
@@ -824,6 +839,8 @@ def fit(
                 {**model_t, **optim_t, **rng_t},
                 {
                     "epoch": epoch,
+                    "epochs": total,
+                    "schedule_extended": extended,
                     "optimizer": optim_meta,
                     "scheduler": {"step": (epoch + 1) * steps_per_epoch},
                     "rng": rng_meta,
@@ -864,7 +881,15 @@ def fit(
     if out is not None and main:
         save_checkpoint(out / "model.safetensors", last_state, {"epoch": total})
         atomic_write_text(
-            out / "result.json", json.dumps({**result.to_dict(), **(meta or {})}, indent=1)
+            out / "result.json",
+            json.dumps(
+                {
+                    **result.to_dict(),
+                    **({"schedule_extended": extended} if extended else {}),
+                    **(meta or {}),
+                },
+                indent=1,
+            ),  # fmt: skip
         )
     distributed.barrier()
     distiller.train(was_training)

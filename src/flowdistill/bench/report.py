@@ -278,7 +278,7 @@ def plot_diagnostics(diags: dict[str, dict[str, list[float]]], out: Path) -> str
                             marker="o" if len(values) < 3 else None)  # fmt: skip
         ax.set_title(kind.replace("_", " "))
         ax.set_xlabel("epoch")
-        if kind == "roundtrip_error":
+        if kind.endswith("roundtrip_error"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -27,8 +27,11 @@ target on each feature pair (:math:`w\,\lVert a - t\rVert^2`): the flow then ref
 student representation that is held on the teacher's, rather than standing in for it. As
 :math:`\Phi` is a bijection the transfer can be diagnosed every epoch on a held
 batch: the transport error :math:`\lVert\Phi(a) - t\rVert / \lVert t\rVert`, the inverse
-round-trip error :math:`\lVert\Phi^{-1}(\Phi(a)) - a\rVert / \lVert a\rVert` (accurate RK4
-solve), and the negative log-likelihood per dimension of teacher features under
+round-trip error :math:`\lVert\Phi^{-1}(\Phi(a)) - a\rVert / \lVert a\rVert` of the flow
+itself (accurate RK4 solve: how invertible the learned field is) and of the ``steps``-step
+transport the student is trained through, run backwards with its own solver
+(``transport_roundtrip_error``: what that discretisation loses), and the negative
+log-likelihood per dimension of teacher features under
 :math:`\Phi_\#\mathcal{N}(\mu_a, \sigma_a^2)` (Hutchinson trace).
 
 **Flow-guided progressive distillation.** Over the first ``ramp`` fraction of training:
@@ -437,10 +440,17 @@ class FlowDistill(Distiller):
 
         return call
 
-    def _transport(self, key: str, a: torch.Tensor, tau: float, steps: int, context, detach):
-        """``Phi`` from time 0 to ``tau`` in ``steps`` fixed steps (differentiable in ``a``)."""
+    def _transport(
+        self, key: str, a: torch.Tensor, tau: float, steps: int, context, detach,
+        backward: bool = False,
+    ):  # fmt: skip
+        """``Phi`` from time 0 to ``tau`` in ``steps`` fixed steps (differentiable in ``a``);
+        ``backward``: from ``tau`` back to 0, the same solver and steps (its inverse, up to
+        the discretisation)."""
         call = self._field(key, detach, self._context_for(a, context))
         times = torch.linspace(0.0, tau, steps + 1, device=a.device, dtype=a.dtype)
+        if backward:
+            times = times.flip(0)
 
         def func(t, x):
             return call(x, t.expand(x.shape[0]))
@@ -576,6 +586,10 @@ class FlowDistill(Distiller):
                 moved = self._transport(key, a, 1.0, self.steps, ctx, True)
                 out[f"{name}/adapter_error"] = _rel(a, t)
                 out[f"{name}/transport_error"] = _rel(moved, t)
+                # the map the student trains through, run backwards with its own solver
+                # and steps: what its discretisation loses
+                undone = self._transport(key, moved, 1.0, self.steps, ctx, True, backward=True)
+                out[f"{name}/transport_roundtrip_error"] = _rel(undone, a)
                 exact = FlowMap(
                     lambda z, u, context=None, k=key: self.velocities[k](z, u, context=context),
                     steps=32,

@@ -239,7 +239,7 @@ def test_demo_runs_the_digits_bench_with_every_method(tmp_path, monkeypatch, cap
     assert "| table |" in capsys.readouterr().out
 
 
-def _results(methods, command, epochs=10, student_metric=0.60, tuned=()):
+def _results(methods, command, epochs=10, student_metric=0.60, tuned=(), tune=None):
     """A bench results.json as ``bench`` writes it (two seeds), built by hand."""
     runs, summary = [], {}
     for i, method in enumerate(methods):
@@ -254,6 +254,8 @@ def _results(methods, command, epochs=10, student_metric=0.60, tuned=()):
                            "deployed_params": 100, "inference_time_ratio": 1.0}  # fmt: skip
     config = {"suite": "s", "seeds": [0, 1], "epochs": epochs, "teacher_epochs": 15,
               "batch_size": 64, "budget": 1.0, "optim": {"lr": 0.1}}  # fmt: skip
+    if tune is not None:
+        config["tune"] = tune
     results = {"suite": "s", "metric": "test_acc", "unit": "%", "higher_is_better": True,
                "seeds": 2, "teacher": {"name": "t", "params": 9, "metric": 0.7,
                                        "checkpoint": "c/best.safetensors"},
@@ -295,6 +297,7 @@ def test_table_merges_benches_of_one_recipe(tmp_path, capsys):
     [
         ({"student_metric": 0.59}, "method 'student' ran differently"),
         ({"epochs": 20}, "their epochs differ"),
+        ({"tune": True}, "their tune differ"),  # tuned rows beside untuned ones
     ],
 )
 def test_table_refuses_to_merge_different_benches(tmp_path, capsys, change, message):
@@ -335,6 +338,8 @@ def test_bench_set_gives_a_method_its_options(tmp_path, capsys):
         (["--set", "kd.temprature=1"], "kd has no option 'temprature'; did you mean 'temperature'"),
         (["--set", "fitnet.hint_weight=1"], "'fitnet', which this bench does not run"),
         (["--set", "kd.temperature=1", "--tune"], "kd.temperature is chosen by --tune"),
+        (["--set", "kd.temperature=1", "--set", "kd.temperature=2"], "kd.temperature twice"),
+        (["--set", "kd.example_input=1"], "kd.example_input cannot be set"),
     ],
 )
 def test_bench_set_refuses_what_cannot_apply(extra, message, tmp_path, capsys):

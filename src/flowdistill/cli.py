@@ -133,7 +133,11 @@ def _method_settings(items: list[str] | None) -> dict[str, dict]:
             raise ConfigError(
                 f"--set takes METHOD.OPTION=VALUE, e.g. kd.temperature=1; got {item!r}"
             )
-        out.setdefault(method, {})[key] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        given = out.setdefault(method, {})
+        if key in given and given[key] != parsed:
+            raise ConfigError(f"--set gives {method}.{key} twice ({given[key]!r} and {parsed!r})")
+        given[key] = parsed
     return out
 
 

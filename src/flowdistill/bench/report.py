@@ -17,7 +17,9 @@ __all__ = [
 ]
 
 #: what two benches must share for their rows to stand in one table
-_SAME_RECIPE = ("suite", "seeds", "epochs", "teacher_epochs", "batch_size", "budget", "optim")
+_SAME_RECIPE = (
+    "suite", "seeds", "epochs", "teacher_epochs", "batch_size", "budget", "optim", "tune",
+)  # fmt: skip
 
 
 def _pct(x: float) -> str:

@@ -681,6 +681,11 @@ def _with_options(
         accepted = method_options(method)
         _, preset = resolve(method)
         for key in values:
+            if key == "example_input":
+                raise ConfigError(
+                    f"{method}.example_input cannot be set: the bench passes a batch of the "
+                    "suite's training inputs"
+                )
             if key not in accepted:
                 close = difflib.get_close_matches(key, list(accepted), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""

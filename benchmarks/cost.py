@@ -42,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise SystemExit(f"--out {out} is a folder; give the JSON file to write")
+    try:  # (before anything is timed, not after)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"--out {out}: its folder cannot be created ({err})") from None
 
     suite = get_suite(args.suite)
     data = suite.load_data()
@@ -109,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": suite.batch_size, "teacher": teacher_info["checkpoint"]}  # fmt: skip
     record = {"suite": suite.name, "methods": rows,
               "provenance": {**provenance(command, config), "seeds": [0]}}  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print("| method | step ÷ student | module cost ÷ DiffKD's | extra params | deployed params |")
     print("| --- | --- | --- | --- | --- |")

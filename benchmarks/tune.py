@@ -43,6 +43,7 @@ from flowdistill.bench.runner import (
 from flowdistill.bench.suites import get_suite
 from flowdistill.distillers import make_distiller
 from flowdistill.engine import fit
+from flowdistill.errors import NonFiniteLossError
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -51,6 +52,8 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         key, _, values = item.partition("=")
         if not values:
             raise SystemExit(f"grid entries look like key=v1,v2; got {item!r}")
+        if key in grid:
+            raise SystemExit(f"--grid names {key!r} twice; give its values once: {key}=v1,v2")
         grid[key] = [yaml.safe_load(v) for v in values.split(",")]
     return grid
 
@@ -67,8 +70,17 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=1, help="runs trained at a time, in processes of their own"
     )
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {args.workers}")
+    for flag, value in (("--workers", args.workers), ("--seeds", args.seeds),
+                        ("--epochs", 1 if args.epochs is None else args.epochs)):  # fmt: skip
+        if value < 1:
+            raise SystemExit(f"{flag} must be >= 1, got {value}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise SystemExit(f"--out {out} is a folder; give the JSON file to write")
+    try:  # (before anything trains, not after)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"--out {out}: its folder cannot be created ({err})") from None
 
     suite = get_suite(args.suite)
     lm = suite.task == "lm"
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     # every point is built before the teacher trains: a wrong option stops at once
     _check_buildable(suite, data, [args.method], {args.method: combos}, data.train.x[:8])
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
-    epochs = args.epochs or suite.epochs
+    epochs = suite.epochs if args.epochs is None else args.epochs
     base = method_config(suite, args.method)
     jobs = [
         {"suite": suite.name, "method": args.method, "options": {**base, **options},
@@ -104,13 +116,22 @@ def main(argv: list[str] | None = None) -> int:
             "options": options,
             f"{name}_last": finals,
             f"{name}_best": bests,
-            "score": float(np.mean(finals)),
-            "score_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
             "seconds": float(np.mean(seconds)),
         }
+        diverged = [seed for seed, score in enumerate(finals) if score is None]
+        if diverged:  # the worst point, whatever its other seeds scored
+            point.update(score=None, score_std=None, diverged=diverged)
+            print(f"{options}: diverged (a non-finite loss; seeds {diverged})")
+        else:
+            point["score"] = float(np.mean(finals))
+            point["score_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
+            print(f"{options}: {name} {scale * point['score']:.4f} ± "
+                  f"{scale * point['score_std']:.4f}")  # fmt: skip
         points.append(point)
-        print(f"{options}: {name} {scale * point['score']:.4f} ± {scale * point['score_std']:.4f}")
-    chosen = (min if lm else max)(points, key=lambda p: p["score"])
+    scored = [p for p in points if p["score"] is not None]
+    if not scored:
+        raise SystemExit("every grid point diverged (a non-finite loss); nothing to choose")
+    chosen = (min if lm else max)(scored, key=lambda p: p["score"])
     command = shlex.join(["python", "benchmarks/tune.py", *(argv or sys.argv[1:])])
     config = {"suite": suite.name, "method": args.method, "grid": grid, "epochs": epochs,
               "base_options": base, "teacher": teacher_info["checkpoint"]}  # fmt: skip
@@ -122,16 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         "chosen": chosen["options"],
         "provenance": {**provenance(command, config), "seeds": list(range(args.seeds))},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"chosen on validation: {chosen['options']} ({scale * chosen['score']:.4f})")
     return 0
 
 
-def _run(job: dict, suite=None, data=None, teacher=None) -> tuple[float, float, float]:
-    """One grid point and seed: ``(final validation score, best-validation score, seconds)``.
-    In a worker process the suite's data and cached teacher are loaded first."""
+def _run(job: dict, suite=None, data=None, teacher=None) -> tuple:
+    """One grid point and seed: ``(final validation score, best-validation score, seconds)``,
+    the scores ``None`` where the loss became non-finite (the point diverged). In a worker
+    process the suite's data and cached teacher are loaded first."""
     if suite is None:
         torch.set_num_threads(job["threads"])
         suite = get_suite(job["suite"])
@@ -144,13 +164,16 @@ def _run(job: dict, suite=None, data=None, teacher=None) -> tuple[float, float, 
         job["method"], teacher, student, example_input=data.train.x[:8], **job["options"]
     )
     t0 = time.perf_counter()
-    result = fit(
-        distiller,
-        data,
-        suite.optim,
-        _train_config(suite, epochs=job["epochs"], seed=seed, progress=False),
-        batch_size=suite.batch_size,
-    )
+    try:
+        result = fit(
+            distiller,
+            data,
+            suite.optim,
+            _train_config(suite, epochs=job["epochs"], seed=seed, progress=False),
+            batch_size=suite.batch_size,
+        )
+    except NonFiniteLossError:
+        return None, None, time.perf_counter() - t0
     best = _bits(result.best_val_loss) if suite.task == "lm" else result.best_val_acc
     return _val_score(suite, result.to_dict()), best, time.perf_counter() - t0
 

@@ -178,3 +178,19 @@ def test_tune_script_workers_score_as_one_after_another(tmp_path, monkeypatch):
     assert "test" not in json.dumps(serial).replace("benchmarks/tune.py", "")
     with pytest.raises(SystemExit, match="--workers"):
         tune.main([*argv, "--workers", "0", "--out", "bad.json"])
+    twice = ["--grid", "temperature=1", "temperature=4"]
+    for bad, message in ((["--seeds", "0"], "--seeds must be >= 1"),
+                         (["--epochs", "0"], "--epochs must be >= 1"),
+                         (["--out", str(tmp_path)], "is a folder"),
+                         (twice, "names 'temperature' twice")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            tune.main([*argv, "--out", "bad.json", *bad])
+    assert not (tmp_path / "bad.json").exists()
+    # a point whose loss diverges is the worst point; the others are kept and chosen from
+    diverging = ["--suite", "digits", "--method", "kd", "--grid", "kd_weight=0.9,1e39",
+                 "--seeds", "1", "--epochs", "1", "--out", "diverging.json"]  # fmt: skip
+    assert tune.main(diverging) == 0
+    record = json.loads((tmp_path / "diverging.json").read_text())
+    worst = record["points"][1]
+    assert worst["diverged"] == [0] and worst["score"] is None
+    assert record["chosen"] == {"kd_weight": 0.9}

@@ -256,8 +256,12 @@ def test_validation():
         FlowMap(net, method="rk5")
     with pytest.raises(ValueError, match="steps"):
         FlowMap(net, steps=0)
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        FlowMap(net, steps=2.5)  # not silently 2
     with pytest.raises(ValueError, match="estimator"):
         FlowMap(net).forward_and_logdet(torch.randn(2, 3), estimator="skilling")
+    y, logdet = FlowMap(net).forward_and_logdet(torch.randn(0, 3))  # an empty batch
+    assert y.shape == (0, 3) and logdet.shape == (0,)
 
 
 def test_torchdiffeq_backend_flowmap(perturb):

@@ -89,8 +89,8 @@ class FlowMap(nn.Module):
         options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         backend = (options or {}).get("backend", "native")
         if backend == "native" and method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; known methods: {sorted(SOLVERS)}")
@@ -157,6 +157,8 @@ class FlowMap(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
         shape = x.shape
+        if x.ndim < 1 or shape[0] == 0:  # nothing to move: the empty batch, no log-det
+            return x, x.new_zeros(shape[:1])
         batch, dim = shape[0], x[0].numel()
         if estimator == "hutchinson":
             if noise is None:

@@ -128,8 +128,9 @@ class MetaEncoder(nn.Module):
     """The meta-encoder ``g(x, t)``: a time-conditioned network mapping features of per-sample
     ``shape`` (vector ``(D,)``, map ``(C, H, W)`` or tokens ``(T, D)``) to the same shape,
     built from the networks of :mod:`flowdistill.flows.nets` (sinusoidal time embedding and
-    FiLM conditioning, zero-initialised output layer). :class:`MetaFlow` reads its output as
-    the residual from the current state to the predicted endpoint."""
+    FiLM conditioning, zero-initialised output layer; the authors' encoders instead add a
+    linear time embedding to the input and start from a random output layer).
+    :class:`MetaFlow` reads its output as a displacement (see there)."""
 
     def __init__(
         self,

@@ -108,7 +108,7 @@ def test_every_method_fits_checkpoints_and_resumes(name, pair, tiny_data, tmp_pa
     options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
     quiet = {"progress": False, "deterministic": True}
-    optim = flowdistill.OptimConfig(lr=0.02)
+    optim = flowdistill.OptimConfig(lr=0.02, schedule="constant")  # (extends exactly)
     out = tmp_path / "run"
     first = flowdistill.fit(
         distiller, tiny_data, optim, flowdistill.TrainConfig(epochs=1, **quiet), out, batch_size=32

@@ -557,3 +557,14 @@ def test_an_out_dir_that_cannot_be_created_is_named_before_training(tmp_path):
 
     _check_creatable(made)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_one_seed_table_shows_no_spread():
+    from flowdistill.bench.report import compact_table, markdown_table
+
+    results = _results(["student", "kd"], "bench")
+    for row in results["summary"].values():
+        row.update(n=1, std=0.0, best_val_std=0.0)  # as mean_std gives one seed
+    for table in (compact_table(results), markdown_table(results)):
+        rows = [line for line in table.splitlines() if line.startswith("| kd ")]
+        assert rows and "(1 seed)" in rows[0] and "±" not in rows[0]

@@ -38,8 +38,13 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.2f}" if key in row else "—"
 
 
-def _cell(fmt, mean, std) -> str:
-    return "—" if mean is None else f"{fmt(mean)} ± {fmt(std)}"
+def _cell(fmt, mean, std, n: int | None = None) -> str:
+    """``mean ± std``; a single seed has no spread to show (``mean (1 seed)``)."""
+    if mean is None:
+        return "—"
+    if n == 1:
+        return f"{fmt(mean)} (1 seed)"
+    return f"{fmt(mean)} ± {fmt(std)}"
 
 
 def merge_results(parts: list[dict[str, Any]], names: list[str] | None = None) -> dict[str, Any]:
@@ -123,8 +128,8 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
     fmt = _formatter(results)
     for method, row in order:
         line = (
-            f"| {method} | {_cell(fmt, row['mean'], row['std'])} | "
-            f"{_cell(fmt, row['best_val_mean'], row['best_val_std'])} | "
+            f"| {method} | {_cell(fmt, row['mean'], row['std'], row.get('n'))} | "
+            f"{_cell(fmt, row['best_val_mean'], row['best_val_std'], row.get('n'))} | "
             f"{row['gap_closed']:+.2f} |"
         )
         if timing:
@@ -162,8 +167,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     )
     for method, row in order:
         lines.append(
-            f"| {method} | {_cell(fmt, row['mean'], row['std'])} | "
-            f"{_cell(fmt, row['best_val_mean'], row['best_val_std'])} | "
+            f"| {method} | {_cell(fmt, row['mean'], row['std'], row.get('n'))} | "
+            f"{_cell(fmt, row['best_val_mean'], row['best_val_std'], row.get('n'))} | "
             f"{row['gap_closed']:+.2f} | {_ratio(row, 'step_time_ratio')} | "
             f"{row['extra_params']:,} | {row['deployed_params']:,} | "
             f"{_ratio(row, 'inference_time_ratio')} |"

@@ -125,15 +125,9 @@ def test_idx_holdout_splits_cut_one_file_pair_three_ways(tmp_path):
 
 
 def test_npz_reader_and_errors(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {
-        "x_train": rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8),
-        "y_train": np.arange(20) % 2,
-        "x_test": rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8),
-        "y_test": np.arange(6) % 2,
-    }
-    np.savez(tmp_path / "d.npz", **arrays)
-    s = npz_splits(str(tmp_path / "d.npz"), val_fraction=0.2)
+    path = _npz(tmp_path / "d.npz", n_train=20, n_test=6, classes=2, size=4)
+    arrays = dict(np.load(path))
+    s = npz_splits(path, val_fraction=0.2)
     assert s.input_shape == (3, 4, 4) and len(s.test) == 6 and len(s.train) + len(s.val) == 20
     # HWC → CHW: undo the per-channel standardisation of one test image and compare
     x = s.test.x.numpy()
@@ -378,15 +372,15 @@ def test_read_chars_tiny_shakespeare(shared_file):
 
 
 # ---------------------------------------------------------------------------- malformed inputs
-def _npz(path, **arrays):
+def _npz(path, n_train=30, n_test=9, classes=3, size=8, **arrays):
     """A ``.npz`` of the shared layout with small defaults (3 classes, 8×8 RGB images);
     ``arrays`` replace or add arrays."""
     rng = np.random.default_rng(0)
     d = {
-        "x_train": rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8),
-        "y_train": np.arange(30) % 3,
-        "x_test": rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8),
-        "y_test": np.arange(9) % 3,
+        "x_train": rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+        "y_train": np.arange(n_train) % classes,
+        "x_test": rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+        "y_test": np.arange(n_test) % classes,
     }
     np.savez(path, **{**d, **arrays})
     return str(path)

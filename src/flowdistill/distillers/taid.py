@@ -85,7 +85,7 @@ class TAID(Distiller):
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         self._epoch, self._epochs, self._seen = int(epoch), int(epochs), 0
-        self._seen_all: torch.Tensor | None = None  # data-parallel: every process's samples
+        self._seen_all = None  # data-parallel: every process's samples, on the device
 
     def progress(self) -> float:
         """Fraction of the run's training samples seen before the current step."""

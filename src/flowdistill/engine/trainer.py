@@ -422,9 +422,7 @@ def refuse_other_fit(path: Path, saved: dict | None, identity: dict) -> None:
     """A checkpoint resumes only under the settings it was trained with
     (:func:`fit_identity`); the first differences are named. Checkpoints written before it
     recorded them are not checked."""
-    if saved is None or saved == identity:
-        return
-    differ = _differences(saved, identity)
+    differ = [] if saved is None else _differences(saved, identity)
     if differ:
         raise CheckpointError(
             f"{path} holds a run trained with other settings ({'; '.join(differ[:5])}); "

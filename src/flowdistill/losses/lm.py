@@ -62,6 +62,15 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return torch.where(keep, values, 0.0).sum() / count
 
 
+def zero_rows(keep: torch.Tensor | None, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(N, V)`` ``rows`` with those ``keep`` leaves out set to 0, so that whatever they
+    hold (NaN or inf from a model at padded positions, say) gives neither a value nor a
+    gradient; unchanged where ``keep`` is ``None``."""
+    if keep is None:
+        return rows
+    return tuple(torch.where(keep[:, None], r, 0.0) for r in rows)
+
+
 def _rows(
     name: str, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -100,9 +109,7 @@ def _reduce(
         return s.new_zeros((), dtype=dtype)
 
     def kept_sum(a: torch.Tensor, b: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
-        if k is not None:  # left-out rows enter as zeros: whatever they hold (NaN, say),
-            a = torch.where(k[:, None], a, 0.0)  # they give no value and no gradient
-            b = torch.where(k[:, None], b, 0.0)
+        a, b = zero_rows(k, a, b)  # (left-out rows: no value, no gradient)
         values = per_row(a, b)
         return (values if k is None else torch.where(k, values, 0.0)).sum()
 

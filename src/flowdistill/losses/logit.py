@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .._values import check_index_range, values_readable
 from ..errors import ConfigError, ShapeMismatchError
-from .lm import masked_mean
+from .lm import masked_mean, zero_rows
 
 __all__ = ["dist", "dkd", "kd", "ls", "standardize_logits", "taid", "taid_target"]
 
@@ -37,28 +37,15 @@ def kd(
             f"kd: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in shape"
         )
-    student_logits, teacher_logits = zero_left_out("kd", mask, student_logits, teacher_logits)
+    keep = position_mask("kd", mask, student_logits)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(dtype).flatten(0, -2) / temperature
     t = teacher_logits.to(dtype).flatten(0, -2) / temperature
+    s, t = zero_rows(keep, s, t)
     log_p_s = F.log_softmax(s, dim=-1)
     log_p_t = F.log_softmax(t, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
-    return masked_mean(kl, position_mask("kd", mask, student_logits)) * temperature**2
-
-
-def zero_left_out(
-    name: str, mask: torch.Tensor | None, *logits: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """``logits`` with the positions ``mask`` leaves out set to 0, so that whatever they
-    hold (NaN or inf from a model at padded positions, say) gives neither a value nor a
-    gradient; unchanged without a mask."""
-    keep = position_mask(name, mask, logits[0])
-    if keep is None:
-        return logits
-    keep = keep.view(*logits[0].shape[:-1], 1)
-    return tuple(torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device))
-                 for z in logits)  # fmt: skip
+    return masked_mean(kl, keep) * temperature**2
 
 
 def position_mask(
@@ -152,8 +139,7 @@ def dkd(
     """
     s, t = _rows("dkd", student_logits, teacher_logits)
     keep = position_mask("dkd", mask, student_logits)
-    if keep is not None:
-        s, t = zero_left_out("dkd", keep, s, t)
+    s, t = zero_rows(keep, s, t)
     if keep is not None and tuple(target.shape) == tuple(student_logits.shape[:-1]):
         target = torch.where(keep.view(target.shape), target, 0)  # any class: not counted
     y = _targets("dkd", target, student_logits)
@@ -224,12 +210,10 @@ def dist(
     setting; their CIFAR-100 setting is ``T = 4``, both with loss weight 2).
     """
     s, t = _rows("dist", student_logits, teacher_logits)
-    if mask is not None:
-        position_mask("dist", mask, student_logits)  # (its shape checked first)
-        s, t = zero_left_out("dist", mask.reshape(-1), s, t)
+    keep = position_mask("dist", mask, student_logits)
+    s, t = zero_rows(keep, s, t)
     y_s = F.softmax(s / temperature, dim=-1)
     y_t = F.softmax(t / temperature, dim=-1)
-    keep = position_mask("dist", mask, student_logits)
     inter = 1.0 - masked_mean(_pearson(y_s, y_t, eps), keep)
     intra = 1.0 - _pearson(y_s.t(), y_t.t(), eps, keep).mean()
     return temperature**2 * (beta * inter + gamma * intra)
@@ -266,9 +250,7 @@ def ls(
     by 9 with cross-entropy weight 0.1.
     """
     s, t = _rows("ls", student_logits, teacher_logits)
-    if mask is not None:
-        position_mask("ls", mask, student_logits)  # (its shape checked first)
-        s, t = zero_left_out("ls", mask.reshape(-1), s, t)
+    s, t = zero_rows(position_mask("ls", mask, student_logits), s, t)
     if s.shape[-1] < 2:
         raise ShapeMismatchError(f"ls: standardising needs at least 2 classes, got {s.shape[-1]}")
     s = standardize_logits(s).view(student_logits.shape)
@@ -318,10 +300,10 @@ def taid(
     :math:`p_t` (constant for the student's gradient). The schedule of ``t`` lives in the
     ``taid`` method.
     """
-    if mask is not None:
-        student_logits, teacher_logits = zero_left_out("taid", mask, student_logits, teacher_logits)
-    p_t = taid_target(student_logits, teacher_logits, t).flatten(0, -2)
-    s, _ = _rows("taid", student_logits, teacher_logits)
+    s, z = _rows("taid", student_logits, teacher_logits)
+    keep = position_mask("taid", mask, student_logits)
+    s, z = zero_rows(keep, s, z)
+    p_t = taid_target(s, z, t)
     log_q = F.log_softmax(s, dim=-1)
     kl = (torch.xlogy(p_t, p_t) - p_t * log_q).sum(dim=-1)
-    return kl.mean() if mask is None else masked_mean(kl.view(mask.shape), mask)
+    return masked_mean(kl, keep)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowdistill import OptimConfig, TrainConfig, fit, make_distiller
-from flowdistill.data import char_splits
+from flowdistill.data import Splits, char_splits, padded_sequences
 from flowdistill.errors import ShapeMismatchError
 from flowdistill.models.gpt import GPT, GPTConfig
 
@@ -83,3 +83,39 @@ def test_a_hugging_face_teacher_fills_a_top_k_cache(data):
         top = teacher(x).logits.float().topk(4, dim=-1)
     torch.testing.assert_close(cache.values.float(), top.values, atol=1e-2, rtol=1e-2)
     assert torch.equal(cache.indices.long(), top.indices)
+
+
+def _documents(n: int, seed: int) -> list[torch.Tensor]:
+    """Windows of the text of different lengths (3 to 16 tokens)."""
+    splits, _ = char_splits(TEXT, block_size=16)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, len(splits.train), (n,), generator=g).tolist()
+    lengths = torch.randint(3, 17, (n,), generator=g).tolist()
+    return [torch.cat([splits.train.x[r], splits.train.y[r, -1:]])[:k]
+            for r, k in zip(rows, lengths, strict=True)]  # fmt: skip
+
+
+def test_left_padded_batches_reach_a_hugging_face_model_by_keyword(data, tmp_path):
+    """A left-padded dict batch (input_ids, attention_mask, position_ids) gives GPT-2 each
+    sequence's own logits at its real tokens, the project's GPT the same (it takes the same
+    keywords), and fit distils one into the other on such batches."""
+    splits, vocab = data
+    teacher = _hf(vocab).eval()
+    seqs = _documents(6, seed=0)
+    batch = padded_sequences(seqs, side="left", position_ids=True)
+    real = batch.x["attention_mask"].bool()
+    with torch.no_grad():
+        logits = teacher(**batch.x).logits
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(logits[i][real[i]], teacher(s[None, :-1]).logits[0],
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+    student = GPT(GPTConfig(vocab, 16, n_layer=1, n_head=2, n_embd=16))
+    parts = [
+        padded_sequences(_documents(n, seed), side="left", length=16, position_ids=True)
+        for n, seed in ((48, 1), (16, 2), (16, 3))
+    ]
+    distiller = make_distiller("kd", teacher, student, temperature=1.0)
+    train = TrainConfig(epochs=2, progress=False, select_by="val_loss", amp=False)
+    result = fit(distiller, Splits(*parts, num_classes=vocab), OptimConfig("adamw", lr=3e-3),
+                 train, tmp_path, batch_size=8)  # fmt: skip
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] < math.log(vocab) + 1

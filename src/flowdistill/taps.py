@@ -196,7 +196,9 @@ class FeatureTaps:
     maps each tap name to its tensor (``"logits"`` to the model output, or to the element of
     it that ``output`` selects: see :func:`select_output`). ``probe`` runs one
     forward pass on an example batch and records each tap's shape without the batch
-    dimension, so that adapters can be sized before training.
+    dimension, so that adapters can be sized before training. A single dict argument (a
+    batch of named inputs, ``{"input_ids": ..., "attention_mask": ...}``) is passed to the
+    model as keyword arguments, as everywhere in flowdistill.
     """
 
     def __init__(
@@ -237,7 +239,10 @@ class FeatureTaps:
         self._store.clear()  # (one dict, filled in place: torch.compile traces the hooks)
         self._active = True  # the model run by itself leaves nothing in the store
         try:
-            output = self.model(*inputs, **kwargs)
+            if len(inputs) == 1 and not kwargs and isinstance(inputs[0], Mapping):
+                output = self.model(**inputs[0])  # a dict of inputs: keyword arguments
+            else:
+                output = self.model(*inputs, **kwargs)
         finally:
             self._active = False
         features = dict(self._store)

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..data.inputs import call_model
+from ..taps import LOGITS
+
 __all__ = ["PEAK_BF16_FLOPS", "count_flops", "peak_flops", "step_flops"]
 
 #: Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of
@@ -60,8 +63,8 @@ def step_flops(distiller, inputs: torch.Tensor, targets: torch.Tensor) -> dict[s
     def floor() -> None:
         if distiller.teacher is not None:
             with torch.no_grad():
-                distiller.teacher(inputs)
-        logits = distiller.student(inputs)
+                call_model(distiller.teacher, inputs)
+        logits = distiller.student_taps(inputs)[1][LOGITS]
         torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten()).backward()
 
     counts = {"step": count_flops(step), "floor": count_flops(floor)}

@@ -15,6 +15,7 @@ from .datasets import (
     random_crop_flip,
     split,
 )
+from .inputs import Inputs
 from .readers import (
     read_chars,
     read_cifar,
@@ -24,7 +25,7 @@ from .readers import (
     read_npz,
     read_text,
 )
-from .text import CharTokenizer, char_splits, token_windows
+from .text import CharTokenizer, char_splits, padded_sequences, token_windows
 
 __all__ = [
     "Batches",
@@ -36,7 +37,9 @@ __all__ = [
     "digits_splits",
     "idx_holdout_splits",
     "idx_splits",
+    "Inputs",
     "npz_splits",
+    "padded_sequences",
     "random_crop_flip",
     "read_chars",
     "read_text",

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, ShapeMismatchError
+from .inputs import Inputs, device_of, take, token_ids
 from .readers import cached_npz, check_image_splits, read_idx, read_idx_pair, read_npz
 
 __all__ = [
@@ -25,9 +26,11 @@ __all__ = [
 
 @dataclass
 class Split:
-    """Inputs ``x`` (N, ...) float32 and integer labels ``y`` (N,)."""
+    """Inputs ``x`` and integer targets ``y``: class labels ``(N,)`` or token ids ``(N, T)``
+    (-100 where a token is not counted). ``x`` is a tensor ``(N, ...)`` or a dict of such
+    tensors that the model takes as keyword arguments (:mod:`flowdistill.data.inputs`)."""
 
-    x: torch.Tensor
+    x: Inputs
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -43,7 +46,12 @@ class Splits:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        """Per-sample shape of the inputs (of a dict's token ids, else its first entry)."""
+        x = self.train.x
+        if not isinstance(x, torch.Tensor):
+            ids = token_ids(x)
+            x = ids if ids is not None else next(iter(x.values()))
+        return tuple(x.shape[1:])
 
 
 def _bounds(fractions: tuple[float, ...], n: int) -> np.ndarray:
@@ -309,15 +317,15 @@ class Batches:
             return full
         return full + 1
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
         n = len(self.data)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        order = order.to(self.data.x.device)  # (the same order wherever the data are)
+        order = order.to(device_of(self.data.x))  # (the same order wherever the data are)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size][self.rank :: self.world]
             self.last_index = idx
-            yield self.data.x[idx], self.data.y[idx]
+            yield take(self.data.x, idx), self.data.y[idx]

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..distillers.base import IGNORE_INDEX
+from ..errors import ConfigError, DataError
 from .datasets import Split, Splits
 
-__all__ = ["CharTokenizer", "char_splits", "token_windows"]
+__all__ = ["CharTokenizer", "char_splits", "padded_sequences", "token_windows"]
 
 
 class CharTokenizer:
@@ -85,6 +87,59 @@ def token_windows(ids: torch.Tensor, block_size: int) -> Split:
     starts = torch.arange(n) * block_size
     w = ids[starts[:, None] + torch.arange(block_size + 1)]  # (N, block_size + 1)
     return Split(w[:, :-1].contiguous(), w[:, 1:].contiguous())
+
+
+def padded_sequences(
+    sequences: Sequence[Sequence[int] | torch.Tensor],
+    side: str = "right",
+    pad_id: int = 0,
+    length: int | None = None,
+    position_ids: bool = False,
+) -> Split:
+    """Token sequences of different lengths as one next-token :class:`Split`, padded on
+    ``side`` (``"right"`` or ``"left"``) to the longest (or to ``length``).
+
+    Each sequence ``s`` gives inputs ``s[:-1]`` and targets ``s[1:]``. ``x`` is a dict that
+    the models take as keyword arguments: ``input_ids`` ``(N, L)`` (``pad_id`` at padding)
+    and ``attention_mask`` ``(N, L)`` (1 at real tokens, 0 at padding), and with
+    ``position_ids=True`` also ``position_ids`` (``0, 1, ...`` over the real tokens, 0 at
+    padding) for a model that does not count positions from the mask itself (a Hugging Face
+    model under left padding). ``y`` is ``(N, L)``, -100 at padding, which every loss leaves
+    out.
+
+    >>> split = padded_sequences([[5, 6, 7], [8, 9]], side="left")
+    >>> split.x["input_ids"].tolist(), split.x["attention_mask"].tolist(), split.y.tolist()
+    ([[5, 6], [0, 8]], [[1, 1], [0, 1]], [[6, 7], [-100, 9]])
+    """
+    if side not in ("right", "left"):
+        raise ConfigError(f"padded_sequences: side is 'right' or 'left', got {side!r}")
+    rows = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
+    if not rows:
+        raise DataError("padded_sequences: no sequences given")
+    short = [i for i, r in enumerate(rows) if len(r) < 2]
+    if short:
+        raise DataError(
+            f"padded_sequences: sequence {short[0]} has {len(rows[short[0]])} token(s); each "
+            "needs at least 2 (an input and the token that follows it)"
+        )
+    longest = max(len(r) for r in rows) - 1
+    width = longest if length is None else int(length)
+    if width < longest:
+        raise DataError(
+            f"padded_sequences: length {width} is shorter than the longest sequence's "
+            f"{longest} inputs"
+        )
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r) - 1
+        at = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[i, at], targets[i, at], mask[i, at] = r[:-1], r[1:], 1
+    x = {"input_ids": ids, "attention_mask": mask}
+    if position_ids:
+        x["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+    return Split(x, targets)
 
 
 def char_splits(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.inputs import Inputs, call_model, check_inputs, move, num_rows, take
 from ..engine.checkpoint import digest, load_checkpoint, save_checkpoint
 from ..errors import CheckpointError, ConfigError, DataError
 from ..taps import LOGITS, check_output, select_output
@@ -36,7 +38,13 @@ __all__ = ["CachedKD", "TopKCache", "build_topk_cache", "sparse_kd"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _data_fingerprint(x: torch.Tensor) -> str:
+def _data_fingerprint(x: Inputs) -> str:
+    """A digest of the inputs (of each entry of a dict of inputs, by name)."""
+    if isinstance(x, Mapping):
+        h = hashlib.sha256(b"inputs by name")
+        for key in sorted(x):
+            h.update(key.encode() + b"\0" + _data_fingerprint(x[key]).encode())
+        return h.hexdigest()
     h = hashlib.sha256(str(tuple(x.shape)).encode() + str(x.dtype).encode())
     h.update(x.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -99,7 +107,7 @@ class TopKCache:
 @torch.no_grad()
 def build_topk_cache(
     teacher: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     k: int = 32,
     dtype: str = "float16",
     batch_size: int = 64,
@@ -108,6 +116,7 @@ def build_topk_cache(
 ) -> TopKCache:
     """Run ``teacher`` over ``inputs`` once and keep its top-``k`` logits per position
     (values in ``dtype``; indices as int32); write the cache to ``path`` when given.
+    ``inputs`` is a tensor or a dict of tensors (the teacher's keyword arguments).
     ``output`` picks the logits out of a teacher that returns several tensors (see
     :func:`flowdistill.taps.select_output`)."""
     check_output(output, "output")
@@ -116,14 +125,17 @@ def build_topk_cache(
     for name, value in (("k", k), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    if len(inputs) == 0:
+    inputs = check_inputs(inputs, "build_topk_cache: inputs")
+    n = num_rows(inputs)
+    if n == 0:
         raise DataError("build_topk_cache: inputs are empty; there is nothing to cache")
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
     values, indices, vocab = [], [], None
-    for i in range(0, len(inputs), batch_size):
-        logits = select_output(teacher(inputs[i : i + batch_size].to(device)), output).float()
+    for i in range(0, n, batch_size):
+        batch = move(take(inputs, slice(i, i + batch_size)), device)
+        logits = select_output(call_model(teacher, batch), output).float()
         vocab = logits.shape[-1]
         if k > vocab:
             raise ConfigError(f"k = {k} exceeds the teacher's vocabulary of {vocab}")
@@ -131,7 +143,7 @@ def build_topk_cache(
             teacher.train(was_training)
             raise DataError(
                 f"build_topk_cache: the teacher's logits for inputs {i} to "
-                f"{min(i + batch_size, len(inputs)) - 1} are not finite (NaN or infinite): "
+                f"{min(i + batch_size, n) - 1} are not finite (NaN or infinite): "
                 "check the teacher's weights"
             )
         top = logits.topk(k, dim=-1)

@@ -79,6 +79,7 @@ from torch.func import functional_call
 
 from .. import losses
 from ..adapters import ChannelNorm, feature_kind, make_adapter
+from ..data.inputs import input_mask, take
 from ..errors import ConfigError
 from ..flows import (
     ConditionEmbedding,
@@ -105,19 +106,27 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _pool(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample vector of a feature: mean over positions (maps) or tokens."""
+def _pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample vector of a feature: mean over positions (maps) or tokens (the tokens
+    that ``mask`` ``(B, T)`` counts, when it fits)."""
     if x.ndim == 4:
         return x.mean(dim=(2, 3))
     if x.ndim == 3:
-        return x.mean(dim=1)
+        if _per_position(mask, x) is None:
+            return x.mean(dim=1)
+        weight = mask.to(x.dtype)[..., None]  # (B, T, 1)
+        return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
     return x.flatten(1)
 
 
-def _causal_mean(x: torch.Tensor) -> torch.Tensor:
-    """Running mean over tokens ``(B, T, D)``: position ``i`` holds the mean of ``x[:, :i+1]``."""
-    counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
-    return x.cumsum(dim=1) / counts[:, None]
+def _causal_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Running mean over tokens ``(B, T, D)``: position ``i`` holds the mean of ``x[:, :i+1]``
+    (of its tokens that ``mask`` ``(B, T)`` counts, when given; 0 before the first)."""
+    if mask is None:
+        counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
+        return x.cumsum(dim=1) / counts[:, None]
+    weight = mask.to(x.dtype)[..., None]  # (B, T, 1)
+    return (x * weight).cumsum(dim=1) / weight.cumsum(dim=1).clamp_min(1.0)
 
 
 def _per_position(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -363,7 +372,7 @@ class FlowDistill(Distiller):
                 )
         # schedule state, set by on_epoch_start (full transfer until then)
         self.tau, self.active_steps, self.active_pairs = 1.0, self.steps, len(self.pairs)
-        self._held: torch.Tensor | None = None
+        self._held: Any = None  # a batch of inputs kept for the diagnostics
 
     def follow_student_dtype(self) -> FlowDistill:
         """The adapters take the student's floating dtype (they read its features); the
@@ -392,8 +401,12 @@ class FlowDistill(Distiller):
         self._held = None
 
     # ------------------------------------------------------------------ pieces
-    def _context(self, s_out: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """``(B, cond_dim)``, or ``(B, T, cond_dim)`` for a causal context (one per token)."""
+    def _context(
+        self, s_out: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """``(B, cond_dim)``, or ``(B, T, cond_dim)`` for a causal context (one per token);
+        token features are pooled over the tokens ``mask`` ``(B, T)`` counts (padding left
+        out)."""
         if not self.conditional:
             return None
         probs = F.softmax(_wide(s_out[LOGITS]) / self.temperature, dim=-1)
@@ -401,15 +414,15 @@ class FlowDistill(Distiller):
         if self.causal:  # position i pools positions <= i
             steps = probs.shape[1]
             parts = [
-                _causal_mean(f)
+                _causal_mean(f, _per_position(mask, f))
                 if f.ndim == 3 and f.shape[1] == steps
-                else _pool(f)[:, None].expand(-1, steps, -1)  # fmt: skip
+                else _pool(f, mask)[:, None].expand(-1, steps, -1)  # fmt: skip
                 for f in feats
             ]
-            parts.append(_causal_mean(probs))
+            parts.append(_causal_mean(probs, _per_position(mask, probs)))
         else:
             # class probabilities; for token logits (B, T, V), their mean over the tokens
-            parts = [_pool(f) for f in feats] + [_pool(probs)]
+            parts = [_pool(f, mask) for f in feats] + [_pool(probs, mask)]
         ctx = torch.cat(parts, dim=-1).detach()
         if self.task_embedding is not None:
             task = torch.full(ctx.shape[:-1], self.task, device=ctx.device, dtype=torch.long)
@@ -426,28 +439,37 @@ class FlowDistill(Distiller):
             return context
         return context[:, -1]
 
-    def _field(self, key: str, detach_params: bool, context: torch.Tensor | None):
+    def _extras(self, key: str, x: torch.Tensor, context, real: torch.Tensor | None) -> dict:
+        """The keyword arguments of pair ``key``'s field on ``x``: its context, and for a
+        field that mixes tokens the real tokens ``real`` ``(B, T)`` of a padded batch."""
+        extras = {"context": self._context_for(x, context)}
+        mixes = getattr(self.velocities[key], "takes_mask", False)
+        if mixes and _per_position(real, x) is not None:
+            extras["mask"] = real
+        return extras
+
+    def _field(self, key: str, detach_params: bool, extras: dict):
         net = self.velocities[key]
         if detach_params:
             params = {k: p.detach() for k, p in net.named_parameters()}
 
             def call(x, t):
-                return functional_call(net, params, (x, t), {"context": context})
+                return functional_call(net, params, (x, t), extras)
         else:
 
             def call(x, t):
-                return net(x, t, context=context)
+                return net(x, t, **extras)
 
         return call
 
     def _transport(
         self, key: str, a: torch.Tensor, tau: float, steps: int, context, detach,
-        backward: bool = False,
+        backward: bool = False, real: torch.Tensor | None = None,
     ):  # fmt: skip
         """``Phi`` from time 0 to ``tau`` in ``steps`` fixed steps (differentiable in ``a``);
         ``backward``: from ``tau`` back to 0, the same solver and steps (its inverse, up to
-        the discretisation)."""
-        call = self._field(key, detach, self._context_for(a, context))
+        the discretisation); ``real``: the real tokens of a padded batch."""
+        call = self._field(key, detach, self._extras(key, a, context, real))
         times = torch.linspace(0.0, tau, steps + 1, device=a.device, dtype=a.dtype)
         if backward:
             times = times.flip(0)
@@ -478,7 +500,8 @@ class FlowDistill(Distiller):
         adapter output and the (standardised) teacher target for ``inputs``, without
         gradients, in the module's current mode (for diagnostics and probes)."""
         t_out, s_out = self.teacher_forward(inputs), self.student_forward(inputs)
-        return self._context(s_out), self._endpoints(s_out, t_out)
+        mask = input_mask(inputs)
+        return self._context(s_out, mask), self._endpoints(s_out, t_out, mask)
 
     @staticmethod
     def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
@@ -499,12 +522,14 @@ class FlowDistill(Distiller):
 
     # ------------------------------------------------------------------ training
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.training and self._held is None and isinstance(inputs, torch.Tensor):
-            self._held = inputs[: self.diagnostics_batch].detach()
+        if self.training and self._held is None:
+            self._held = take(inputs, slice(0, self.diagnostics_batch))
         t_out = self.teacher_forward(inputs)
         s_out = self.student_forward(inputs)
-        context = self._context(s_out)
         mask = self.token_mask(targets)  # padding of token targets (None for class labels)
+        real = input_mask(inputs)  # the real tokens of a padded batch, else where targets count
+        real = mask if real is None else real
+        context = self._context(s_out, real)
         terms = {"ce": self.ce_weight * self.cross_entropy(s_out[LOGITS], targets)}
         if self.kd_weight:
             kd = self._kl(s_out[LOGITS], t_out[LOGITS], mask)
@@ -513,7 +538,7 @@ class FlowDistill(Distiller):
         for i, (key, s_name, a, t) in enumerate(self._endpoints(s_out, t_out, mask)):
             is_logits = s_name == LOGITS
             if self.use_flow:
-                fm_terms.append(self._flow_matching(key, a.detach(), t, context, mask))
+                fm_terms.append(self._flow_matching(key, a.detach(), t, context, mask, real))
             if i >= self.active_pairs:
                 continue
             target = t
@@ -526,7 +551,9 @@ class FlowDistill(Distiller):
             pred = a
             if self.use_flow:
                 detach = self.flow_grad == "fm"
-                pred = self._transport(key, a, self.tau, self.active_steps, context, detach)
+                pred = self._transport(
+                    key, a, self.tau, self.active_steps, context, detach, real=real
+                )
             matched = self._match(is_logits, pred, target, mask)
             (logit_terms if is_logits else feat_terms).append(matched)
         if fm_terms:
@@ -539,13 +566,15 @@ class FlowDistill(Distiller):
             terms["anchor"] = self.anchor_weight * torch.stack(anchor_terms).sum()
         return self.total(terms)
 
-    def _flow_matching(self, key: str, a0: torch.Tensor, t1: torch.Tensor, context, mask=None):
+    def _flow_matching(
+        self, key: str, a0: torch.Tensor, t1: torch.Tensor, context, mask=None, real=None
+    ):
         shape = [a0.shape[0]] + [1] * (a0.ndim - 1)
         u = torch.rand(shape, device=a0.device, dtype=a0.dtype)
         x_u = (1 - u) * a0 + u * t1
         if self.sigma > 0:
             x_u = x_u + self.sigma * torch.randn_like(x_u)
-        v = self.velocities[key](x_u, u.reshape(-1), context=self._context_for(a0, context))
+        v = self.velocities[key](x_u, u.reshape(-1), **self._extras(key, a0, context, real))
         return self._mse(v, t1 - a0, mask)
 
     # ------------------------------------------------------------------ inference
@@ -560,8 +589,10 @@ class FlowDistill(Distiller):
         if self.inference == "student":
             return s_out[LOGITS]
         key = f"p{len(self.pairs) - 1}"
-        context = self._context(s_out)
-        return self._transport(key, _wide(s_out[LOGITS]), 1.0, self.steps, context, True)
+        real = input_mask(inputs)
+        context = self._context(s_out, real)
+        logits = _wide(s_out[LOGITS])
+        return self._transport(key, logits, 1.0, self.steps, context, True, real=real)
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
@@ -576,27 +607,37 @@ class FlowDistill(Distiller):
         finally:
             self.train(was_training)
 
-    def _diagnose(self, x: torch.Tensor) -> dict[str, float]:
+    def _diagnose(self, x: Any) -> dict[str, float]:
         out: dict[str, float] = {}
         context, pairs = self.endpoints(x)
+        mask = input_mask(x)
         for key, s_name, a, t in pairs:
             name = "logits" if s_name == LOGITS else s_name
-            ctx = self._context_for(a, context)
+            extras = self._extras(key, a, context, mask)
+            ctx = extras["context"]
+            real = _per_position(mask, a)
+            # errors over the real tokens of a padded batch, each token a row
+            rel = _rel if real is None else (lambda u, w, m=real: _rel(u[m], w[m]))
             with torch.no_grad():
-                moved = self._transport(key, a, 1.0, self.steps, ctx, True)
-                out[f"{name}/adapter_error"] = _rel(a, t)
-                out[f"{name}/transport_error"] = _rel(moved, t)
+                moved = self._transport(key, a, 1.0, self.steps, context, True, real=mask)
+                out[f"{name}/adapter_error"] = rel(a, t)
+                out[f"{name}/transport_error"] = rel(moved, t)
                 # the map the student trains through, run backwards with its own solver
                 # and steps: what its discretisation loses
-                undone = self._transport(key, moved, 1.0, self.steps, ctx, True, backward=True)
-                out[f"{name}/transport_roundtrip_error"] = _rel(undone, a)
+                undone = self._transport(
+                    key, moved, 1.0, self.steps, context, True, backward=True, real=mask
+                )
+                out[f"{name}/transport_roundtrip_error"] = rel(undone, a)
+                more = {k: v for k, v in extras.items() if k != "context"}
                 exact = FlowMap(
-                    lambda z, u, context=None, k=key: self.velocities[k](z, u, context=context),
+                    lambda z, u, context=None, net=self.velocities[key], more=more: net(
+                        z, u, context=context, **more
+                    ),
                     steps=32,
                     method="rk4",
                 )
                 back = exact.inverse(exact(a, context=ctx), context=ctx)
-                out[f"{name}/roundtrip_error"] = _rel(back, a)
+                out[f"{name}/roundtrip_error"] = rel(back, a)
             out[f"{name}/teacher_nll"] = self._teacher_nll(exact, a, t, ctx)
         return out
 

@@ -86,6 +86,7 @@ from torch import nn
 
 from .. import losses
 from ..adapters import ChannelNorm, feature_kind, make_adapter
+from ..data.inputs import input_mask
 from ..errors import ConfigError, TapError
 from ..flows import ConvVelocity, MLPVelocity, TokenVelocity
 from ..flows.paths import PATHS, AffinePath, get_path
@@ -168,7 +169,11 @@ class MetaEncoder(nn.Module):
                 channels, hidden=hidden, depth=depth, heads=heads, causal=self.causal
             )
 
-    def forward(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: float | torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``g(x, t)``; ``mask`` ``(B, T)`` marks the real tokens of padded sequences: no
+        token attends to padding (the transformer encoder; the others act per token)."""
         b = x.shape[0]
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(b)
         if self.encoder == "mlp":
@@ -186,7 +191,7 @@ class MetaEncoder(nn.Module):
                 return self.net(x[:, :, None, None], t)[:, :, 0, 0]
             return self.net(x.transpose(1, 2)[..., None], t)[..., 0].transpose(1, 2)
         if self.kind == "tokens":
-            return self.net(x, t)
+            return self.net(x, t, mask=mask)
         if self.kind == "vector":
             return self.net(x[:, None, :], t)[:, 0]
         tokens = x.flatten(2).transpose(1, 2)  # (B, H·W, C)
@@ -223,29 +228,36 @@ class MetaFlow(nn.Module):
         self.path: AffinePath = get_path(self.path_name)
         self.encoder = MetaEncoder(shape, encoder, hidden, depth, causal)
 
-    def endpoint(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def endpoint(
+        self, t: float | torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The VP/VE paths' teacher-side endpoint predicted at ``(x, t)``: ``x + g(x, t)``."""
-        return x + self.encoder(x, t)
+        return x + self.encoder(x, t, mask)
 
-    def velocity(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        self, t: float | torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The field ``dx/dt`` at ``(x, t)``, in the ``func(t, x)`` order of
         :func:`flowdistill.flows.odeint`: ``g(x, t)`` on the straight path."""
         if self.path_name == "straight":
-            return self.encoder(x, t)
-        return self.path.x1_to_velocity(self.endpoint(t, x), x, t)
+            return self.encoder(x, t, mask)
+        return self.path.x1_to_velocity(self.endpoint(t, x, mask), x, t)
 
-    def unroll(self, s: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def unroll(
+        self, s: torch.Tensor, steps: int, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(x_1, [ŷ_0, …, ŷ_{N-1}])``: ``steps`` Euler steps from ``x_0 = s`` with the
-        endpoint predicted at every step (differentiable in ``s`` and the encoder)."""
+        endpoint predicted at every step (differentiable in ``s`` and the encoder); ``mask``
+        ``(B, T)``: the real tokens of padded sequences (see :class:`MetaEncoder`)."""
         x, preds = s, []
         for k in range(int(steps)):
             t = torch.full((), k / steps, dtype=x.dtype, device=x.device)
             if self.path_name == "straight":  # the authors' rollout: predictions from s
-                g = self.encoder(x, t)
+                g = self.encoder(x, t, mask)
                 preds.append(s + g)
                 x = x + g / steps
                 continue
-            y = self.endpoint(t, x)
+            y = self.endpoint(t, x, mask)
             preds.append(y)
             x = x + self.path.x1_to_velocity(y, x, t) / steps
         return x, preds
@@ -372,7 +384,10 @@ def _insertion_hook(owner: weakref.ReferenceType):
                 f"{type(output).__name__}; serial insertion needs a module returning a tensor"
             )
         steps = distiller._steps if distiller._steps is not None else distiller.inference_steps
-        x1, preds = distiller.flow.unroll(output, steps)
+        mask = distiller._real
+        if mask is not None and (output.ndim != 3 or tuple(mask.shape) != output.shape[:2]):
+            mask = None  # not a token sequence of the inputs' length
+        x1, preds = distiller.flow.unroll(output, steps, mask)
         if distiller._capture:
             distiller._rollout = (output, preds)
         return x1.to(output.dtype)
@@ -476,6 +491,7 @@ class FMKT(Distiller):
         self.target_proj: nn.Module | None = None
         self._steps: int | None = None
         self._capture = False
+        self._real: torch.Tensor | None = None  # the real tokens of a padded batch
         self._rollout: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self._stats = _StepStats(name)
         if self.feature_mode:
@@ -510,11 +526,12 @@ class FMKT(Distiller):
         """``(student features with the flow inserted at tap, the tapped feature before
         the flow, the step predictions)``."""
         self._steps, self._capture, self._rollout = steps, True, None
+        self._real = input_mask(inputs)
         try:
             s_out = self.student_forward(inputs)
             rollout = self._rollout
         finally:
-            self._steps, self._capture, self._rollout = None, False, None
+            self._steps, self._capture, self._rollout, self._real = None, False, None, None
         if rollout is None:
             raise TapError(f"{self.name}: the forward pass did not reach the tap {self.tap!r}")
         start, preds = rollout
@@ -536,7 +553,7 @@ class FMKT(Distiller):
             ce = self.cross_entropy(s_out[LOGITS], targets)
         else:
             s_logits = self.student_forward(inputs)[LOGITS]
-            _, preds = self.flow.unroll(s_logits, steps)
+            _, preds = self.flow.unroll(s_logits, steps, sequence_mask(inputs, s_logits))
             t_logits, mask = t_out[LOGITS], self.token_mask(targets)
             fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
             ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()
@@ -556,11 +573,22 @@ class FMKT(Distiller):
         if self.feature_mode:
             return self._student_with_flow(inputs, self.inference_steps)[0][LOGITS]
         s_logits = self.student_taps(inputs)[1][LOGITS]
-        return ensemble(self.flow, s_logits, self.inference_steps)
+        return ensemble(self.flow, s_logits, self.inference_steps, sequence_mask(inputs, s_logits))
 
 
-def ensemble(flow: MetaFlow, s: torch.Tensor, steps: int) -> torch.Tensor:
+def sequence_mask(inputs: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The real tokens (the inputs' ``attention_mask``) where ``x`` is a token sequence
+    ``(B, T, D)`` of the inputs' length; ``None`` otherwise."""
+    mask = input_mask(inputs)
+    if mask is None or x.ndim != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+        return None
+    return mask
+
+
+def ensemble(
+    flow: MetaFlow, s: torch.Tensor, steps: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of the ``steps`` step predictions of ``flow`` from ``s`` (FM-KT's implicit
-    ensemble)."""
-    _, preds = flow.unroll(s, steps)
+    ensemble); ``mask``: the real tokens of padded sequences."""
+    _, preds = flow.unroll(s, steps, mask)
     return torch.stack(preds).mean(0)

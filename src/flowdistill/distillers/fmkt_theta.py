@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..taps import LOGITS
-from .fmkt import FMKT, draw_steps
+from .fmkt import FMKT, draw_steps, sequence_mask
 from .registry import register
 
 __all__ = ["FMKTTheta"]
@@ -59,7 +59,7 @@ class FMKTTheta(FMKT):
         t_logits = self.teacher_forward(inputs)[LOGITS]
         s_logits = self.student_forward(inputs)[LOGITS]
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        _, preds = self.flow.unroll(s_logits, steps)
+        _, preds = self.flow.unroll(s_logits, steps, sequence_mask(inputs, s_logits))
         mask = self.token_mask(targets)  # padding left out (None for class labels)
         fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
         ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()

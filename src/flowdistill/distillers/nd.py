@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..data.inputs import call_model
 from ..engine import distributed
 from ..errors import ConfigError, ShapeMismatchError, TapError
 from ..taps import LOGITS, resolve_module
@@ -223,7 +224,7 @@ class ND(Distiller):
         model.eval()
         try:
             with torch.no_grad():
-                model(example)
+                call_model(model, example)
         finally:
             model.train(was_training)
         captured = self._capture[who].value

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import losses
 from ..adapters import _grid, feature_kind
+from ..data.inputs import call_model
 from ..errors import ConfigError, ShapeMismatchError
 from ..taps import LOGITS
 from .base import Distiller
@@ -126,7 +127,7 @@ def _last_map_size(model: nn.Module, example: torch.Tensor) -> int:
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        call_model(model, example)
     finally:
         model.train(was_training)
         for handle in handles:

@@ -40,6 +40,7 @@ from .fmkt import (
     draw_steps,
     ensemble,
     parse_steps,
+    sequence_mask,
     step_metric,
 )
 from .registry import register
@@ -159,7 +160,7 @@ class OFMKT(Distiller):
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         s_logits = self.student_forward(inputs)[LOGITS]
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        _, preds = self.flow.unroll(s_logits, steps)
+        _, preds = self.flow.unroll(s_logits, steps, sequence_mask(inputs, s_logits))
         if self.training:
             self._stats.add(preds)
         target = torch.stack(preds).mean(0).detach()
@@ -178,4 +179,5 @@ class OFMKT(Distiller):
     @torch.no_grad()
     def predict(self, inputs: Any) -> torch.Tensor:
         """The mean of the flow's ``inference_steps`` step predictions."""
-        return ensemble(self.flow, self.student_taps(inputs)[1][LOGITS], self.inference_steps)
+        s_logits = self.student_taps(inputs)[1][LOGITS]
+        return ensemble(self.flow, s_logits, self.inference_steps, sequence_mask(inputs, s_logits))

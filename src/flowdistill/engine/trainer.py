@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import _EXECUTION, OptimConfig, TrainConfig, _build
 from ..data.datasets import Batches, Split, Splits, random_crop_flip
+from ..data.inputs import Inputs, check_inputs, input_tensors, move, num_rows, take, token_ids
 from ..distillers.base import IGNORE_INDEX, Distiller, padding_refusal
 from ..errors import (
     CheckpointError,
@@ -127,8 +128,8 @@ def _optimizer(
 
 def _on_device(data: Splits, device: torch.device) -> Splits:
     """Every split's tensors moved to ``device`` once (batches are then cut there)."""
-    move = lambda s: Split(s.x.to(device), s.y.to(device))  # noqa: E731
-    return Splits(move(data.train), move(data.val), move(data.test), data.num_classes)
+    there = lambda s: Split(move(s.x, device), s.y.to(device))  # noqa: E731
+    return Splits(there(data.train), there(data.val), there(data.test), data.num_classes)
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -153,7 +154,7 @@ def evaluate(
     device = device or next(distiller.student.parameters()).device
     totals = torch.zeros(3, dtype=_wide(device), device=device)  # correct, loss, counted
     for x, y in Batches(data, batch_size, shuffle=False):
-        x, y = x.to(device), y.to(device)
+        x, y = move(x, device), y.to(device)
         logits = distiller.predict(x).float().flatten(0, -2)  # (N, V)
         y = y.flatten()
         counted = y != IGNORE_INDEX
@@ -195,8 +196,9 @@ def _config(value: Any, cls: type, what: str) -> Any:
 
 def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
     """What ``fit`` is given, checked before anything trains: a distiller, a ``Splits`` of
-    tensors whose labels are integer class indices in range, a positive batch size. Integer
-    labels of another width are widened to int64; the data are returned."""
+    inputs (tensors, or dicts of tensors) whose labels are integer class indices in range, a
+    positive batch size. Integer labels of another width are widened to int64; the data are
+    returned."""
     if not isinstance(distiller, Distiller):
         raise ConfigError(
             f"fit: expected a distiller (flowdistill.make_distiller(method, teacher, student)), "
@@ -212,23 +214,23 @@ def _check_inputs(distiller: Any, data: Any, batch_size: Any) -> Splits:
     parts = {}
     for name in ("train", "val", "test"):
         part = getattr(data, name)
-        if not isinstance(part, Split) or not all(
-            isinstance(v, torch.Tensor) for v in (part.x, part.y)
-        ):
+        if not isinstance(part, Split) or not isinstance(part.y, torch.Tensor):
             raise DataError(f"fit: data.{name} must be a Split(x, y) of tensors")
-        x, y = part.x, part.y
-        if len(x) != len(y):
-            raise DataError(f"fit: data.{name} has {len(x)} inputs but {len(y)} labels")
+        x, y = check_inputs(part.x, f"fit: data.{name}.x"), part.y
+        if num_rows(x) != len(y):
+            raise DataError(f"fit: data.{name} has {num_rows(x)} inputs but {len(y)} labels")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise DataError(
                 f"fit: data.{name} labels must be integer class indices, got dtype {y.dtype}"
             )
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise DataError(
-                f"fit: data.{name} inputs hold {bad} non-finite values (NaN or inf); clean "
-                "or impute them before training"
-            )
+        for key, tensor in input_tensors(x).items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                where = f"inputs[{key!r}]" if key else "inputs"
+                raise DataError(
+                    f"fit: data.{name} {where} hold {bad} non-finite values (NaN or inf); "
+                    "clean or impute them before training"
+                )
         y = y.long()
         counted = y[y != IGNORE_INDEX] if y.ndim > 1 else y  # token targets: padding left out
         low, high = (int(counted.min()), int(counted.max())) if counted.numel() else (0, 0)
@@ -270,7 +272,7 @@ def _check_class_count(distiller: Distiller, data: Splits, device: torch.device)
         # only): do they fit the model, and do its logits fit the split's targets?
         for name in ("train", "val", "test") if side == "student" else ("train",):
             part = getattr(data, name)
-            logits = _probe_logits(taps, part.x[:2].to(device), side, name)
+            logits = _probe_logits(taps, move(take(part.x, slice(0, 2)), device), side, name)
             if not logits or logits[-1] != data.num_classes:
                 raise ShapeMismatchError(
                     f"fit: the {side} predicts {logits[-1] if logits else 'no'} classes "
@@ -290,16 +292,20 @@ def _check_class_count(distiller: Distiller, data: Splits, device: torch.device)
                 )
 
 
-def _probe_logits(taps: Any, x: torch.Tensor, side: str, name: str) -> tuple[int, ...]:
+def _probe_logits(taps: Any, x: Inputs, side: str, name: str) -> tuple[int, ...]:
     """The per-sample shape of a model's logits on ``x`` (inputs of ``data.<name>``)."""
     try:
         return tuple(taps.probe(x)[LOGITS])
     except FlowdistillError:
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        shown = ", ".join(
+            f"{key + ': ' if key else ''}{t.dtype}, per-sample shape {tuple(t.shape[1:])}"
+            for key, t in input_tensors(x).items()
+        )
         raise DataError(
-            f"fit: the {side} cannot run on data.{name}'s inputs ({x.dtype}, per-sample "
-            f"shape {tuple(x.shape[1:])}): {type(exc).__name__}: {exc}"
+            f"fit: the {side} cannot run on data.{name}'s inputs ({shown}): "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -359,8 +365,8 @@ def _check_token_ids(distiller: Distiller, data: Splits) -> None:
             continue
         vocab = embedding.num_embeddings
         for name in names:
-            x = getattr(data, name).x
-            if x.is_floating_point() or x.is_complex() or not x.numel():
+            x = token_ids(getattr(data, name).x)
+            if x is None or not x.numel():
                 continue
             low, high = int(x.min()), int(x.max())
             if low < 0 or high >= vocab:
@@ -711,15 +717,16 @@ def fit(
         first_unchecked = 0  # the first step whose loss has not been checked yet
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for i, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = move(x, device, non_blocking=True), y.to(device, non_blocking=True)
             if train.augment_padding:
-                if x.ndim != 4:
+                if not isinstance(x, torch.Tensor) or x.ndim != 4:
+                    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else "a dict"
                     raise ConfigError(
                         "train.augment_padding crops and flips images (N, C, H, W); the "
-                        f"training inputs are {tuple(x.shape)}"
+                        f"training inputs are {shape}"
                     )
                 x = random_crop_flip(x, train.augment_padding)
-            if train.channels_last:
+            if train.channels_last and isinstance(x, torch.Tensor):
                 x = _nhwc(x)
             if distiller.uses_indices:
                 distiller.batch_index = loader.last_index.to(device)

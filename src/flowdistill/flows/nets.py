@@ -326,12 +326,14 @@ class _TokenBlock(nn.Module):
             nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width)
         )
 
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, h: Tensor, emb: Tensor, allowed: Tensor | None = None) -> Tensor:
         b, n, w = h.shape
         z = self.film1(self.norm1(h), emb)  # (B, T, W)
         q, k, v = self.qkv(z).reshape(b, n, 3, self.heads, w // self.heads).unbind(2)
         q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (B, heads, T, W/heads)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, heads, T, W/h)
+        a = F.scaled_dot_product_attention(  # (B, heads, T, W/heads)
+            q, k, v, attn_mask=allowed, is_causal=self.causal and allowed is None
+        )
         h = h + self.proj(a.transpose(1, 2).reshape(b, n, w))
         return h + self.mlp(self.film2(self.norm2(h), emb))
 
@@ -344,7 +346,9 @@ class TokenVelocity(nn.Module):
     the map is permutation-equivariant over tokens, which suits features that already carry
     position information (e.g. ViT tokens). With ``causal=True`` token ``i`` attends to
     tokens ``<= i`` only, so the field at a position never depends on later positions (the
-    field of a causal language model's sequences).
+    field of a causal language model's sequences). ``forward(x, t, context, mask)`` with a
+    ``mask`` ``(B, T)`` (true at real tokens, false at padding) lets no token attend to
+    padding, so the field at the real tokens does not depend on what the padding holds.
 
     Args:
         dim: token size ``D``.
@@ -371,7 +375,7 @@ class TokenVelocity(nn.Module):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-        self.dim = dim
+        self.dim, self.causal = dim, bool(causal)
         self.embed = ConditionEmbedding(hidden, cond_dim, time_dim)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
@@ -381,11 +385,28 @@ class TokenVelocity(nn.Module):
         self.out_film = FiLM(hidden, hidden)
         self.out = _zero_(nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, t: TimeLike, context: Tensor | None = None) -> Tensor:
+    #: the field mixes tokens, so it takes the padding ``mask`` of a sequence batch
+    takes_mask = True
+
+    def forward(
+        self, x: Tensor, t: TimeLike, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
         if x.ndim != 3 or x.shape[2] != self.dim:
             raise ValueError(f"expected x of shape (B, T, {self.dim}), got {tuple(x.shape)}")
+        allowed = None
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(
+                    f"mask has shape {tuple(mask.shape)}; expected (B, T) = {tuple(x.shape[:2])}"
+                )
+            n = x.shape[1]
+            allowed = mask.bool()[:, None, None, :].expand(-1, 1, n, -1)  # (B, 1, T, T)
+            if self.causal:
+                allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            # a padded token attends to itself (a row with no key would give NaN)
+            allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
         emb = self.embed(t, x, context)  # (B, hidden)
         h = self.inp(x)  # (B, T, hidden)
         for block in self.blocks:
-            h = block(h, emb)
+            h = block(h, emb, allowed)
         return self.out(self.out_film(self.out_norm(h), emb))  # (B, T, dim)

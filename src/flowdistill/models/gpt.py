@@ -61,13 +61,16 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed`` ``(B, 1, T, T)``: which keys each query attends to (causal by
+        default)."""
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)  # each (B, T, C)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, C/H)
+            q, k, v, attn_mask=allowed, is_causal=allowed is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, C/H)  # fmt: skip
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -92,14 +95,21 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), allowed)
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer: ``forward(idx)`` maps token ids ``(B, T)`` to next-token
-    logits ``(B, T, vocab_size)``, position ``i`` seeing tokens ``0..i`` only."""
+    """Decoder-only transformer: ``forward(input_ids)`` maps token ids ``(B, T)`` to
+    next-token logits ``(B, T, vocab_size)``, position ``i`` seeing tokens ``0..i`` only.
+
+    ``forward(input_ids, attention_mask)`` takes padded sequences: ``attention_mask`` ``(B, T)``
+    is 1 at real tokens and 0 at padding, on either side. No token attends to padding, and
+    positions count real tokens only, so a sequence's logits at its real tokens are those
+    of the unpadded sequence (a padded position attends to itself alone: its logits are
+    finite and meaningless; give it target -100). ``position_ids`` ``(B, T)``, when given,
+    replace the counted positions (as in Hugging Face models)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -130,20 +140,46 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, 0.02)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        if idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ShapeMismatchError(
-                f"GPT expects integer token ids (B, T), got {idx.dtype} {tuple(idx.shape)}"
+                "GPT expects integer token ids (B, T), got "
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
             )
-        b, t = idx.shape
+        b, t = input_ids.shape
         if t > self.config.block_size:
             raise ShapeMismatchError(
                 f"sequence of {t} tokens exceeds block_size {self.config.block_size}"
             )
-        pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        allowed = None
+        if attention_mask is None:
+            pos = torch.arange(t, device=input_ids.device)  # (T,)
+        else:
+            if tuple(attention_mask.shape) != (b, t):
+                raise ShapeMismatchError(
+                    f"GPT: attention_mask has shape {tuple(attention_mask.shape)}, the token "
+                    f"ids {(b, t)}; it marks each token 1 (real) or 0 (padding)"
+                )
+            real = attention_mask.bool()  # (B, T)
+            pos = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens counted
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            itself = torch.eye(t, dtype=torch.bool, device=input_ids.device)
+            allowed = (causal & real[:, None, None, :]) | itself  # (B, 1, T, T)
+        if position_ids is not None:
+            if tuple(position_ids.shape) not in ((b, t), (1, t)):
+                raise ShapeMismatchError(
+                    f"GPT: position_ids have shape {tuple(position_ids.shape)}, the token ids "
+                    f"{(b, t)}"
+                )
+            pos = position_ids
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, allowed)
         return self.head(self.ln_f(x))  # (B, T, V)
 
     @torch.no_grad()

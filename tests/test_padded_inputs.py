@@ -1,0 +1,355 @@
+"""Padded token batches as a dict of inputs (``input_ids``, ``attention_mask``): the models
+take them as keyword arguments, no token attends to padding, and every loss, context and
+metric leaves the padding out, on either side."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowdistill import OptimConfig, TrainConfig, fit, make_distiller
+from flowdistill.data import Split, Splits, padded_sequences
+from flowdistill.data.inputs import check_inputs, input_mask, num_rows, take
+from flowdistill.distillers.registry import REGISTRY, VARIANTS, get_method
+from flowdistill.engine import evaluate
+from flowdistill.errors import ConfigError, DataError, ShapeMismatchError
+from flowdistill.models.gpt import GPT, GPTConfig
+from flowdistill.taps import FeatureTaps
+
+ALL_METHODS = sorted(REGISTRY) + sorted(VARIANTS)
+VOCAB = 13
+#: methods defined on whole samples only (one logit vector per sample)
+SAMPLE_LEVEL = {"nd", "ofa"}
+
+
+def _sequences(n: int = 6, seed: int = 0, low: int = 4, high: int = 12) -> list[torch.Tensor]:
+    """Progressions ``1 + (a + k b) mod 12`` of random lengths (a model can learn them)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high + 1, (n,), generator=g).tolist()
+    lengths[0] = high  # the longest one sets the width
+    starts = torch.randint(0, 12, (n,), generator=g).tolist()
+    steps = torch.randint(1, 4, (n,), generator=g).tolist()
+    return [
+        1 + (a + b * torch.arange(k)) % 12 for k, a, b in zip(lengths, starts, steps, strict=True)
+    ]
+
+
+def _gpt(width: int, layers: int, dtype=torch.float32) -> GPT:
+    return GPT(GPTConfig(VOCAB, 16, n_layer=layers, n_head=2, n_embd=width)).to(dtype)
+
+
+def _pair() -> tuple[GPT, GPT]:
+    torch.manual_seed(0)
+    return _gpt(32, 2), _gpt(16, 1)
+
+
+# ---------------------------------------------------------------------------- the layout
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_sequences_hold_each_sequence_shifted_on_its_side(side):
+    seqs = _sequences()
+    split = padded_sequences(seqs, side=side, pad_id=0, length=12, position_ids=True)
+    ids, mask, pos = (split.x[k] for k in ("input_ids", "attention_mask", "position_ids"))
+    assert ids.shape == mask.shape == pos.shape == split.y.shape == (6, 12)
+    for i, s in enumerate(seqs):
+        n = len(s) - 1
+        real = list(range(n)) if side == "right" else list(range(12 - n, 12))
+        pads = [j for j in range(12) if j not in real]
+        assert ids[i, real].tolist() == s[:-1].tolist()
+        assert split.y[i, real].tolist() == s[1:].tolist()
+        assert pos[i, real].tolist() == list(range(n))
+        assert mask[i, real].tolist() == [1] * n and mask[i, pads].tolist() == [0] * len(pads)
+        assert ids[i, pads].tolist() == [0] * len(pads)
+        assert split.y[i, pads].tolist() == [-100] * len(pads)
+
+
+def test_padded_sequences_refuse_what_they_cannot_lay_out():
+    with pytest.raises(DataError, match="sequence 1 has 1 token"):
+        padded_sequences([[1, 2, 3], [4]])
+    with pytest.raises(DataError, match="length 2 is shorter than the longest sequence's 3"):
+        padded_sequences([[1, 2, 3, 4]], length=2)
+    with pytest.raises(ConfigError, match="side is 'right' or 'left'"):
+        padded_sequences([[1, 2, 3]], side="middle")
+    with pytest.raises(DataError, match="no sequences"):
+        padded_sequences([])
+
+
+def test_a_dict_of_inputs_is_checked_and_cut_row_by_row():
+    x = {"input_ids": torch.arange(8).view(4, 2), "attention_mask": torch.ones(4, 2)}
+    assert num_rows(x) == 4
+    assert take(x, torch.tensor([3, 0]))["input_ids"].tolist() == [[6, 7], [0, 1]]
+    assert input_mask(x).dtype == torch.bool and input_mask(torch.ones(4, 2)) is None
+    with pytest.raises(DataError, match=r"lengths differ: \{'a': 4, 'b': 3\}"):
+        check_inputs({"a": torch.zeros(4, 2), "b": torch.zeros(3, 2)}, "x")
+    with pytest.raises(DataError, match="entry 'a' is a list"):
+        check_inputs({"a": [1, 2]}, "x")
+    with pytest.raises(DataError, match="empty dict"):
+        check_inputs({}, "x")
+    with pytest.raises(DataError, match="tensor or a dict of tensors"):
+        check_inputs([torch.zeros(2)], "x")
+
+
+def test_taps_pass_a_dict_as_keyword_arguments():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(3, 3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.inner(a) - b
+
+    model = Two()
+    a, b = torch.randn(5, 3), torch.randn(5, 3)
+    out, feats = FeatureTaps(model, ["inner", "logits"])({"b": b, "a": a})
+    assert torch.equal(feats["logits"], model.inner(a) - b)
+    assert torch.equal(feats["inner"], model.inner(a))
+
+
+# ---------------------------------------------------------------------------- the model
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gpt_logits_at_real_tokens_are_those_of_the_unpadded_sequence(side):
+    """The oracle: each sequence run alone, unpadded."""
+    torch.manual_seed(0)
+    model = _gpt(32, 2, torch.float64).eval()
+    seqs = _sequences()
+    split = padded_sequences(seqs, side=side)
+    with torch.no_grad():
+        logits = model(**split.x)  # (N, L, V)
+        assert torch.isfinite(logits).all()  # padded positions too
+        real = input_mask(split.x)
+        for i, s in enumerate(seqs):
+            alone = model(s[None, :-1])[0]  # (n, V)
+            torch.testing.assert_close(logits[i][real[i]], alone)
+        # the mask matters: without it, left padding shifts and shows the pads
+        if side == "left":
+            assert not torch.allclose(model(split.x["input_ids"])[real], logits[real])
+
+
+def test_gpt_refuses_a_mask_or_positions_of_another_shape():
+    model = _gpt(16, 1)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ShapeMismatchError, match=r"attention_mask has shape \(2, 4\)"):
+        model(ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ShapeMismatchError, match=r"position_ids have shape \(2, 4\)"):
+        model(ids, position_ids=torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- every method
+def _options(name: str) -> dict:
+    if name == "fmkt":
+        return {"tap": "blocks.0", "teacher_tap": "blocks.1"}
+    if get_method(name).uses_feature_taps:
+        return {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
+    return {}
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_every_method_on_left_padding_sees_the_real_tokens_only(name):
+    """A left-padded batch: the pads come before every real token, so anything that let
+    them through (attention, a running context, a pooled statistic, an unmasked loss) would
+    move the terms when the padded tokens change. Methods that cannot leave padding out
+    refuse it; methods defined on whole samples refuse token logits."""
+    teacher, student = _pair()
+    split = padded_sequences(_sequences(4), side="left")
+    x, y = split.x, split.y
+    if name in SAMPLE_LEVEL:
+        with pytest.raises(ShapeMismatchError, match="per-sample"):
+            make_distiller(name, teacher, student, example_input=x, **_options(name))
+        return
+    d = make_distiller(name, teacher, student, example_input=x, **_options(name))
+    d.on_fit_start(4)
+    d.on_epoch_start(2, 4)  # mid-schedule: ramps are partial
+    d.batch_index = torch.arange(4)
+    if not d.masks_padding:
+        with pytest.raises(ConfigError, match=rf"method '{name}' would count padded positions"):
+            d(x, y)
+        return
+    with torch.no_grad():  # zero-initialised output layers would hide what their inputs see
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = copy.deepcopy(d.state_dict())
+
+    def terms(inputs, training):
+        d.load_state_dict(state)
+        d.train(training)
+        torch.manual_seed(0)
+        return d(inputs, y)
+
+    pads = x["attention_mask"] == 0
+    other = dict(x, input_ids=torch.where(pads, (x["input_ids"] + 5) % VOCAB, x["input_ids"]))
+    for training in (False, True):
+        a, b = terms(x, training), terms(other, training)
+        for term in a:
+            torch.testing.assert_close(a[term], b[term], msg=f"{term} (training={training})")
+        # the oracle that the test can fail: without the mask the pads are attended to
+        seen = terms({"input_ids": other["input_ids"]}, training)
+        assert not torch.allclose(seen["loss"], a["loss"])
+
+
+@pytest.mark.parametrize("name", ["student", "kd", "reverse_kl", "skew_kl", "taid"])
+def test_token_losses_are_the_same_whichever_side_is_padded(name):
+    """The per-token losses on the real tokens do not depend on where the padding is; the
+    cross-entropy term is the mean over every real token of each sequence run alone."""
+    teacher, student = _pair()
+    seqs = _sequences(5)
+    left, right = (padded_sequences(seqs, side=s) for s in ("left", "right"))
+    d = make_distiller(name, teacher, student).eval()
+    a, b = d(left.x, left.y), d(right.x, right.y)
+    assert a.keys() == b.keys()
+    for term in a:
+        torch.testing.assert_close(a[term], b[term], msg=term)
+    if not d.ce_weight:  # (a method with no cross-entropy term by default)
+        return
+    with torch.no_grad():
+        nll = torch.cat([F.cross_entropy(student(s[None, :-1])[0], s[1:], reduction="none")
+                         for s in seqs])  # fmt: skip
+    torch.testing.assert_close(a["ce"] / d.ce_weight, nll.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_flowdistill_pooled_context_leaves_padding_out():
+    """The pooled context (one per sequence) averages the real tokens only: on a right-padded
+    batch it equals the context of each sequence cut to its real tokens."""
+    teacher, student = _pair()
+    seqs = _sequences(3)
+    split = padded_sequences(seqs, side="right")
+    d = make_distiller(
+        "flowdistill", teacher, student, example_input=split.x, context="pooled",
+        student_taps=["blocks.0"], teacher_taps=["blocks.1"],
+    ).eval()  # fmt: skip
+    s_out = d.student_forward(split.x)
+    context = d._context(s_out, input_mask(split.x))
+    for i, s in enumerate(seqs):
+        alone = d._context(d.student_forward(s[None, :-1]))
+        torch.testing.assert_close(context[i], alone[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the engine
+def _splits(side: str) -> Splits:
+    parts = [padded_sequences(_sequences(n, seed), side=side, length=12)
+             for n, seed in ((24, 1), (8, 2), (8, 3))]  # fmt: skip
+    return Splits(*parts, num_classes=VOCAB)
+
+
+def test_evaluate_counts_the_real_tokens_of_each_sequence():
+    torch.manual_seed(0)
+    model = _gpt(16, 1).eval()
+    d = make_distiller("student", None, model)
+    seqs = _sequences(7, seed=4)
+    acc, loss = evaluate(d, padded_sequences(seqs, side="left"), batch_size=3)
+    with torch.no_grad():
+        logits = [model(s[None, :-1])[0] for s in seqs]
+    hits = sum(int((z.argmax(-1) == s[1:]).sum()) for z, s in zip(logits, seqs, strict=True))
+    nll = sum(float(F.cross_entropy(z, s[1:], reduction="sum"))
+              for z, s in zip(logits, seqs, strict=True))  # fmt: skip
+    tokens = sum(len(s) - 1 for s in seqs)
+    assert acc == pytest.approx(hits / tokens)
+    assert loss == pytest.approx(nll / tokens, rel=1e-5)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["kd", "flowdistill"])
+def test_fit_trains_on_left_padded_sequences_and_resumes_exactly(method, tmp_path):
+    """An interrupted run resumed from its checkpoint ends where the whole run ends."""
+    data = _splits("left")
+    optim, options = OptimConfig("adamw", lr=3e-3), {}
+    if method == "flowdistill":
+        options = {"student_taps": ["blocks.0"], "teacher_taps": ["blocks.1"]}
+    train = TrainConfig(epochs=3, progress=False, amp=False, seed=3)
+
+    def run(out, resume=False, stop_at=None):
+        teacher, student = _pair()
+        d = make_distiller(method, teacher, student, example_input=take(data.train.x,
+                           slice(0, 4)), **options)  # fmt: skip
+        if stop_at is not None:
+            start = d.on_epoch_start
+
+            def stop(epoch, epochs):
+                if epoch == stop_at:
+                    raise _Interrupted
+                start(epoch, epochs)
+
+            d.on_epoch_start = stop
+        result = fit(d, data, optim, train, out_dir=out, resume=resume, batch_size=8)
+        return d, result
+
+    whole, result = run(tmp_path / "whole")
+    assert result.epochs == 3 and all(
+        torch.isfinite(torch.tensor(v)) for r in result.history for v in r.values()
+    )
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    with pytest.raises(_Interrupted):
+        run(tmp_path / "cut", stop_at=2)
+    resumed, again = run(tmp_path / "cut", resume=True)
+    assert [r["val_loss"] for r in again.history] == [r["val_loss"] for r in result.history]
+    for (k, v), w in zip(whole.trainable_state_dict().items(),
+                         resumed.trainable_state_dict().values(), strict=True):  # fmt: skip
+        torch.testing.assert_close(v, w, msg=k)
+
+
+def test_fit_names_a_dict_of_inputs_it_cannot_take(tmp_path):
+    data = _splits("left")
+    teacher, student = _pair()
+    train = TrainConfig(epochs=1, progress=False, amp=False)
+
+    class IdsOnly(nn.Module):  # takes no attention mask
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _gpt(16, 1)
+
+        def forward(self, input_ids):
+            return self.inner(input_ids)
+
+    with pytest.raises(
+        DataError,
+        match=r"student cannot run on data.train's inputs "
+        r"\(input_ids: torch.int64, per-sample shape \(12,\), attention_mask",
+    ):
+        fit(make_distiller("kd", teacher, IdsOnly()), data, train=train)  # fmt: skip
+    bad = Split({**data.val.x, "attention_mask": data.val.x["attention_mask"][:3]}, data.val.y)
+    with pytest.raises(DataError, match=r"data.val.x: .* lengths differ"):
+        fit(make_distiller("kd", teacher, student), Splits(data.train, bad, data.test, VOCAB),
+            train=train)  # fmt: skip
+    floats = {**data.train.x, "scale": torch.full((24, 1), float("nan"))}
+    with pytest.raises(DataError, match=r"data.train inputs\['scale'\] hold 24 non-finite"):
+        fit(
+            make_distiller("kd", teacher, student),
+            Splits(Split(floats, data.train.y), data.val, data.test, VOCAB),
+            train=train,
+        )
+    with pytest.raises(ConfigError, match="augment_padding crops and flips images"):
+        fit(
+            make_distiller("kd", teacher, student),
+            data,
+            train=TrainConfig(epochs=1, progress=False, amp=False, augment_padding=2),
+        )
+    wide = {**data.train.x, "input_ids": data.train.x["input_ids"] + VOCAB}
+    with pytest.raises(DataError, match=r"data.train inputs hold token ids from \d+ to \d+"):
+        fit(
+            make_distiller("kd", teacher, student),
+            Splits(Split(wide, data.train.y), data.val, data.test, VOCAB),
+            train=train,
+        )
+
+
+def test_a_top_k_cache_of_a_dict_of_inputs_is_tied_to_its_mask(tmp_path):
+    from flowdistill.distillers.cached import TopKCache, build_topk_cache
+
+    teacher, _ = _pair()
+    split = padded_sequences(_sequences(5), side="left")
+    path = tmp_path / "cache"
+    cache = build_topk_cache(teacher.eval(), split.x, k=3, batch_size=2, dtype="float32",
+                             path=path)  # fmt: skip
+    with torch.no_grad():
+        top = teacher(**split.x).topk(3, dim=-1)
+    assert torch.equal(cache.indices.long(), top.indices)
+    torch.testing.assert_close(cache.values, top.values)
+    assert TopKCache.load(path, teacher=teacher, inputs=split.x).k == 3
+    other = dict(split.x, attention_mask=torch.ones_like(split.x["attention_mask"]))
+    with pytest.raises(DataError, match="other inputs"):
+        TopKCache.load(path, inputs=other)

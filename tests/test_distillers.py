@@ -1,5 +1,9 @@
 """Registry behaviour, and one training step of every registered method."""
 
+import copy
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -103,10 +107,15 @@ def test_distiller_in_a_users_own_loop(pair):
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_method_fits_checkpoints_and_resumes(name, pair, tiny_data, tmp_path):
-    """The engine drives every method: an epoch, a checkpoint, and an exact resume."""
+    """The engine drives every method: an epoch, a checkpoint, and a resume for more epochs
+    than planned. The oracle is the run planned for 3 epochs from the start: the resumed
+    run ends with its weights exactly, or, where the method's own schedule depends on the
+    run's length (a ramp, a shortened warm-up), fit warns that it spliced the two plans and
+    records it, and only then do the weights differ."""
     teacher, student, x = pair
     options = FEATURE_TAPS if get_method(name).uses_feature_taps else {}
     distiller = flowdistill.make_distiller(name, teacher, student, example_input=x, **options)
+    fresh = copy.deepcopy(distiller)
     quiet = {"progress": False, "deterministic": True}
     optim = flowdistill.OptimConfig(lr=0.02, schedule="constant")  # (extends exactly)
     out = tmp_path / "run"
@@ -118,18 +127,35 @@ def test_every_method_fits_checkpoints_and_resumes(name, pair, tiny_data, tmp_pa
     teacher2, student2 = SmallCNN(1, 4, (8, 8, 16)), SmallCNN(1, 4, (4, 4, 8))
     teacher2.load_state_dict(teacher.state_dict())
     again = flowdistill.make_distiller(name, teacher2, student2, example_input=x, **options)
-    resumed = flowdistill.fit(
-        again,
-        tiny_data,
-        optim,
-        flowdistill.TrainConfig(epochs=2, **quiet),
-        out,
-        resume=True,
-        batch_size=32,
-    )
-    assert len(resumed.history) == 2 and resumed.history[0] == first.history[0] | {
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = flowdistill.fit(
+            again,
+            tiny_data,
+            optim,
+            flowdistill.TrainConfig(epochs=3, **quiet),
+            out,
+            resume=True,
+            batch_size=32,
+        )
+    assert len(resumed.history) == 3 and resumed.history[0] == first.history[0] | {
         k: resumed.history[0][k] for k in ("step_seconds", "samples_per_second")
     }
+    said = [str(w.message) for w in caught if "spliced" in str(w.message)]
+    record = json.loads((out / "result.json").read_text())
+    flowdistill.fit(fresh, tiny_data, optim, flowdistill.TrainConfig(epochs=3, **quiet),
+                    batch_size=32)  # fmt: skip
+    ends = [(k, v, again.trainable_state_dict()[k])
+            for k, v in fresh.trainable_state_dict().items()]  # fmt: skip
+    same = all(torch.equal(v, w) for _, v, w in ends)
+    if same:
+        assert not said and "schedule_extended" not in record
+    else:
+        assert len(said) == 1 and f"{again.name}'s own schedule" in said[0], [
+            k for k, v, w in ends if not torch.equal(v, w)
+        ]
+        (entry,) = record["schedule_extended"]
+        assert entry["spliced"][0].startswith(f"{again.name}'s own schedule (")
 
 
 def test_variants_preset_options_and_explicit_options_win(pair):

@@ -385,7 +385,12 @@ def test_more_epochs_under_a_cosine_schedule_are_recorded_as_spliced(tmp_path, p
         if spliced:
             assert len(said) == 1 and "planned for 2 epochs" in said[0]
             assert record["schedule_extended"] == [
-                {"at_epoch": 2, "from_epochs": 2, "to_epochs": 3}
+                {
+                    "at_epoch": 2,
+                    "from_epochs": 2,
+                    "to_epochs": 3,
+                    "spliced": ["the cosine learning rate"],
+                }  # fmt: skip
             ]
         else:
             assert not said and "schedule_extended" not in record

@@ -259,6 +259,15 @@ class Distiller(nn.Module):
     def on_epoch_start(self, epoch: int, epochs: int) -> None:  # noqa: B027
         """Called by the engine before each epoch (0-based); schedules live here."""
 
+    def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
+        """What the method's own schedule (a warm-up, a ramp) sets at ``epoch`` (0-based) of
+        a run planned for ``epochs``, computed without side effects; empty for a method with
+        no schedule or one that does not depend on the run's length. When a run is resumed
+        for another number of epochs, ``fit`` compares the epochs already done under both
+        plans: where they differ, the resumed run is not what a run planned so from the
+        start does, and fit says so (``schedule_extended``)."""
+        return {}
+
     def diagnostics(self) -> dict[str, float]:
         """Extra per-epoch numbers a method wants logged (empty by default)."""
         return {}

@@ -82,9 +82,12 @@ class DKD(Distiller):
         #: the current warm-up factor of the DKD term (1 until ``on_epoch_start``)
         self.warmup = 1.0
 
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+    def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
         length = warmup_length(epochs, self.warmup_epochs, self.reference_epochs)
-        self.warmup = 1.0 if length <= 0 else min((epoch + 1) / length, 1.0)
+        return {"warmup": 1.0 if length <= 0 else min((epoch + 1) / length, 1.0)}
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self.warmup = self.epoch_schedule(epoch, epochs)["warmup"]
 
     def diagnostics(self) -> dict[str, float]:
         return {"dkd_warmup": self.warmup}

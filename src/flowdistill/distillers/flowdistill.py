@@ -389,15 +389,26 @@ class FlowDistill(Distiller):
         return self
 
     # ------------------------------------------------------------------ schedules
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+    def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
+        """Progressive transfer over the first ``ramp`` of the run: the pairs in use, and
+        with the flow the target's position ``tau`` on the way to the teacher and the
+        integration steps."""
         ramp_epochs = self.ramp * epochs
         frac = 1.0 if ramp_epochs <= 0 else min(1.0, (epoch + 1) / ramp_epochs)
-        self.tau = frac if self.progressive_target else 1.0
-        self.active_steps = (
-            max(1, math.ceil(frac * self.steps)) if self.progressive_steps else self.steps
-        )
         n = len(self.pairs)
-        self.active_pairs = max(1, math.ceil(frac * n)) if self.progressive_stages else n
+        plan = {"active_pairs": max(1, math.ceil(frac * n)) if self.progressive_stages else n}
+        if self.use_flow:  # (without the flow, tau and the steps change nothing)
+            plan["tau"] = frac if self.progressive_target else 1.0
+            plan["active_steps"] = (
+                max(1, math.ceil(frac * self.steps)) if self.progressive_steps else self.steps
+            )
+        return plan
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        plan = self.epoch_schedule(epoch, epochs)
+        self.tau = plan.get("tau", 1.0)
+        self.active_steps = int(plan.get("active_steps", self.steps))
+        self.active_pairs = int(plan["active_pairs"])
         self._held = None
 
     # ------------------------------------------------------------------ pieces

@@ -284,9 +284,12 @@ class ND(Distiller):
         self.class_count.index_add_(0, y, live.expand(y.shape[0]).to(self.class_count.dtype))
 
     # ------------------------------------------------------------------ schedule
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+    def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
         length = warmup_length(epochs, self.warmup_epochs, self.reference_epochs)
-        self.warmup = 1.0 if length <= 0 else min(epoch / length, 1.0)
+        return {"warmup": 1.0 if length <= 0 else min(epoch / length, 1.0)}
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self.warmup = self.epoch_schedule(epoch, epochs)["warmup"]
 
     def diagnostics(self) -> dict[str, float]:
         return {"kd_warmup": self.warmup}

@@ -120,9 +120,12 @@ class ReviewKD(FeatureDistiller):
             for i, (s, t) in enumerate(zip(s_maps, t_maps, strict=True))
         )
 
-    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+    def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
         length = warmup_length(epochs, self.warmup_epochs, self.reference_epochs)
-        self.warmup_factor = 1.0 if length <= 0 else min(epoch / length, 1.0)
+        return {"warmup": 1.0 if length <= 0 else min(epoch / length, 1.0)}
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self.warmup_factor = self.epoch_schedule(epoch, epochs)["warmup"]
 
     def review(self, s_feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """The ABF outputs for every tap pair (shallow to deep), deepest computed first."""

@@ -83,6 +83,16 @@ class TAID(Distiller):
     def on_fit_start(self, num_train_samples: int) -> None:
         self._num_samples = int(num_train_samples)
 
+    def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
+        """The run fractions at the epoch's start and end (the interpolation's schedule
+        follows the fraction step by step)."""
+        if not epochs:
+            return {}
+        return {
+            "progress_from": min(epoch / epochs, 1.0),
+            "progress_to": min((epoch + 1) / epochs, 1.0),
+        }
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         self._epoch, self._epochs, self._seen = int(epoch), int(epochs), 0
         self._seen_all = None  # data-parallel: every process's samples, on the device

@@ -458,6 +458,28 @@ def load_or_refuse(
         raise CheckpointError(f"{path} does not fit {what}: {first[0].strip()}") from None
 
 
+def spliced_schedules(
+    distiller: Distiller, optim: OptimConfig, planned: int | None, epochs: int, done: int
+) -> list[str]:
+    """The schedules that a run planned for ``planned`` epochs, resumed after ``done`` of
+    them for ``epochs``, splices: a cosine learning rate (it anneals over the planned
+    length), and the method's own schedule where its values over the epochs done differ
+    between the two plans (:meth:`Distiller.epoch_schedule`). Empty when the resumed run is
+    what an ``epochs``-epoch run from the start does."""
+    if planned is None or planned == epochs:
+        return []
+    spliced = ["the cosine learning rate"] if optim.schedule == "cosine" else []
+    moved = sorted({
+        key
+        for epoch in range(done)
+        for key, value in distiller.epoch_schedule(epoch, planned).items()
+        if distiller.epoch_schedule(epoch, epochs).get(key) != value
+    })  # fmt: skip
+    if moved:
+        spliced.append(f"{distiller.name}'s own schedule ({', '.join(moved)})")
+    return spliced
+
+
 def refuse_finished_without_checkpoint(out: Path, meta: dict | None) -> None:
     """``resume`` with a finished run's ``result.json`` but no checkpoint: only the same
     run (same key) may be trained again; anything else would overwrite a finished record."""
@@ -667,15 +689,17 @@ def fit(
         start_epoch, history = state["epoch"] + 1, state["history"]
         extended = list(state.get("schedule_extended", []))
         planned = state.get("epochs")
-        if planned is not None and planned != train.epochs and optim.schedule == "cosine":
+        spliced = spliced_schedules(distiller, optim, planned, train.epochs, start_epoch)
+        if spliced:
             extended.append({"at_epoch": start_epoch, "from_epochs": planned,
-                             "to_epochs": train.epochs})  # fmt: skip
+                             "to_epochs": train.epochs, "spliced": spliced})  # fmt: skip
             warnings.warn(
-                f"{ckpt_path}: the run was planned for {planned} epochs under a cosine "
-                f"schedule and is resumed to {train.epochs}: from epoch {start_epoch + 1} its "
-                f"learning rate follows the {train.epochs}-epoch schedule, spliced onto the "
-                f"{planned}-epoch one (not what a {train.epochs}-epoch run from the start "
-                "does); result.json records it as schedule_extended",
+                f"{ckpt_path}: the run was planned for {planned} epochs and is resumed to "
+                f"{train.epochs}: {' and '.join(spliced)} followed the {planned}-epoch plan "
+                f"for its first {start_epoch} epoch(s) and from epoch {start_epoch + 1} "
+                f"follow(s) the {train.epochs}-epoch one, spliced together (not what a "
+                f"{train.epochs}-epoch run from the start does); result.json records it as "
+                "schedule_extended",
                 stacklevel=3,
             )
         best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]

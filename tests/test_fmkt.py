@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import flowdistill
@@ -15,7 +16,7 @@ from flowdistill.distillers.fmkt import (
     MetaFlow,
     step_metric,
 )
-from flowdistill.errors import ConfigError
+from flowdistill.errors import ConfigError, ShapeMismatchError
 from flowdistill.flows import odeint
 from flowdistill.losses import dist, dkd, kd, pkd
 from flowdistill.models.small import SmallCNN
@@ -159,6 +160,76 @@ def test_logit_prediction_is_the_mean_of_independently_computed_steps(pair):
             xt = xt + g / n
     torch.testing.assert_close(pred, torch.stack(outs).mean(0))
     assert not torch.allclose(pred, z, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["fmkt", "fmkt_theta"])
+def test_head_tap_runs_the_flow_on_the_feature_and_a_learned_head(name, pair):
+    """The authors' logit-based module: the flow on the last feature map, each step's
+    prediction through global average pooling and a new linear layer; the terms and the
+    prediction recomputed from those pieces, the student's classifier left out of them."""
+    teacher, student, x = pair
+    d = _make(name, pair, head_tap="stage3", train_steps=[3], inference_steps=3)
+    assert d.flow.encoder.kind == "map" and d.head.linear.in_features == 8
+    _wake(d.flow)
+    d.eval()
+    with torch.no_grad():
+        s = student.stage3(student.stage2(student.stage1(x)))  # (4, 8, 2, 2)
+        t = teacher(x)
+        xt, logits, n = s, [], 3
+        for k in range(n):
+            g = d.flow.encoder(xt, torch.tensor(k / n))
+            logits.append(d.head.linear((s + g).mean(dim=(2, 3))))  # head(ŷ_k)
+            xt = xt + g / n
+        terms = d(x, Y)
+        fm = torch.stack([dist(z, t, beta=2.0, gamma=2.0) for z in logits]).mean()  # DIST, T=1
+        ce = torch.stack([F.cross_entropy(z, Y) for z in logits]).mean()
+        torch.testing.assert_close(terms["fmkt"], fm)
+        torch.testing.assert_close(terms["ce"], ce)
+        if name == "fmkt":
+            torch.testing.assert_close(d.predict(x), torch.stack(logits).mean(0))
+    d.train()
+    d.zero_grad()
+    d(x, Y)["fmkt"].backward()
+    assert d.head.linear.weight.grad.abs().sum() > 0
+    assert student.fc.weight.grad is None  # the student's classifier is not in FM-KT's terms
+    if name == "fmkt":
+        assert d.num_deployed_params() == sum(
+            p.numel() for m in (student, d.flow, d.head) for p in m.parameters()
+        )
+    else:  # Θ: the student's classifier reads the same feature and is deployed alone
+        d.zero_grad()
+        d(x, Y)["theta"].backward()
+        assert student.fc.weight.grad.abs().sum() > 0
+        assert d.num_deployed_params() == sum(p.numel() for p in student.parameters())
+
+
+def test_ofmkt_head_tap_is_its_own_ensemble_through_the_head(pair):
+    teacher, student, x = pair
+    d = flowdistill.make_distiller("ofmkt", None, student, example_input=x, head_tap="stage3",
+                                   inference_steps=2)  # fmt: skip
+    _wake(d.flow)
+    d.eval()
+    with torch.no_grad():
+        s = student.stage3(student.stage2(student.stage1(x)))
+        g0 = d.flow.encoder(s, torch.tensor(0.0))
+        g1 = d.flow.encoder(s + g0 / 2, torch.tensor(0.5))
+        want = (d.head(s + g0) + d.head(s + g1)) / 2
+        torch.testing.assert_close(d.predict(x), want)
+    assert d.num_deployed_params() == sum(
+        p.numel() for m in (student, d.flow, d.head) for p in m.parameters()
+    )
+
+
+def test_head_tap_is_refused_where_it_cannot_give_the_logits(pair):
+    with pytest.raises(ConfigError, match="leave tap='logits'"):
+        _make("fmkt", pair, tap="stage2", head_tap="stage3")
+    with pytest.raises(ConfigError, match="head_tap is the student module path"):
+        _make("fmkt", pair, head_tap="logits")
+    torch.manual_seed(0)
+    seq = TokenNet(8)
+    with pytest.raises(ShapeMismatchError, match=r"gives logits of shape \(4, 4\)"):
+        flowdistill.make_distiller("fmkt", TokenNet(16), seq, example_input=torch.randn(2, 64),
+                                   head_tap="block")  # fmt: skip
 
 
 def test_gradients_reach_student_and_meta_encoder_and_teacher_is_untouched(pair):

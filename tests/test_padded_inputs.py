@@ -189,6 +189,31 @@ def test_every_method_on_left_padding_sees_the_real_tokens_only(name):
         assert not torch.allclose(seen["loss"], a["loss"])
 
 
+@pytest.mark.parametrize("name", ["fmkt", "fmkt_theta", "ofmkt"])
+def test_fm_kt_with_a_learned_head_on_hidden_states_sees_the_real_tokens_only(name):
+    """head_tap: the flow (a causal transformer) on the hidden states, a head per token."""
+    teacher, student = _pair()
+    split = padded_sequences(_sequences(4), side="left")
+    x, y = split.x, split.y
+    d = make_distiller(name, None if name == "ofmkt" else teacher, student, example_input=x,
+                       head_tap="blocks.0", encoder="transformer")  # fmt: skip
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d.eval()
+    pads = x["attention_mask"] == 0
+    other = dict(x, input_ids=torch.where(pads, (x["input_ids"] + 5) % VOCAB, x["input_ids"]))
+    torch.manual_seed(0)
+    a = d(x, y)
+    torch.manual_seed(0)
+    b = d(other, y)
+    for term in a:
+        torch.testing.assert_close(a[term], b[term], msg=term)
+    real = input_mask(x)
+    torch.testing.assert_close(d.predict(x)[real], d.predict(other)[real])
+    assert d.predict(x).shape == (4, 11, VOCAB)
+
+
 @pytest.mark.parametrize("name", ["student", "kd", "reverse_kl", "skew_kl", "taid"])
 def test_token_losses_are_the_same_whichever_side_is_padded(name):
     """The per-token losses on the real tokens do not depend on where the padding is; the

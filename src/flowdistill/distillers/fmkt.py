@@ -53,11 +53,15 @@ scale).
 **Logit mode** (``tap="logits"``, the default): the flow runs on the student's logits and
 each step's prediction :math:`\hat y_k` is a set of logits, trained with the metric against
 the teacher's logits plus cross-entropy against the labels (both averaged over the steps).
-This departs from the authors' CIFAR code, whose logit-based module runs the flow on the
+By default the meta-encoder sees the logits alone, which works with any student without
+locating its classifier. The authors' logit-based module instead runs the flow on the
 student's last feature map and turns each step's prediction into logits with a learned
-pooling + linear head that replaces the student's classifier (FM-KT Θ trains a separate
-copy of that head); here the meta-encoder sees the logits alone, which works with any
-student without locating its classifier.
+head (global average pooling and a linear layer) that takes the place of the student's
+classifier: ``head_tap=<module path>`` does that here. The flow then runs on the feature
+at ``head_tap`` (a map, a vector, or a token sequence, whose head is applied per token),
+:class:`LogitHead` turns each step's prediction :math:`\hat y_k` into logits, and the
+student's own classifier takes no part (FM-KT Θ keeps it as its Θ head, the authors'
+lightweight copy of the head, trained toward the ensemble and deployed alone).
 The prediction is the mean of the step outputs, :math:`\frac1N\sum_k \hat y_k`: FM-KT is an
 *implicit ensemble* over the solver's steps.
 
@@ -87,7 +91,7 @@ from torch import nn
 from .. import losses
 from ..adapters import ChannelNorm, feature_kind, make_adapter
 from ..data.inputs import input_mask
-from ..errors import ConfigError, TapError
+from ..errors import ConfigError, ShapeMismatchError, TapError
 from ..flows import ConvVelocity, MLPVelocity, TokenVelocity
 from ..flows.paths import PATHS, AffinePath, get_path
 from ..taps import LOGITS, resolve_module
@@ -100,9 +104,9 @@ __all__ = [
     "FMKT",
     "LOGIT_STEPS",
     "METRICS",
+    "LogitHead",
     "MetaEncoder",
     "MetaFlow",
-    "ensemble",
     "step_metric",
 ]
 
@@ -196,6 +200,23 @@ class MetaEncoder(nn.Module):
             return self.net(x[:, None, :], t)[:, 0]
         tokens = x.flatten(2).transpose(1, 2)  # (B, H·W, C)
         return self.net(tokens, t).transpose(1, 2).reshape(x.shape)
+
+
+class LogitHead(nn.Module):
+    """The authors' head on a feature of per-sample ``shape``: global average pooling for a
+    map ``(C, H, W)``, then a linear layer to ``num_classes``; a vector ``(D,)`` goes
+    straight to the linear layer, and a token sequence ``(T, D)`` gets it per token."""
+
+    def __init__(self, shape: Shape, num_classes: int) -> None:
+        super().__init__()
+        self.kind = feature_kind(tuple(shape))
+        width = shape[-1] if self.kind == "tokens" else shape[0]
+        self.linear = nn.Linear(int(width), int(num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "map":
+            x = x.mean(dim=(2, 3))  # (B, C)
+        return self.linear(x)  # (B, classes) or (B, T, classes)
 
 
 class MetaFlow(nn.Module):
@@ -422,6 +443,7 @@ class FMKT(Distiller):
         *,
         tap: str = LOGITS,
         teacher_tap: str | None = None,
+        head_tap: str | None = None,
         path: str = "straight",
         encoder: str = "auto",
         hidden: int | None = None,
@@ -446,6 +468,12 @@ class FMKT(Distiller):
             raise ConfigError(f"{name}: tap must be a module path or 'logits', got {tap!r}")
         feature_mode = tap != LOGITS
         teacher_tap = tap if teacher_tap is None else teacher_tap
+        if head_tap is not None and feature_mode:
+            raise ConfigError(
+                f"{name}: head_tap is logit mode on a feature (the authors' logit-based "
+                f"module); leave tap='logits' (got tap={tap!r})"
+            )
+        take_head_tap(name, head_tap, base)
         if feature_mode:
             if teacher_tap == LOGITS:
                 raise ConfigError(f"{name}: a feature tap {tap!r} needs a feature teacher_tap")
@@ -485,9 +513,11 @@ class FMKT(Distiller):
         self.dkd_warmup = int(dkd_warmup)
         self.warmup_factor = 1.0  # DKD's linear warm-up, set per epoch by on_epoch_start
 
-        shape = self.student_shapes[tap]
+        self.head_tap = head_tap
+        shape = self.student_shapes[head_tap or tap]
         self.causal = causal_sequences(name, causal, self.student_shapes[LOGITS])
         self.flow = MetaFlow(shape, path, encoder, hidden, depth, self.causal)
+        self.head = logit_head(name, head_tap, self.student_shapes)
         self.target_proj: nn.Module | None = None
         self._steps: int | None = None
         self._capture = False
@@ -515,8 +545,9 @@ class FMKT(Distiller):
 
     def deployed_modules(self) -> list[nn.Module]:
         """The student and the meta-flow (inserted in feature mode, the ensemble in logit
-        mode); the teacher projection is used in training only."""
-        return [self.student, self.flow]
+        mode) with the learned head of ``head_tap``; the teacher projection is used in
+        training only."""
+        return [self.student, self.flow] + ([self.head] if self.head is not None else [])
 
     # ------------------------------------------------------------------ pieces
     def _metric(self, pred, target, labels, mask=None) -> torch.Tensor:
@@ -552,8 +583,7 @@ class FMKT(Distiller):
             fm = torch.stack([self._metric(need, start - p, None, mask) for p in preds]).mean()
             ce = self.cross_entropy(s_out[LOGITS], targets)
         else:
-            s_logits = self.student_forward(inputs)[LOGITS]
-            _, preds = self.flow.unroll(s_logits, steps, sequence_mask(inputs, s_logits))
+            preds = self.step_logits(self.student_forward(inputs), inputs, steps)
             t_logits, mask = t_out[LOGITS], self.token_mask(targets)
             fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
             ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()
@@ -572,8 +602,55 @@ class FMKT(Distiller):
         Logit mode: the mean of the step predictions (the implicit ensemble)."""
         if self.feature_mode:
             return self._student_with_flow(inputs, self.inference_steps)[0][LOGITS]
-        s_logits = self.student_taps(inputs)[1][LOGITS]
-        return ensemble(self.flow, s_logits, self.inference_steps, sequence_mask(inputs, s_logits))
+        s_out = self.student_taps(inputs)[1]
+        return torch.stack(self.step_logits(s_out, inputs, self.inference_steps)).mean(0)
+
+    def step_logits(self, s_out: dict, inputs: Any, steps: int) -> list[torch.Tensor]:
+        """Logit mode: each Euler step's predicted logits, from the student's logits or,
+        with ``head_tap``, from its feature there through the learned head."""
+        source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]
+        return unroll_logits(self.flow, self.head, source, inputs, steps)
+
+
+def unroll_logits(
+    flow: MetaFlow, head: nn.Module | None, source: torch.Tensor, inputs: Any, steps: int
+) -> list[torch.Tensor]:
+    """Each of ``steps`` Euler steps' predicted logits from ``source`` (the student's logits,
+    or its feature through the learned ``head``); padded tokens of ``inputs`` left out."""
+    _, preds = flow.unroll(source, steps, sequence_mask(inputs, source))
+    return preds if head is None else [head(p) for p in preds]
+
+
+def take_head_tap(name: str, head_tap: str | None, base: dict) -> None:
+    """Check ``head_tap`` and add it to the student taps of the base options ``base``."""
+    if head_tap is None:
+        return
+    if not isinstance(head_tap, str) or not head_tap or head_tap == LOGITS:
+        raise ConfigError(
+            f"{name}: head_tap is the student module path whose feature the flow runs on "
+            f"before a learned head gives logits, got {head_tap!r}"
+        )
+    taps = base.get("student_taps", (LOGITS,))
+    if not isinstance(taps, str):
+        base["student_taps"] = [*taps, head_tap]
+
+
+def logit_head(name: str, head_tap: str | None, shapes: dict) -> LogitHead | None:
+    """The learned head on the student's feature at ``head_tap`` (``None`` without one),
+    checked to give logits of the student's shape (``shapes``: its probed tap shapes)."""
+    if head_tap is None:
+        return None
+    shape, logits = shapes[head_tap], tuple(shapes[LOGITS])
+    head = LogitHead(shape, logits[-1])
+    got = tuple(head(torch.zeros(1, *shape)).shape[1:])
+    if got != logits:
+        raise ShapeMismatchError(
+            f"{name}: a head on head_tap {head_tap!r} (per-sample shape {shape}) gives "
+            f"logits of shape {got}, the student's are {logits}: tap the feature its "
+            "classifier reads (a map or vector for one prediction per sample, a token "
+            "sequence for one per token)"
+        )
+    return head
 
 
 def sequence_mask(inputs: Any, x: torch.Tensor) -> torch.Tensor | None:
@@ -583,12 +660,3 @@ def sequence_mask(inputs: Any, x: torch.Tensor) -> torch.Tensor | None:
     if mask is None or x.ndim != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
         return None
     return mask
-
-
-def ensemble(
-    flow: MetaFlow, s: torch.Tensor, steps: int, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean of the ``steps`` step predictions of ``flow`` from ``s`` (FM-KT's implicit
-    ensemble); ``mask``: the real tokens of padded sequences."""
-    _, preds = flow.unroll(s, steps, mask)
-    return torch.stack(preds).mean(0)

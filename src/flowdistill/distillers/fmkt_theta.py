@@ -11,7 +11,10 @@ that is deployed — is trained toward the (detached) ensemble of the step predi
 .. math:: \mathcal{L}_\Theta = \lambda_\Theta \big(\mathcal{L}_\mathrm{metric}(z_s,
           \mathrm{sg}(\bar y)) + \mathrm{CE}(z_s, \text{label})\big).
 
-At inference the student runs alone: no meta-encoder, no extra parameter or step.
+At inference the student runs alone: no meta-encoder, no extra parameter or step. With
+``head_tap`` (the authors' form) the flow runs on the student's feature there and a learned
+head gives each step's logits, while the student's own classifier, reading the same
+feature, is the Θ head: the authors' separate copy of the head, deployed alone.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..taps import LOGITS
-from .fmkt import FMKT, draw_steps, sequence_mask
+from .fmkt import FMKT, draw_steps
 from .registry import register
 
 __all__ = ["FMKTTheta"]
@@ -57,9 +60,10 @@ class FMKTTheta(FMKT):
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         t_logits = self.teacher_forward(inputs)[LOGITS]
-        s_logits = self.student_forward(inputs)[LOGITS]
+        s_out = self.student_forward(inputs)
+        s_logits = s_out[LOGITS]
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        _, preds = self.flow.unroll(s_logits, steps, sequence_mask(inputs, s_logits))
+        preds = self.step_logits(s_out, inputs, steps)
         mask = self.token_mask(targets)  # padding left out (None for class labels)
         fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
         ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()

@@ -38,10 +38,11 @@ from .fmkt import (
     _StepStats,
     causal_sequences,
     draw_steps,
-    ensemble,
+    logit_head,
     parse_steps,
-    sequence_mask,
     step_metric,
+    take_head_tap,
+    unroll_logits,
 )
 from .registry import register
 
@@ -117,8 +118,10 @@ class OFMKT(Distiller):
         label_smoothing: float = 0.1,
         ce_weight: float = 1.0,
         causal: bool | str = "auto",
+        head_tap: str | None = None,
         **base: Any,
     ) -> None:
+        take_head_tap("ofmkt", head_tap, base)
         super().__init__(teacher, student, ce_weight=ce_weight, **base)
         if metric not in METRICS:
             raise ConfigError(f"ofmkt: metric must be one of {METRICS}, got {metric!r}")
@@ -141,7 +144,10 @@ class OFMKT(Distiller):
         self.dkd_warmup = int(dkd_warmup)
         self.warmup_factor = 1.0
         self.causal = causal_sequences("ofmkt", causal, self.student_shapes[LOGITS])
-        self.flow = MetaFlow(self.student_shapes[LOGITS], path, encoder, hidden, depth, self.causal)
+        self.head_tap = head_tap
+        shape = self.student_shapes[head_tap or LOGITS]
+        self.flow = MetaFlow(shape, path, encoder, hidden, depth, self.causal)
+        self.head = logit_head("ofmkt", head_tap, self.student_shapes)
         self._stats = _StepStats("ofmkt")
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -154,13 +160,17 @@ class OFMKT(Distiller):
         return self._stats.as_dict()
 
     def deployed_modules(self) -> list[nn.Module]:
-        """The student and the meta-flow (the prediction is the flow's ensemble)."""
-        return [self.student, self.flow]
+        """The student and the meta-flow (the prediction is the flow's ensemble), with the
+        learned head of ``head_tap``."""
+        return [self.student, self.flow] + ([self.head] if self.head is not None else [])
+
+    def _step_logits(self, s_out: dict, inputs: Any, steps: int) -> list[torch.Tensor]:
+        source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]
+        return unroll_logits(self.flow, self.head, source, inputs, steps)
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        s_logits = self.student_forward(inputs)[LOGITS]
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        _, preds = self.flow.unroll(s_logits, steps, sequence_mask(inputs, s_logits))
+        preds = self._step_logits(self.student_forward(inputs), inputs, steps)
         if self.training:
             self._stats.add(preds)
         target = torch.stack(preds).mean(0).detach()
@@ -179,5 +189,5 @@ class OFMKT(Distiller):
     @torch.no_grad()
     def predict(self, inputs: Any) -> torch.Tensor:
         """The mean of the flow's ``inference_steps`` step predictions."""
-        s_logits = self.student_taps(inputs)[1][LOGITS]
-        return ensemble(self.flow, s_logits, self.inference_steps, sequence_mask(inputs, s_logits))
+        s_out = self.student_taps(inputs)[1]
+        return torch.stack(self._step_logits(s_out, inputs, self.inference_steps)).mean(0)

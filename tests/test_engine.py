@@ -396,6 +396,29 @@ def test_more_epochs_under_a_cosine_schedule_are_recorded_as_spliced(tmp_path, p
             assert not said and "schedule_extended" not in record
 
 
+def test_a_resume_inside_the_warm_up_is_not_called_spliced(tmp_path, pair, tiny_data):
+    """Every step done still in the learning-rate warm-up, which both plans share: the
+    resumed run is the longer run from the start (same weights) and nothing is said."""
+    optim = OptimConfig(schedule="cosine", warmup_epochs=2)
+    quiet = {**QUIET, "deterministic": True}
+    out = tmp_path / "cut"
+    with pytest.raises(_Interrupted):
+        fit(_kd(pair, stop_at=1), tiny_data, optim, TrainConfig(epochs=3, **quiet), out,
+            batch_size=32)  # fmt: skip
+    resumed = _kd(pair)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(resumed, tiny_data, optim, TrainConfig(epochs=4, **quiet), out, resume=True,
+            batch_size=32)  # fmt: skip
+    assert not [w for w in caught if "spliced" in str(w.message)]
+    assert "schedule_extended" not in json.loads((out / "result.json").read_text())
+    fresh = _kd(pair)
+    fit(fresh, tiny_data, optim, TrainConfig(epochs=4, **quiet), batch_size=32)
+    for (k, v), w in zip(fresh.trainable_state_dict().items(),
+                         resumed.trainable_state_dict().values(), strict=True):  # fmt: skip
+        assert torch.equal(v, w), k
+
+
 def test_resume_refuses_other_settings_and_names_them(tmp_path, pair, tiny_data):
     """Through the Python API too, a checkpoint resumes only under the optimizer, batch
     size, seed and method options it was trained with (each change named); the number of

@@ -378,3 +378,101 @@ def test_a_top_k_cache_of_a_dict_of_inputs_is_tied_to_its_mask(tmp_path):
     other = dict(split.x, attention_mask=torch.ones_like(split.x["attention_mask"]))
     with pytest.raises(DataError, match="other inputs"):
         TopKCache.load(path, inputs=other)
+
+
+# ---------------------------------------------------------------------------- more paths
+def _left_batch(n: int = 4):
+    split = padded_sequences(_sequences(n), side="left")
+    x = split.x
+    pads = x["attention_mask"] == 0
+    other = dict(x, input_ids=torch.where(pads, (x["input_ids"] + 5) % VOCAB, x["input_ids"]))
+    return split, other
+
+
+def test_a_student_with_fm_kt_inserted_leaves_padding_out_when_called_directly():
+    """FM-KT's serial flow is part of the deployed student: called on its own with a padded
+    batch (not through the distiller), its attention still skips the pads."""
+    teacher, student = _pair()
+    split, other = _left_batch()
+    d = make_distiller("fmkt", teacher, student, example_input=split.x, tap="blocks.0",
+                       teacher_tap="blocks.1", encoder="transformer")  # fmt: skip
+    with torch.no_grad():
+        for p in d.flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d.eval()
+    real = input_mask(split.x)
+    with torch.no_grad():
+        direct, moved = student(**split.x), student(**other)
+        torch.testing.assert_close(direct[real], moved[real])
+        torch.testing.assert_close(direct[real], d.predict(split.x)[real])
+        assert not torch.allclose(student(split.x["input_ids"])[real], direct[real])
+
+
+class _SequenceClassifier(nn.Module):
+    """A GPT body, its logits pooled over the real tokens, a linear layer to 3 classes."""
+
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        self.lm = _gpt(width, layers)
+        self.fc = nn.Linear(VOCAB, 3)
+
+    def forward(self, input_ids, attention_mask):
+        z = self.lm(input_ids, attention_mask=attention_mask)  # (B, T, V)
+        m = attention_mask[..., None].to(z.dtype)
+        return self.fc((z * m).sum(1) / m.sum(1))  # (B, 3)
+
+
+@pytest.mark.parametrize("name", ["fitnet", "pkd", "flowdistill", "fmkt"])
+def test_class_labels_on_padded_sequences_leave_the_pads_out_of_token_features(name):
+    """A sequence classifier (class labels, padded dict inputs): the per-token feature
+    terms count the real tokens only."""
+    torch.manual_seed(0)
+    teacher, student = _SequenceClassifier(32, 2), _SequenceClassifier(16, 1)
+    split, other = _left_batch()
+    y = torch.tensor([0, 1, 2, 1])
+    options = {"student_taps": ["lm.blocks.0"], "teacher_taps": ["lm.blocks.1"]}
+    if name == "fmkt":
+        options = {"tap": "lm.blocks.0", "teacher_tap": "lm.blocks.1", "encoder": "transformer"}
+    d = make_distiller(name, teacher, student, example_input=split.x, **options)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d.eval()
+    torch.manual_seed(0)
+    a = d(split.x, y)
+    torch.manual_seed(0)
+    b = d(other, y)
+    for term in a:
+        torch.testing.assert_close(a[term], b[term], msg=term)
+
+
+@pytest.mark.parametrize("name", ["fmkt", "fmkt_theta", "ofmkt"])
+def test_a_non_causal_fm_kt_flow_on_right_padded_ids_skips_the_padded_targets(name):
+    """Tensor ids carry no attention mask: a flow that attends both ways (causal=False)
+    takes the padding from the targets (-100)."""
+    teacher, student = _pair()
+    split = padded_sequences(_sequences(4), side="right")
+    x, y = split.x["input_ids"], split.y
+    other = torch.where(y == -100, (x + 5) % VOCAB, x)
+    d = make_distiller(name, None if name == "ofmkt" else teacher, student, example_input=x,
+                       causal=False, encoder="transformer", head_tap="blocks.0")  # fmt: skip
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d.eval()
+    torch.manual_seed(0)
+    a = d(x, y)
+    torch.manual_seed(0)
+    b = d(other, y)
+    for term in a:
+        torch.testing.assert_close(a[term], b[term], msg=term)
+
+
+def test_a_failed_build_names_each_input_s_shape():
+    teacher = _gpt(32, 2)
+    small = GPT(GPTConfig(5, 16, n_layer=1, n_head=2, n_embd=16))  # ids beyond its vocabulary
+    split, _ = _left_batch()
+    with pytest.raises(ConfigError, match=r"example_input of shape \{'input_ids': \(4, 11\), "
+                       r"'attention_mask': \(4, 11\)\}"):  # fmt: skip
+        make_distiller("fitnet", teacher, small, example_input=split.x,
+                       student_taps=["blocks.0"], teacher_taps=["blocks.1"])  # fmt: skip

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import DataError
 
 __all__ = [
+    "IGNORE_INDEX",
     "Inputs",
     "call_model",
     "check_inputs",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 Inputs: TypeAlias = torch.Tensor | Mapping[str, torch.Tensor]
+
+IGNORE_INDEX = -100  # a target that is not counted (padding), as in F.cross_entropy
 
 #: the entries of a dict of inputs that hold the token ids and mark the real tokens (1) and
 #: the padding (0), by Hugging Face's names

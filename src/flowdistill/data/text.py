@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..distillers.base import IGNORE_INDEX
 from ..errors import ConfigError, DataError
 from .datasets import Split, Splits
+from .inputs import IGNORE_INDEX
 
 __all__ = ["CharTokenizer", "char_splits", "padded_sequences", "token_windows"]
 

@@ -10,14 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._values import values_readable
+from ..data.inputs import IGNORE_INDEX, input_mask
 from ..errors import ConfigError, ShapeMismatchError
 from ..losses.lm import token_cross_entropy
 from ..taps import LOGITS, FeatureTaps
 from .registry import get_method, list_methods
 
 __all__ = ["IGNORE_INDEX", "Distiller"]
-
-IGNORE_INDEX = -100  # a target that is not counted (padding), as in F.cross_entropy
 
 
 class Distiller(nn.Module):
@@ -223,13 +222,28 @@ class Distiller(nn.Module):
             return None
         return targets != IGNORE_INDEX
 
+    @staticmethod
+    def real_tokens(inputs: Any, targets: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The real tokens ``(B, T)`` of a batch: the attention mask of a dict of inputs
+        (true at real tokens), else where token ``targets`` count; ``None`` for neither."""
+        real = input_mask(inputs)
+        if real is None and targets is not None:
+            real = Distiller.token_mask(targets)
+        return real
+
     def feature_mask(
-        self, targets: torch.Tensor, feature: torch.Tensor, what: str
+        self, targets: torch.Tensor, feature: torch.Tensor, what: str, inputs: Any = None
     ) -> torch.Tensor | None:
         """:meth:`token_mask` for a feature with one vector per token, ``(B, T, D)`` for
-        targets ``(B, T)``; ``None`` for class labels. A feature of another layout under
-        token targets is refused, as its padded positions could not be left out."""
+        targets ``(B, T)``. Under class labels, the real tokens of a padded dict batch
+        (its ``attention_mask``, given ``inputs``) where the feature has one vector per
+        token, else ``None``. A feature of another layout under token targets is refused,
+        as its padded positions could not be left out."""
         mask = self.token_mask(targets)
+        if mask is None:  # class labels: a padded sequence batch's real tokens, if any
+            real = input_mask(inputs) if inputs is not None else None
+            fits = real is not None and tuple(feature.shape[:-1]) == tuple(real.shape)
+            return real if fits else None
         if mask is not None and tuple(feature.shape[:-1]) != tuple(mask.shape):
             raise ShapeMismatchError(
                 f"{self.name}: {what} has shape {tuple(feature.shape)}, not one vector per "

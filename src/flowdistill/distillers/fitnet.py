@@ -200,7 +200,7 @@ class FitNet(FeatureDistiller):
         s_feats, t_feats, s_logits, t_logits = self.features(inputs)
         hint = 0.0
         for reg, s, t, (_, tap) in zip(self.regressors, s_feats, t_feats, self.pairs, strict=True):
-            mask = self.feature_mask(targets, t, f"teacher tap {tap!r}")
+            mask = self.feature_mask(targets, t, f"teacher tap {tap!r}", inputs)
             hint = hint + losses.hint(reg(s), t, mask)
         terms = self.logit_terms(s_logits, t_logits, targets)
         terms["fitnet"] = self.hint_weight * hint

@@ -537,9 +537,11 @@ class FlowDistill(Distiller):
             self._held = take(inputs, slice(0, self.diagnostics_batch))
         t_out = self.teacher_forward(inputs)
         s_out = self.student_forward(inputs)
-        mask = self.token_mask(targets)  # padding of token targets (None for class labels)
-        real = input_mask(inputs)  # the real tokens of a padded batch, else where targets count
-        real = mask if real is None else real
+        real = self.real_tokens(inputs, targets)  # the attention mask, else counted targets
+        # the positions the terms count: counted token targets; under class labels, the
+        # real tokens of per-token features (the terms apply a mask where it fits)
+        mask = self.token_mask(targets)
+        mask = real if mask is None else mask
         context = self._context(s_out, real)
         terms = {"ce": self.ce_weight * self.cross_entropy(s_out[LOGITS], targets)}
         if self.kd_weight:
@@ -608,7 +610,9 @@ class FlowDistill(Distiller):
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, float]:
         """Per pair, on a batch held from the epoch: transport and round-trip errors and
-        the teacher features' negative log-likelihood per dimension under the flow."""
+        the teacher features' negative log-likelihood per dimension under the flow (the
+        errors over the real tokens of a padded dict batch, where the likelihood is left
+        out)."""
         if not self.use_flow or self._held is None:
             return {}
         was_training = self.training
@@ -649,7 +653,8 @@ class FlowDistill(Distiller):
                 )
                 back = exact.inverse(exact(a, context=ctx), context=ctx)
                 out[f"{name}/roundtrip_error"] = rel(back, a)
-            out[f"{name}/teacher_nll"] = self._teacher_nll(exact, a, t, ctx)
+            if real is None:  # (its density would count the padded positions of a batch)
+                out[f"{name}/teacher_nll"] = self._teacher_nll(exact, a, t, ctx)
         return out
 
     @staticmethod

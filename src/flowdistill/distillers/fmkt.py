@@ -94,9 +94,10 @@ from ..data.inputs import input_mask
 from ..errors import ConfigError, ShapeMismatchError, TapError
 from ..flows import ConvVelocity, MLPVelocity, TokenVelocity
 from ..flows.paths import PATHS, AffinePath, get_path
+from ..models.stages import feature_stages
 from ..taps import LOGITS, resolve_module
 from .base import Distiller
-from .registry import register
+from .registry import register, register_variant
 
 __all__ = [
     "ENCODERS",
@@ -405,15 +406,33 @@ def _insertion_hook(owner: weakref.ReferenceType):
                 f"{type(output).__name__}; serial insertion needs a module returning a tensor"
             )
         steps = distiller._steps if distiller._steps is not None else distiller.inference_steps
-        mask = distiller._real
-        if mask is not None and (output.ndim != 3 or tuple(mask.shape) != output.shape[:2]):
-            mask = None  # not a token sequence of the inputs' length
-        x1, preds = distiller.flow.unroll(output, steps, mask)
+        mask = distiller._real if distiller._real is not None else distiller._call_mask
+        x1, preds = distiller.flow.unroll(output, steps, _fitting(mask, output))
         if distiller._capture:
             distiller._rollout = (output, preds)
         return x1.to(output.dtype)
 
     return hook
+
+
+def _call_mask_hook(owner: weakref.ReferenceType):
+    """Forward pre-hook on the student: the attention mask of the keyword inputs it is
+    called with, for the inserted flow (the student called directly, not through the
+    distiller, still leaves padding out)."""
+
+    def hook(_module: nn.Module, _args: Any, kwargs: dict) -> None:
+        distiller = owner()
+        if distiller is not None:
+            distiller._call_mask = input_mask(kwargs) if kwargs else None
+
+    return hook
+
+
+def _fitting(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` ``(B, T)`` where ``x`` is a token sequence ``(B, T, D)`` of its length."""
+    if mask is None or x.ndim != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
+        return None
+    return mask
 
 
 # ---------------------------------------------------------------------------- FM-KT
@@ -473,7 +492,7 @@ class FMKT(Distiller):
                 f"{name}: head_tap is logit mode on a feature (the authors' logit-based "
                 f"module); leave tap='logits' (got tap={tap!r})"
             )
-        take_head_tap(name, head_tap, base)
+        head_tap = take_head_tap(name, head_tap, student, base)
         if feature_mode:
             if teacher_tap == LOGITS:
                 raise ConfigError(f"{name}: a feature tap {tap!r} needs a feature teacher_tap")
@@ -522,6 +541,7 @@ class FMKT(Distiller):
         self._steps: int | None = None
         self._capture = False
         self._real: torch.Tensor | None = None  # the real tokens of a padded batch
+        self._call_mask: torch.Tensor | None = None  # of the student's latest keyword call
         self._rollout: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self._stats = _StepStats(name)
         if self.feature_mode:
@@ -532,6 +552,9 @@ class FMKT(Distiller):
             self.target_proj = make_adapter(t_shape, shape)
             module = resolve_module(self.student, tap)
             self._hook = module.register_forward_hook(_insertion_hook(weakref.ref(self)))
+            self._mask_hook = self.student.register_forward_pre_hook(
+                _call_mask_hook(weakref.ref(self)), with_kwargs=True
+            )
 
     # ------------------------------------------------------------------ schedule, reports
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -553,11 +576,12 @@ class FMKT(Distiller):
     def _metric(self, pred, target, labels, mask=None) -> torch.Tensor:
         return step_metric(self.metric, pred, target, labels, mask=mask, **self.metric_options)
 
-    def _student_with_flow(self, inputs: Any, steps: int):
+    def _student_with_flow(self, inputs: Any, steps: int, targets: torch.Tensor | None = None):
         """``(student features with the flow inserted at tap, the tapped feature before
-        the flow, the step predictions)``."""
+        the flow, the step predictions)``; padded tokens (the inputs' attention mask, else
+        the targets' padding) left out of the flow's attention."""
         self._steps, self._capture, self._rollout = steps, True, None
-        self._real = input_mask(inputs)
+        self._real = self.real_tokens(inputs, targets)
         try:
             s_out = self.student_forward(inputs)
             rollout = self._rollout
@@ -573,17 +597,17 @@ class FMKT(Distiller):
         t_out = self.teacher_forward(inputs)
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
         if self.feature_mode:
-            s_out, start, preds = self._student_with_flow(inputs, steps)
+            s_out, start, preds = self._student_with_flow(inputs, steps, targets)
             t_feat = t_out[self.teacher_tap].to(preds[0].dtype)
-            mask = self.feature_mask(targets, preds[0], f"tap {self.tap!r}")
-            self.feature_mask(targets, t_feat, f"teacher_tap {self.teacher_tap!r}")
+            mask = self.feature_mask(targets, preds[0], f"tap {self.tap!r}", inputs)
+            self.feature_mask(targets, t_feat, f"teacher_tap {self.teacher_tap!r}", inputs)
             target = self.target_proj(self.target_norm(t_feat, mask))
             start = start.to(preds[0].dtype)
             need = start - target  # the displacement the student needs; each step's own:
             fm = torch.stack([self._metric(need, start - p, None, mask) for p in preds]).mean()
             ce = self.cross_entropy(s_out[LOGITS], targets)
         else:
-            preds = self.step_logits(self.student_forward(inputs), inputs, steps)
+            preds = self.step_logits(self.student_forward(inputs), inputs, steps, targets)
             t_logits, mask = t_out[LOGITS], self.token_mask(targets)
             fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
             ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()
@@ -605,34 +629,54 @@ class FMKT(Distiller):
         s_out = self.student_taps(inputs)[1]
         return torch.stack(self.step_logits(s_out, inputs, self.inference_steps)).mean(0)
 
-    def step_logits(self, s_out: dict, inputs: Any, steps: int) -> list[torch.Tensor]:
+    def step_logits(
+        self, s_out: dict, inputs: Any, steps: int, targets: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Logit mode: each Euler step's predicted logits, from the student's logits or,
-        with ``head_tap``, from its feature there through the learned head."""
+        with ``head_tap``, from its feature there through the learned head; padded tokens
+        (the inputs' attention mask, else the targets' padding) left out."""
         source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]
-        return unroll_logits(self.flow, self.head, source, inputs, steps)
+        return unroll_logits(self.flow, self.head, source, steps, self.real_tokens(inputs, targets))
 
 
 def unroll_logits(
-    flow: MetaFlow, head: nn.Module | None, source: torch.Tensor, inputs: Any, steps: int
+    flow: MetaFlow,
+    head: nn.Module | None,
+    source: torch.Tensor,
+    steps: int,
+    real: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Each of ``steps`` Euler steps' predicted logits from ``source`` (the student's logits,
-    or its feature through the learned ``head``); padded tokens of ``inputs`` left out."""
-    _, preds = flow.unroll(source, steps, sequence_mask(inputs, source))
+    or its feature through the learned ``head``); the tokens that ``real`` ``(B, T)`` marks
+    as padding left out of the flow's attention."""
+    _, preds = flow.unroll(source, steps, _fitting(real, source))
     return preds if head is None else [head(p) for p in preds]
 
 
-def take_head_tap(name: str, head_tap: str | None, base: dict) -> None:
-    """Check ``head_tap`` and add it to the student taps of the base options ``base``."""
+def take_head_tap(name: str, head_tap: str | None, student: nn.Module, base: dict) -> str | None:
+    """``head_tap`` checked (``"auto"``: the deepest feature stage the student declares,
+    the feature its classifier reads) and added to the student taps of the base options
+    ``base``; the module path is returned."""
     if head_tap is None:
-        return
+        return None
     if not isinstance(head_tap, str) or not head_tap or head_tap == LOGITS:
         raise ConfigError(
             f"{name}: head_tap is the student module path whose feature the flow runs on "
             f"before a learned head gives logits, got {head_tap!r}"
         )
+    if head_tap == "auto":
+        try:
+            head_tap = feature_stages(student)[-1]["name"]
+        except (ConfigError, IndexError):
+            raise ConfigError(
+                f"{name}: head_tap='auto' takes the deepest feature stage the student "
+                f"declares (feature_info), and {type(student).__name__} declares none: name "
+                "the module whose output its classifier reads, head_tap=<module path>"
+            ) from None
     taps = base.get("student_taps", (LOGITS,))
     if not isinstance(taps, str):
         base["student_taps"] = [*taps, head_tap]
+    return head_tap
 
 
 def logit_head(name: str, head_tap: str | None, shapes: dict) -> LogitHead | None:
@@ -653,10 +697,7 @@ def logit_head(name: str, head_tap: str | None, shapes: dict) -> LogitHead | Non
     return head
 
 
-def sequence_mask(inputs: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The real tokens (the inputs' ``attention_mask``) where ``x`` is a token sequence
-    ``(B, T, D)`` of the inputs' length; ``None`` otherwise."""
-    mask = input_mask(inputs)
-    if mask is None or x.ndim != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
-        return None
-    return mask
+register_variant(
+    "fmkt-head", "fmkt", "the authors' logit-based module: the flow on the student's deepest "
+    "declared feature, a learned pooling + linear head per step", head_tap="auto",
+)  # fmt: skip

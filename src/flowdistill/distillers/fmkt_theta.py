@@ -63,7 +63,7 @@ class FMKTTheta(FMKT):
         s_out = self.student_forward(inputs)
         s_logits = s_out[LOGITS]
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        preds = self.step_logits(s_out, inputs, steps)
+        preds = self.step_logits(s_out, inputs, steps, targets)
         mask = self.token_mask(targets)  # padding left out (None for class labels)
         fm = torch.stack([self._metric(p, t_logits, targets, mask) for p in preds]).mean()
         ce = torch.stack([self.cross_entropy(p, targets) for p in preds]).mean()

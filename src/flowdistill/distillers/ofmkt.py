@@ -121,7 +121,7 @@ class OFMKT(Distiller):
         head_tap: str | None = None,
         **base: Any,
     ) -> None:
-        take_head_tap("ofmkt", head_tap, base)
+        head_tap = take_head_tap("ofmkt", head_tap, student, base)
         super().__init__(teacher, student, ce_weight=ce_weight, **base)
         if metric not in METRICS:
             raise ConfigError(f"ofmkt: metric must be one of {METRICS}, got {metric!r}")
@@ -164,13 +164,13 @@ class OFMKT(Distiller):
         learned head of ``head_tap``."""
         return [self.student, self.flow] + ([self.head] if self.head is not None else [])
 
-    def _step_logits(self, s_out: dict, inputs: Any, steps: int) -> list[torch.Tensor]:
+    def _step_logits(self, s_out: dict, inputs: Any, steps: int, targets=None) -> list:
         source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]
-        return unroll_logits(self.flow, self.head, source, inputs, steps)
+        return unroll_logits(self.flow, self.head, source, steps, self.real_tokens(inputs, targets))
 
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        preds = self._step_logits(self.student_forward(inputs), inputs, steps)
+        preds = self._step_logits(self.student_forward(inputs), inputs, steps, targets)
         if self.training:
             self._stats.add(preds)
         target = torch.stack(preds).mean(0).detach()

@@ -74,7 +74,7 @@ class PKD(FeatureDistiller):
         for adapter, s, t, (_, tap) in zip(
             self.adapters, s_feats, t_feats, self.pairs, strict=True
         ):
-            mask = self.feature_mask(targets, t, f"teacher tap {tap!r}")
+            mask = self.feature_mask(targets, t, f"teacher tap {tap!r}", inputs)
             loss = loss + losses.pkd(adapter(s), t, mask=mask)
         terms = self.logit_terms(s_logits, t_logits, targets)
         terms["pkd"] = self.pkd_weight * loss

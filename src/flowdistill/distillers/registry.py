@@ -10,6 +10,7 @@ import itertools
 import math
 import types
 import typing
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -265,6 +266,8 @@ def make_distiller(
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # from torch or a model
         example = options.get("example_input")
         shape = tuple(example.shape) if hasattr(example, "shape") else None
+        if isinstance(example, Mapping):  # a dict of inputs: each entry's shape
+            shape = {k: tuple(getattr(v, "shape", ())) for k, v in example.items()}
         shown = {k: v for k, v in options.items() if k != "example_input"}
         raise ConfigError(
             f"method {name!r} could not be built around this teacher and student "

@@ -86,7 +86,7 @@ class TAID(Distiller):
     def epoch_schedule(self, epoch: int, epochs: int) -> dict[str, float]:
         """The run fractions at the epoch's start and end (the interpolation's schedule
         follows the fraction step by step)."""
-        if not epochs:
+        if not epochs or self.t_start == self.t_end:  # (no floor that moves with the run)
             return {}
         return {
             "progress_from": min(epoch / epochs, 1.0),

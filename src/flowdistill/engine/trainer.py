@@ -459,16 +459,27 @@ def load_or_refuse(
 
 
 def spliced_schedules(
-    distiller: Distiller, optim: OptimConfig, planned: int | None, epochs: int, done: int
+    distiller: Distiller,
+    optim: OptimConfig,
+    planned: int | None,
+    epochs: int,
+    done: int,
+    steps_per_epoch: int,
 ) -> list[str]:
     """The schedules that a run planned for ``planned`` epochs, resumed after ``done`` of
-    them for ``epochs``, splices: a cosine learning rate (it anneals over the planned
-    length), and the method's own schedule where its values over the epochs done differ
-    between the two plans (:meth:`Distiller.epoch_schedule`). Empty when the resumed run is
-    what an ``epochs``-epoch run from the start does."""
+    them for ``epochs``, splices: the learning rate where its factor over the steps done
+    differs between the two plans (a cosine past its warm-up), and the method's own
+    schedule where its values over the epochs done differ (:meth:`Distiller.epoch_schedule`).
+    Empty when the steps done are those of an ``epochs``-epoch run from the start."""
     if planned is None or planned == epochs:
         return []
-    spliced = ["the cosine learning rate"] if optim.schedule == "cosine" else []
+    spliced = []
+    if any(
+        lr_factor(optim, step, steps_per_epoch, planned)
+        != lr_factor(optim, step, steps_per_epoch, epochs)
+        for step in range(done * steps_per_epoch)
+    ):
+        spliced.append(f"the {optim.schedule} learning rate")
     moved = sorted({
         key
         for epoch in range(done)
@@ -689,17 +700,20 @@ def fit(
         start_epoch, history = state["epoch"] + 1, state["history"]
         extended = list(state.get("schedule_extended", []))
         planned = state.get("epochs")
-        spliced = spliced_schedules(distiller, optim, planned, train.epochs, start_epoch)
+        spliced = spliced_schedules(
+            distiller, optim, planned, train.epochs, start_epoch, steps_per_epoch
+        )
         if spliced:
             extended.append({"at_epoch": start_epoch, "from_epochs": planned,
                              "to_epochs": train.epochs, "spliced": spliced})  # fmt: skip
             warnings.warn(
                 f"{ckpt_path}: the run was planned for {planned} epochs and is resumed to "
                 f"{train.epochs}: {' and '.join(spliced)} followed the {planned}-epoch plan "
-                f"for its first {start_epoch} epoch(s) and from epoch {start_epoch + 1} "
-                f"follow(s) the {train.epochs}-epoch one, spliced together (not what a "
-                f"{train.epochs}-epoch run from the start does); result.json records it as "
-                "schedule_extended",
+                f"for its first {start_epoch} epoch(s), where a {train.epochs}-epoch plan "
+                f"sets other values, and from epoch {start_epoch + 1} follow(s) the "
+                f"{train.epochs}-epoch one: the two plans are spliced, so the run may end "
+                f"elsewhere than a {train.epochs}-epoch run from the start; result.json "
+                "records it as schedule_extended",
                 stacklevel=3,
             )
         best_val, best_epoch = state["best_val_acc"], state["best_val_epoch"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, ShapeMismatchError
+from .cifar import FeatureInfo
 from .registry import register_model
 
 __all__ = ["GPT", "GPTConfig", "gpt"]
@@ -125,6 +126,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # residual projections scaled with depth
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def feature_info(self) -> list[FeatureInfo]:
+        """The blocks' outputs and the final layer norm (the features the head reads), shallow
+        to deep, each ``(T, n_embd)`` per sample (stride 1: one vector per token)."""
+        width = self.config.n_embd
+        blocks = [FeatureInfo(name=f"blocks.{i}", channels=width, stride=1)
+                  for i in range(self.config.n_layer)]  # fmt: skip
+        return [*blocks, FeatureInfo(name="ln_f", channels=width, stride=1)]
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding (the name Hugging Face models give it): ``fit`` checks that

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .cifar import FeatureInfo
 from .registry import register_model
 
 __all__ = ["MLP", "SmallCNN"]
@@ -40,6 +41,14 @@ class SmallCNN(nn.Module):
         self.stage3 = _block(w2, w3, pool=False)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(w3, num_classes)
+        self.widths = (w1, w2, w3)
+
+    def feature_info(self) -> list[FeatureInfo]:
+        """The three stages, shallow to deep (the last is the map the classifier pools)."""
+        return [
+            FeatureInfo(name=f"stage{i + 1}", channels=w, stride=s)
+            for i, (w, s) in enumerate(zip(self.widths, (2, 4, 4), strict=True))
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage3(self.stage2(self.stage1(x)))  # (B, w3, H/4, W/4)
@@ -59,6 +68,12 @@ class MLP(nn.Module):
             for a, b in zip(dims[:-1], dims[1:], strict=True)
         )
         self.fc = nn.Linear(dims[-1], num_classes)
+        self.widths = tuple(hidden)
+
+    def feature_info(self) -> list[FeatureInfo]:
+        """The hidden layers, shallow to deep (vectors: stride 1)."""
+        return [FeatureInfo(name=f"layers.{i}", channels=w, stride=1)
+                for i, w in enumerate(self.widths)]  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

@@ -5,6 +5,7 @@ metric leaves the padding out, on either side."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -146,15 +147,48 @@ def _options(name: str) -> dict:
     return {}
 
 
+def _batch(side: str, n: int = 4) -> tuple[Any, Any, torch.Tensor]:
+    """``(inputs, the same inputs with other tokens at the pads, targets)``: a left-padded
+    dict batch with its attention mask, or right-padded token ids (no mask)."""
+    split = padded_sequences(_sequences(n), side=side)
+    ids, y = split.x["input_ids"], split.y
+    moved = torch.where(split.x["attention_mask"] == 0, (ids + 5) % VOCAB, ids)
+    if side == "right":
+        return ids, moved, y
+    return split.x, dict(split.x, input_ids=moved), y
+
+
+def _jolt(d: nn.Module) -> None:
+    """Move every parameter a little: zero-initialised output layers would hide what their
+    inputs see."""
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+
+def _same_terms(d: nn.Module, x: Any, other: Any, y: torch.Tensor) -> dict:
+    """The terms on ``x`` and on ``other`` (the same random draws) are equal; those on
+    ``x`` are returned."""
+    torch.manual_seed(0)
+    a = d(x, y)
+    torch.manual_seed(0)
+    b = d(other, y)
+    for term in a:
+        torch.testing.assert_close(a[term], b[term], msg=f"{term} (training={d.training})")
+    return a
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ALL_METHODS)
-def test_every_method_on_left_padding_sees_the_real_tokens_only(name):
-    """A left-padded batch: the pads come before every real token, so anything that let
-    them through (attention, a running context, a pooled statistic, an unmasked loss) would
-    move the terms when the padded tokens change. Methods that cannot leave padding out
-    refuse it; methods defined on whole samples refuse token logits."""
+def test_every_method_sees_the_real_tokens_only(name, side):
+    """Padded token batches, left-padded with an attention mask or right-padded ids: a
+    method that says it masks padding gives terms that no token at a padded position can
+    change (on the left the pads come before every real token, so anything that let them
+    through would move the terms: attention, a running context, a pooled statistic, an
+    unmasked loss); any other refuses the padded targets with a ConfigError naming the
+    methods that take them, and methods defined on whole samples refuse token logits."""
     teacher, student = _pair()
-    split = padded_sequences(_sequences(4), side="left")
-    x, y = split.x, split.y
+    x, other, y = _batch(side)
     if name in SAMPLE_LEVEL:
         with pytest.raises(ShapeMismatchError, match="per-sample"):
             make_distiller(name, teacher, student, example_input=x, **_options(name))
@@ -167,25 +201,17 @@ def test_every_method_on_left_padding_sees_the_real_tokens_only(name):
         with pytest.raises(ConfigError, match=rf"method '{name}' would count padded positions"):
             d(x, y)
         return
-    with torch.no_grad():  # zero-initialised output layers would hide what their inputs see
-        for p in d.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    _jolt(d)
     state = copy.deepcopy(d.state_dict())
-
-    def terms(inputs, training):
-        d.load_state_dict(state)
+    for training in (False, True):  # running statistics, then the batch's
+        d.load_state_dict(state)  # the running statistics a training call updated, undone
         d.train(training)
+        a = _same_terms(d, x, other, y)
+        # the oracle that the test can fail: the pads seen (no mask) or counted (no -100)
+        d.load_state_dict(state)
         torch.manual_seed(0)
-        return d(inputs, y)
-
-    pads = x["attention_mask"] == 0
-    other = dict(x, input_ids=torch.where(pads, (x["input_ids"] + 5) % VOCAB, x["input_ids"]))
-    for training in (False, True):
-        a, b = terms(x, training), terms(other, training)
-        for term in a:
-            torch.testing.assert_close(a[term], b[term], msg=f"{term} (training={training})")
-        # the oracle that the test can fail: without the mask the pads are attended to
-        seen = terms({"input_ids": other["input_ids"]}, training)
+        seen = d(other["input_ids"], y) if side == "left" else d(other, torch.where(
+            y == -100, other.roll(-1, 1), y))  # fmt: skip
         assert not torch.allclose(seen["loss"], a["loss"])
 
 
@@ -193,22 +219,12 @@ def test_every_method_on_left_padding_sees_the_real_tokens_only(name):
 def test_fm_kt_with_a_learned_head_on_hidden_states_sees_the_real_tokens_only(name):
     """head_tap: the flow (a causal transformer) on the hidden states, a head per token."""
     teacher, student = _pair()
-    split = padded_sequences(_sequences(4), side="left")
-    x, y = split.x, split.y
+    x, other, y = _batch("left")
     d = make_distiller(name, None if name == "ofmkt" else teacher, student, example_input=x,
                        head_tap="blocks.0", encoder="transformer")  # fmt: skip
-    with torch.no_grad():
-        for p in d.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    _jolt(d)
     d.eval()
-    pads = x["attention_mask"] == 0
-    other = dict(x, input_ids=torch.where(pads, (x["input_ids"] + 5) % VOCAB, x["input_ids"]))
-    torch.manual_seed(0)
-    a = d(x, y)
-    torch.manual_seed(0)
-    b = d(other, y)
-    for term in a:
-        torch.testing.assert_close(a[term], b[term], msg=term)
+    _same_terms(d, x, other, y)
     real = input_mask(x)
     torch.testing.assert_close(d.predict(x)[real], d.predict(other)[real])
     assert d.predict(x).shape == (4, 11, VOCAB)
@@ -381,31 +397,21 @@ def test_a_top_k_cache_of_a_dict_of_inputs_is_tied_to_its_mask(tmp_path):
 
 
 # ---------------------------------------------------------------------------- more paths
-def _left_batch(n: int = 4):
-    split = padded_sequences(_sequences(n), side="left")
-    x = split.x
-    pads = x["attention_mask"] == 0
-    other = dict(x, input_ids=torch.where(pads, (x["input_ids"] + 5) % VOCAB, x["input_ids"]))
-    return split, other
-
-
 def test_a_student_with_fm_kt_inserted_leaves_padding_out_when_called_directly():
     """FM-KT's serial flow is part of the deployed student: called on its own with a padded
     batch (not through the distiller), its attention still skips the pads."""
     teacher, student = _pair()
-    split, other = _left_batch()
-    d = make_distiller("fmkt", teacher, student, example_input=split.x, tap="blocks.0",
+    x, other, _ = _batch("left")
+    d = make_distiller("fmkt", teacher, student, example_input=x, tap="blocks.0",
                        teacher_tap="blocks.1", encoder="transformer")  # fmt: skip
-    with torch.no_grad():
-        for p in d.flow.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    _jolt(d.flow)
     d.eval()
-    real = input_mask(split.x)
+    real = input_mask(x)
     with torch.no_grad():
-        direct, moved = student(**split.x), student(**other)
+        direct, moved = student(**x), student(**other)
         torch.testing.assert_close(direct[real], moved[real])
-        torch.testing.assert_close(direct[real], d.predict(split.x)[real])
-        assert not torch.allclose(student(split.x["input_ids"])[real], direct[real])
+        torch.testing.assert_close(direct[real], d.predict(x)[real])
+        assert not torch.allclose(student(x["input_ids"])[real], direct[real])
 
 
 class _SequenceClassifier(nn.Module):
@@ -428,22 +434,14 @@ def test_class_labels_on_padded_sequences_leave_the_pads_out_of_token_features(n
     terms count the real tokens only."""
     torch.manual_seed(0)
     teacher, student = _SequenceClassifier(32, 2), _SequenceClassifier(16, 1)
-    split, other = _left_batch()
-    y = torch.tensor([0, 1, 2, 1])
+    x, other, _ = _batch("left")
     options = {"student_taps": ["lm.blocks.0"], "teacher_taps": ["lm.blocks.1"]}
     if name == "fmkt":
         options = {"tap": "lm.blocks.0", "teacher_tap": "lm.blocks.1", "encoder": "transformer"}
-    d = make_distiller(name, teacher, student, example_input=split.x, **options)
-    with torch.no_grad():
-        for p in d.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    d = make_distiller(name, teacher, student, example_input=x, **options)
+    _jolt(d)
     d.eval()
-    torch.manual_seed(0)
-    a = d(split.x, y)
-    torch.manual_seed(0)
-    b = d(other, y)
-    for term in a:
-        torch.testing.assert_close(a[term], b[term], msg=term)
+    _same_terms(d, x, other, torch.tensor([0, 1, 2, 1]))
 
 
 @pytest.mark.parametrize("name", ["fmkt", "fmkt_theta", "ofmkt"])
@@ -451,28 +449,19 @@ def test_a_non_causal_fm_kt_flow_on_right_padded_ids_skips_the_padded_targets(na
     """Tensor ids carry no attention mask: a flow that attends both ways (causal=False)
     takes the padding from the targets (-100)."""
     teacher, student = _pair()
-    split = padded_sequences(_sequences(4), side="right")
-    x, y = split.x["input_ids"], split.y
-    other = torch.where(y == -100, (x + 5) % VOCAB, x)
+    x, other, y = _batch("right")
     d = make_distiller(name, None if name == "ofmkt" else teacher, student, example_input=x,
                        causal=False, encoder="transformer", head_tap="blocks.0")  # fmt: skip
-    with torch.no_grad():
-        for p in d.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    _jolt(d)
     d.eval()
-    torch.manual_seed(0)
-    a = d(x, y)
-    torch.manual_seed(0)
-    b = d(other, y)
-    for term in a:
-        torch.testing.assert_close(a[term], b[term], msg=term)
+    _same_terms(d, x, other, y)
 
 
 def test_a_failed_build_names_each_input_s_shape():
     teacher = _gpt(32, 2)
     small = GPT(GPTConfig(5, 16, n_layer=1, n_head=2, n_embd=16))  # ids beyond its vocabulary
-    split, _ = _left_batch()
+    x, _, _ = _batch("left")
     with pytest.raises(ConfigError, match=r"example_input of shape \{'input_ids': \(4, 11\), "
                        r"'attention_mask': \(4, 11\)\}"):  # fmt: skip
-        make_distiller("fitnet", teacher, small, example_input=split.x,
+        make_distiller("fitnet", teacher, small, example_input=x,
                        student_taps=["blocks.0"], teacher_taps=["blocks.1"])  # fmt: skip

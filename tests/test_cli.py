@@ -568,3 +568,58 @@ def test_a_one_seed_table_shows_no_spread():
     for table in (compact_table(results), markdown_table(results)):
         rows = [line for line in table.splitlines() if line.startswith("| kd ")]
         assert rows and "(1 seed)" in rows[0] and "±" not in rows[0]
+
+
+def test_a_language_model_from_a_file_of_documents_by_config(tmp_path, capsys):
+    """``data: {name: lines}``: one document per line, padded on the left with an attention
+    mask; a teacher and a student from configs, the printed bits per character recomputed
+    from the saved student over the real tokens of the held-out documents."""
+    import math
+
+    from flowdistill.data import line_splits
+    from flowdistill.engine.checkpoint import load_model_weights
+    from flowdistill.models import create_model
+
+    docs = [
+        "to be, or not to be",
+        "that is the question",
+        "whether 'tis nobler",
+        "in the mind to suffer",
+        "the slings and arrows",
+        "of outrageous fortune",
+        "or to take arms",
+        "against a sea of troubles",
+        "and by opposing end them",
+    ] * 4
+    (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n\n")
+    data = (
+        f"data: {{name: lines, path: {tmp_path / 'docs.txt'}, block_size: 16, "
+        "val_fraction: 0.2, test_fraction: 0.2, padding_side: left, batch_size: 8}\n"
+    )
+    common = data + "optim: {name: adamw, lr: 0.003}\ntrain: {epochs: 2, progress: false}\n"
+    gpt = "name: gpt, kwargs: {n_layer: 1, n_head: 2, n_embd: "
+    (tmp_path / "t.yaml").write_text(
+        common + f"teacher: {{{gpt}32}}}}\nout_dir: {tmp_path / 't'}\n"
+    )
+    assert main(["train-teacher", "--config", str(tmp_path / "t.yaml")]) == 0
+    capsys.readouterr()
+    (tmp_path / "s.yaml").write_text(
+        common + "method: flowdistill\nmethod_options: {student_taps: [blocks.0], "
+        "teacher_taps: [blocks.0]}\n"
+        f"teacher: {{{gpt}32}}, checkpoint: {tmp_path / 't' / 'best.safetensors'}}}\n"
+        f"student: {{{gpt}16}}}}\nout_dir: {tmp_path / 's'}\n"
+    )  # fmt: skip
+    assert main(["distill", "--config", str(tmp_path / "s.yaml")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    splits, tok = line_splits("\n".join(docs), 16, 0.2, 0.2, side="left")
+    assert json.loads((tmp_path / "s" / "vocab.json").read_text()) == tok.vocab
+    student = create_model("gpt", vocab_size=tok.vocab_size, block_size=16, n_layer=1,
+                           n_head=2, n_embd=16)  # fmt: skip
+    load_model_weights(student, tmp_path / "s" / "model.safetensors")
+    with torch.no_grad():
+        logits = student.eval()(**splits.test.x)
+        nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), splits.test.y.reshape(-1))
+    assert printed["test_bpc_last"] == pytest.approx(float(nats) / math.log(2), rel=1e-4)
+    assert main(["distill", "--config", str(tmp_path / "s.yaml"), "data.padding_side=top",
+                 f"out_dir={tmp_path / 'x'}"]) == 2  # fmt: skip
+    assert "data.padding_side must be 'right' or 'left'" in capsys.readouterr().err

@@ -465,3 +465,31 @@ def test_a_failed_build_names_each_input_s_shape():
                        r"'attention_mask': \(4, 11\)\}"):  # fmt: skip
         make_distiller("fitnet", teacher, small, example_input=x,
                        student_taps=["blocks.0"], teacher_taps=["blocks.1"])  # fmt: skip
+
+
+def test_line_splits_keep_each_document_whole_in_one_split():
+    """One document per line: blank lines skipped, a long line cut into pieces of
+    block_size + 1 characters, every piece of a document in the same split, and every
+    character of every piece found again among the real tokens."""
+    from flowdistill.data import line_splits
+
+    docs = [f"{i:02d} doc " + "abcdefghij"[: i % 7 + 1] * (1 + i % 3) for i in range(20)]
+    text = "\n\n".join(docs)
+    data, tok = line_splits(text, block_size=8, val_fraction=0.2, test_fraction=0.2, seed=3)
+    seen = {}
+    for name in ("train", "val", "test"):
+        part = getattr(data, name)
+        ids, mask, y = part.x["input_ids"], part.x["attention_mask"].bool(), part.y
+        assert ids.shape[1] == 8 and ((y == -100) == ~mask).all()
+        for row in range(len(y)):  # each piece: its inputs then its last target
+            chars = tok.decode(ids[row][mask[row]]) + tok.decode(y[row][mask[row]][-1:])
+            seen.setdefault(name, []).append(chars)
+    pieces = {d: [d[i : i + 9] for i in range(0, len(d), 9) if len(d[i : i + 9]) >= 2]
+              for d in docs}  # fmt: skip
+    for doc, own in pieces.items():  # its first piece (unique: it holds its number) says
+        (home,) = [n for n, found in seen.items() if own[0] in found]  # where it went
+        assert all(p in seen[home] for p in own), doc
+    assert sorted(sum(seen.values(), [])) == sorted(sum(pieces.values(), []))
+    assert [len(seen[n]) > 0 for n in ("train", "val", "test")] == [True] * 3
+    with pytest.raises(DataError, match="each split needs one"):
+        line_splits("one line\nanother", 8)

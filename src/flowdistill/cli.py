@@ -181,7 +181,8 @@ def _check_teacher_vocab(checkpoint: str, vocab: list[str] | None) -> None:
 
 def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
     from .config import config_to_dict, load_config, run_identity
-    from .data import char_splits, digits_splits, idx_splits, npz_splits, read_text
+    from .data import char_splits, digits_splits, idx_splits, line_splits, npz_splits, read_text
+    from .data.inputs import take
     from .distillers import make_distiller
     from .engine import fit
     from .engine.checkpoint import digest, load_model_weights
@@ -201,6 +202,12 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
             read_text(d.path), d.block_size, d.test_fraction, select_fraction=d.val_fraction
         )
         vocab = tokenizer.vocab
+    elif d.name == "lines":
+        data, tokenizer = line_splits(
+            read_text(d.path), d.block_size, d.val_fraction, d.test_fraction,
+            d.padding_side, d.split_seed,
+        )  # fmt: skip
+        vocab = tokenizer.vocab
     else:
         data = idx_splits(
             d.train_images,
@@ -212,7 +219,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         )
 
     def build(spec):
-        length = d.block_size if d.name == "text" else None
+        length = d.block_size if vocab is not None else None
         known = data_kwargs(spec.name, data.num_classes, data.input_shape[0], length)
         kwargs = {**known, **spec.kwargs}
         return build_model(spec.name, **kwargs)
@@ -228,7 +235,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
             "student",
             None,
             model,
-            example_input=data.train.x[:8],
+            example_input=take(data.train.x, slice(0, 8)),
             student_output=cfg.teacher.output,
         )
     else:
@@ -249,7 +256,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
         if teacher is not None:
             outputs["teacher_output"] = cfg.teacher.output
         distiller = make_distiller(
-            cfg.method, teacher, student, example_input=data.train.x[:8],
+            cfg.method, teacher, student, example_input=take(data.train.x, slice(0, 8)),
             **{**outputs, **cfg.method_options},
         )  # fmt: skip
     identity = run_identity(cfg, teacher_mode)
@@ -291,7 +298,7 @@ def _run(args: argparse.Namespace, teacher_mode: bool) -> int:
                         "test_bpc_last": result.test_loss_last / math.log(2),
                         "test_bpc_best_val": result.test_loss_best_val / math.log(2),
                     }
-                    if d.name == "text"
+                    if vocab is not None
                     else {}
                 ),  # fmt: skip
                 "best_val_epoch": result.best_val_epoch,

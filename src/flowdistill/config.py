@@ -75,10 +75,13 @@ class ModelConfig:
 @keyword_checked
 @dataclass
 class DataConfig:
-    """``digits`` (embedded), ``npz`` (``path``), ``idx`` (the four IDX file paths) or
+    """``digits`` (embedded), ``npz`` (``path``), ``idx`` (the four IDX file paths),
     ``text`` (``path`` to a plain-text corpus, read as next-character windows of
     ``block_size`` characters: its last ``test_fraction`` is the held-out split, and the
-    last ``val_fraction`` of the rest the validation split that epochs are chosen on)."""
+    last ``val_fraction`` of the rest the validation split that epochs are chosen on) or
+    ``lines`` (``path`` to a corpus of documents, one per line, shuffled by ``split_seed``
+    into those fractions, each padded on ``padding_side`` to ``block_size`` characters
+    with an attention mask; see :func:`flowdistill.data.line_splits`)."""
 
     name: str = "digits"
     path: str | None = None
@@ -91,13 +94,18 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 64
     block_size: int = 64
+    padding_side: str = "right"
 
     def validate(self) -> None:
-        if self.name not in ("digits", "npz", "idx", "text"):
+        if self.name not in ("digits", "npz", "idx", "text", "lines"):
             raise ConfigError(
-                f"data.name must be 'digits', 'npz', 'idx' or 'text', got {self.name!r}"
+                f"data.name must be 'digits', 'npz', 'idx', 'text' or 'lines', got {self.name!r}"
             )
-        if self.name in ("npz", "text") and not self.path:
+        if self.padding_side not in ("right", "left"):
+            raise ConfigError(
+                f"data.padding_side must be 'right' or 'left', got {self.padding_side!r}"
+            )
+        if self.name in ("npz", "text", "lines") and not self.path:
             raise ConfigError(f"data.path is required when data.name is {self.name!r}")
         if self.block_size < 1:
             raise ConfigError(f"data.block_size must be >= 1, got {self.block_size}")
@@ -407,4 +415,6 @@ def run_identity(config: RunConfig, teacher_mode: bool = False) -> dict[str, Any
     for key in drop:
         values.pop(key, None)
     values["train"] = {k: v for k, v in values["train"].items() if k not in _EXECUTION}
+    if values["data"].get("name") != "lines":  # (it pads nothing else: runs of other data
+        values["data"].pop("padding_side", None)  # saved before it existed still resume)
     return values

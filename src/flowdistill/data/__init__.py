@@ -25,7 +25,7 @@ from .readers import (
     read_npz,
     read_text,
 )
-from .text import CharTokenizer, char_splits, padded_sequences, token_windows
+from .text import CharTokenizer, char_splits, line_splits, padded_sequences, token_windows
 
 __all__ = [
     "Batches",
@@ -37,6 +37,7 @@ __all__ = [
     "digits_splits",
     "idx_holdout_splits",
     "idx_splits",
+    "line_splits",
     "Inputs",
     "npz_splits",
     "padded_sequences",

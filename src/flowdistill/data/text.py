@@ -13,7 +13,7 @@ from ..errors import ConfigError, DataError
 from .datasets import Split, Splits
 from .inputs import IGNORE_INDEX
 
-__all__ = ["CharTokenizer", "char_splits", "padded_sequences", "token_windows"]
+__all__ = ["CharTokenizer", "char_splits", "line_splits", "padded_sequences", "token_windows"]
 
 
 class CharTokenizer:
@@ -186,3 +186,60 @@ def char_splits(
     select_name = f"selection split (the last {select_fraction:g} of the training text)"
     select = windows(ids[fit_end:cut], select_name)
     return Splits(train, select, held, num_classes=tokenizer.vocab_size), tokenizer
+
+
+def line_splits(
+    text: str,
+    block_size: int,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    side: str = "right",
+    seed: int = 0,
+    tokenizer: CharTokenizer | None = None,
+) -> tuple[Splits, CharTokenizer]:
+    """A corpus of documents, one per line, as padded next-character splits.
+
+    Blank lines are skipped; a line longer than ``block_size + 1`` characters is cut into
+    consecutive pieces of that length (a last piece of one character, which predicts
+    nothing, is dropped). The documents are shuffled by ``seed`` and the last
+    ``test_fraction`` of them held out as ``data.test``, the ``val_fraction`` before them
+    as ``data.val`` (a document's pieces stay in one split). Each split is
+    :func:`padded_sequences` on ``side``: inputs ``{"input_ids", "attention_mask"}`` of
+    ``block_size`` positions, targets -100 at the pads."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DataError(f"{name} must lie in (0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"val_fraction + test_fraction must leave documents to train on, got "
+            f"{val_fraction} + {test_fraction}"
+        )
+    if block_size < 1:
+        raise DataError(f"block_size must be >= 1, got {block_size}")
+    lines = [line for line in text.splitlines() if line.strip()]
+    tokenizer = tokenizer or CharTokenizer.from_text("".join(lines) or text)
+    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test, n_val = round(len(lines) * test_fraction), round(len(lines) * val_fraction)
+    n_train = len(lines) - n_test - n_val
+    if min(n_train, n_val, n_test) < 1:
+        raise DataError(
+            f"a corpus of {len(lines)} non-blank lines gives {n_train} training, {n_val} "
+            f"validation and {n_test} test documents; each split needs one (more lines, or "
+            "larger fractions)"
+        )
+    width = block_size + 1
+
+    def part(indices: list[int]) -> Split:
+        pieces = [
+            piece
+            for i in indices
+            for piece in tokenizer.encode(lines[i]).split(width)
+            if len(piece) >= 2
+        ]
+        if not pieces:
+            raise DataError("a split holds no document of two characters or more")
+        return padded_sequences(pieces, side=side, length=block_size)
+
+    parts = [order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]]
+    train, val, test = (part(indices) for indices in parts)
+    return Splits(train, val, test, num_classes=tokenizer.vocab_size), tokenizer

@@ -31,6 +31,23 @@ def _data() -> Splits:
     return Splits(split(0, 128), split(128, 144), split(144, 160), num_classes=5)
 
 
+class _Keyword(torch.nn.Module):
+    """A model that takes its inputs by keyword, in two parts (``a``, ``b``)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([a, b], dim=1))
+
+
+def _by_keyword(data: Splits) -> Splits:
+    """The same data as dicts of two inputs."""
+    part = lambda s: Split({"a": s.x[:, :5], "b": s.x[:, 5:]}, s.y)  # noqa: E731
+    return Splits(part(data.train), part(data.val), part(data.test), data.num_classes)
+
+
 def _models():
     torch.manual_seed(1)
     teacher = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
@@ -38,15 +55,18 @@ def _models():
     return teacher, student
 
 
-def _run(out_dir, epochs, resume=False, method="kd"):
+def _run(out_dir, epochs, resume=False, method="kd", keyword=False):
     teacher, student = _models()
+    data = _data()
     options = {"example_input": torch.zeros(2, 12)} if method != "kd" else {}
-    distiller = flowdistill.make_distiller(method, teacher, student, **options)
+    if keyword:  # the same models and data, the inputs given as a dict
+        teacher, net, data = _Keyword(teacher), _Keyword(student), _by_keyword(data)
+    distiller = flowdistill.make_distiller(method, teacher, net if keyword else student, **options)
     train = TrainConfig(epochs=epochs, seed=0, progress=False, device="cpu")
     # (a constant rate: a run extended by resuming has the schedule of one run straight)
     schedule = "cosine" if method == "kd" else "constant"
     optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=0.0, schedule=schedule)
-    result = fit(distiller, _data(), optim, train, out_dir=out_dir, resume=resume, batch_size=33)
+    result = fit(distiller, data, optim, train, out_dir=out_dir, resume=resume, batch_size=33)
     return student, result
 
 
@@ -85,6 +105,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     )
     for method in ("taid", "nd"):  # state updated at every step from the batch
         torch.save(_schedule_state(method), os.path.join(tmp, f"{method}{rank}.pt"))
+    keyword, _ = _run(os.path.join(tmp, "keyword"), epochs=2, keyword=True)
+    torch.save(keyword.state_dict(), os.path.join(tmp, f"keyword{rank}.pt"))
     teacher, other = _models()
     crd = flowdistill.make_distiller(
         "crd", teacher, other, example_input=torch.zeros(2, 12), student_taps=["1"],
@@ -156,6 +178,12 @@ def test_two_process_training_matches_one_process(tmp_path):
             assert set(state) == set(single) and state, method
             for k, v in single.items():
                 torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # inputs given as a dict (the models take them by keyword): the same run, sharded alike
+    plain, _ = _run(tmp_path / "plain", epochs=2)
+    for rank in (0, 1):
+        keyword = torch.load(tmp_path / f"keyword{rank}.pt")
+        for k, v in plain.state_dict().items():
+            torch.testing.assert_close(keyword[k], v, rtol=1e-5, atol=1e-6, msg=k)
     for rank in (0, 1):
         assert "data-parallel" in (tmp_path / f"crd{rank}.txt").read_text()
         flow = torch.load(tmp_path / f"flow{rank}.pt")

@@ -193,9 +193,10 @@ def test_head_tap_runs_the_flow_on_the_feature_and_a_learned_head(name, pair):
     assert d.head.linear.weight.grad.abs().sum() > 0
     assert student.fc.weight.grad is None  # the student's classifier is not in FM-KT's terms
     if name == "fmkt":
+        # the student up to head_tap (its classifier, which no prediction runs, left out)
         assert d.num_deployed_params() == sum(
             p.numel() for m in (student, d.flow, d.head) for p in m.parameters()
-        )
+        ) - sum(p.numel() for p in student.fc.parameters())
     else:  # Θ: the student's classifier reads the same feature and is deployed alone
         d.zero_grad()
         d(x, Y)["theta"].backward()
@@ -217,7 +218,7 @@ def test_ofmkt_head_tap_is_its_own_ensemble_through_the_head(pair):
         torch.testing.assert_close(d.predict(x), want)
     assert d.num_deployed_params() == sum(
         p.numel() for m in (student, d.flow, d.head) for p in m.parameters()
-    )
+    ) - sum(p.numel() for p in student.fc.parameters())
 
 
 def test_head_tap_is_refused_where_it_cannot_give_the_logits(pair):
@@ -328,6 +329,40 @@ def test_feature_mode_on_maps_inserts_the_flow_serially(pair):
     assert all(
         id(p) not in deployed for p in [*d.target_proj.parameters(), *d.target_norm.parameters()]
     )
+
+
+def test_feature_mode_distillers_copy_pickle_and_leave_with_their_hooks(pair, tmp_path):
+    """The flow is inserted by hooks on the student: a distiller copied or saved whole
+    predicts as the original and independently of it; the student alone pickles; a student
+    whose distiller is gone computes its own forward pass again (no hook left)."""
+    import copy
+    import gc
+    import pickle
+
+    teacher, student, x = pair
+    bare = copy.deepcopy(student).eval()  # (before any hook)
+    d = _make("fmkt", pair, tap="stage2")
+    _wake(d.flow)
+    d.eval()
+    with torch.no_grad():
+        plain, want = bare(x), d.predict(x)
+    assert not torch.allclose(want, plain, atol=1e-4)
+    twin = copy.deepcopy(d)
+    torch.save(d, tmp_path / "d.pt")
+    loaded = torch.load(tmp_path / "d.pt", weights_only=False)
+    for other in (twin, loaded):
+        torch.testing.assert_close(other.predict(x), want)
+    with torch.no_grad():
+        for p in twin.flow.parameters():
+            p.zero_()  # the copy's own flow: the original does not move
+    torch.testing.assert_close(d.predict(x), want)
+    torch.testing.assert_close(twin.predict(x), plain)
+    pickle.loads(pickle.dumps(student))  # the student alone
+    del d, twin, loaded
+    gc.collect()
+    assert not student._forward_pre_hooks and not student.stage2._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), plain)
 
 
 def test_feature_mode_compares_displacements_from_the_tapped_feature(pair):

@@ -493,3 +493,16 @@ def test_line_splits_keep_each_document_whole_in_one_split():
     assert [len(seen[n]) > 0 for n in ("train", "val", "test")] == [True] * 3
     with pytest.raises(DataError, match="each split needs one"):
         line_splits("one line\nanother", 8)
+
+
+def test_without_a_mask_only_trailing_padding_is_padding():
+    """Token ids and targets alone: the run of -100 at the end of a row is padding; a -100
+    before a counted target (a prompt left out of the loss) is a real token."""
+    from flowdistill.distillers.base import Distiller
+
+    y = torch.tensor([[-100, -100, 3, 4, -100, -100], [5, -100, 6, 7, 8, 9]])
+    real = Distiller.real_tokens(torch.zeros(2, 6, dtype=torch.long), y)
+    assert real.tolist() == [[True] * 4 + [False] * 2, [True] * 6]
+    x, _, _ = _batch("left")
+    assert torch.equal(Distiller.real_tokens(x, y), x["attention_mask"].bool())
+    assert Distiller.real_tokens(torch.zeros(2, 6), torch.tensor([1, 2])) is None

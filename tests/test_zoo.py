@@ -249,3 +249,21 @@ def test_timm_models_as_teacher_and_student():
     out = d(x, torch.tensor([1, 2]))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and "feature" in out
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_the_declared_classifier_input_is_what_the_classifier_reads(name: str) -> None:
+    """``classifier_input()`` names the module whose output, average-pooled, is exactly the
+    input of the model's last linear layer (caught there by a pre-hook): FM-KT's learned
+    head reads that feature in place of the classifier."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen = {}
+    handle = classifier.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    taps = FeatureTaps(model, [model.classifier_input()])
+    with torch.no_grad():
+        _, feats = taps(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    pooled = feats[model.classifier_input()].mean(dim=(2, 3))
+    torch.testing.assert_close(pooled, seen["x"])

@@ -225,10 +225,14 @@ class Distiller(nn.Module):
     @staticmethod
     def real_tokens(inputs: Any, targets: torch.Tensor | None = None) -> torch.Tensor | None:
         """The real tokens ``(B, T)`` of a batch: the attention mask of a dict of inputs
-        (true at real tokens), else where token ``targets`` count; ``None`` for neither."""
+        (true at real tokens), else, for token ``targets``, every position up to the last
+        counted one (right padding: a run of -100 at the end; a -100 before a counted
+        target, a prompt left out of the loss, is a real token the model sees, as it does
+        at prediction, where no targets tell padding apart); ``None`` otherwise."""
         real = input_mask(inputs)
-        if real is None and targets is not None:
-            real = Distiller.token_mask(targets)
+        if real is None and targets is not None and targets.ndim >= 2:
+            counted = targets != IGNORE_INDEX
+            real = counted.flip(-1).cummax(-1).values.flip(-1)
         return real
 
     def feature_mask(

@@ -393,11 +393,28 @@ def causal_sequences(name: str, causal: bool | str, logits_shape: Shape) -> bool
     return causal
 
 
-def _insertion_hook(owner: weakref.ReferenceType):
+class _Owned:
+    """A hook that holds its distiller weakly, so that a student outliving its distiller
+    keeps no working flow, and that is copied or pickled with it (as the taps' hooks are):
+    a distiller saved or copied whole keeps working hooks, while a student copied on its
+    own takes a copy of the distiller that nothing holds, leaving the hooks inert."""
+
+    def __init__(self, distiller: FMKT | None = None) -> None:
+        self.owner = weakref.ref(distiller) if distiller is not None else _nobody
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.owner(),))
+
+
+def _nobody() -> None:
+    return None
+
+
+class _InsertionHook(_Owned):
     """Forward hook replacing the tapped module's output by the flow's ``x_1``."""
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any):
-        distiller = owner()
+    def __call__(self, _module: nn.Module, _inputs: Any, output: Any):
+        distiller = self.owner()
         if distiller is None:
             return None
         if not isinstance(output, torch.Tensor):
@@ -412,20 +429,16 @@ def _insertion_hook(owner: weakref.ReferenceType):
             distiller._rollout = (output, preds)
         return x1.to(output.dtype)
 
-    return hook
 
-
-def _call_mask_hook(owner: weakref.ReferenceType):
+class _CallMaskHook(_Owned):
     """Forward pre-hook on the student: the attention mask of the keyword inputs it is
     called with, for the inserted flow (the student called directly, not through the
     distiller, still leaves padding out)."""
 
-    def hook(_module: nn.Module, _args: Any, kwargs: dict) -> None:
-        distiller = owner()
+    def __call__(self, _module: nn.Module, _args: Any, kwargs: dict) -> None:
+        distiller = self.owner()
         if distiller is not None:
             distiller._call_mask = input_mask(kwargs) if kwargs else None
-
-    return hook
 
 
 def _fitting(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -537,6 +550,7 @@ class FMKT(Distiller):
         self.causal = causal_sequences(name, causal, self.student_shapes[LOGITS])
         self.flow = MetaFlow(shape, path, encoder, hidden, depth, self.causal)
         self.head = logit_head(name, head_tap, self.student_shapes)
+        self._head_reach = reaching(self, head_tap, base.get("example_input"))
         self.target_proj: nn.Module | None = None
         self._steps: int | None = None
         self._capture = False
@@ -551,10 +565,13 @@ class FMKT(Distiller):
             self.target_norm = ChannelNorm(t_shape)
             self.target_proj = make_adapter(t_shape, shape)
             module = resolve_module(self.student, tap)
-            self._hook = module.register_forward_hook(_insertion_hook(weakref.ref(self)))
+            self._hook = module.register_forward_hook(_InsertionHook(self))
             self._mask_hook = self.student.register_forward_pre_hook(
-                _call_mask_hook(weakref.ref(self)), with_kwargs=True
+                _CallMaskHook(self), with_kwargs=True
             )
+            # the hooks go when the distiller goes (a student used again keeps none)
+            weakref.finalize(self, self._hook.remove)
+            weakref.finalize(self, self._mask_hook.remove)
 
     # ------------------------------------------------------------------ schedule, reports
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -571,6 +588,9 @@ class FMKT(Distiller):
         mode) with the learned head of ``head_tap``; the teacher projection is used in
         training only."""
         return [self.student, self.flow] + ([self.head] if self.head is not None else [])
+
+    def num_deployed_params(self) -> int:
+        return deployed_count(self)
 
     # ------------------------------------------------------------------ pieces
     def _metric(self, pred, target, labels, mask=None) -> torch.Tensor:
@@ -654,9 +674,9 @@ def unroll_logits(
 
 
 def take_head_tap(name: str, head_tap: str | None, student: nn.Module, base: dict) -> str | None:
-    """``head_tap`` checked (``"auto"``: the deepest feature stage the student declares,
-    the feature its classifier reads) and added to the student taps of the base options
-    ``base``; the module path is returned."""
+    """``head_tap`` checked (``"auto"``: the module whose output the student declares its
+    classifier reads, ``classifier_input()``, else its deepest declared feature stage) and
+    added to the student taps of the base options ``base``; the module path is returned."""
     if head_tap is None:
         return None
     if not isinstance(head_tap, str) or not head_tap or head_tap == LOGITS:
@@ -665,13 +685,15 @@ def take_head_tap(name: str, head_tap: str | None, student: nn.Module, base: dic
             f"before a learned head gives logits, got {head_tap!r}"
         )
     if head_tap == "auto":
+        declared = getattr(student, "classifier_input", None)
         try:
-            head_tap = feature_stages(student)[-1]["name"]
+            head_tap = declared() if callable(declared) else feature_stages(student)[-1]["name"]
         except (ConfigError, IndexError):
             raise ConfigError(
-                f"{name}: head_tap='auto' takes the deepest feature stage the student "
-                f"declares (feature_info), and {type(student).__name__} declares none: name "
-                "the module whose output its classifier reads, head_tap=<module path>"
+                f"{name}: head_tap='auto' takes the module the student declares its classifier "
+                f"reads (classifier_input(), else its deepest feature_info stage), and "
+                f"{type(student).__name__} declares neither: name the module whose output its "
+                "classifier reads, head_tap=<module path>"
             ) from None
     taps = base.get("student_taps", (LOGITS,))
     if not isinstance(taps, str):
@@ -697,7 +719,43 @@ def logit_head(name: str, head_tap: str | None, shapes: dict) -> LogitHead | Non
     return head
 
 
+def reaching(distiller: Distiller, tap: str | None, example: Any) -> list[str]:
+    """Names of the student parameters that the feature at ``tap`` depends on (a gradient
+    reaches them from it on ``example``): with ``head_tap`` the predictor runs the student
+    up to there, and its classifier not at all. Empty without a tap."""
+    if tap is None or example is None:
+        return []
+    student = distiller.student
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.enable_grad():
+            feature = distiller.student_taps(example)[1][tap]
+            grads = torch.autograd.grad(
+                feature.float().sum(), [p for _, p in named], allow_unused=True
+            )
+    finally:
+        student.train(was_training)
+    return [n for (n, _), g in zip(named, grads, strict=True) if g is not None]
+
+
+def deployed_count(distiller: Distiller) -> int:
+    """Parameters of the deployed predictor; with a learned head on ``head_tap`` in it, the
+    student counts only the parameters its feature there depends on."""
+    modules = distiller.deployed_modules()
+    head = getattr(distiller, "head", None)
+    if head is None or not any(m is head for m in modules):
+        return Distiller.num_deployed_params(distiller)
+    params = dict(distiller.student.named_parameters())
+    seen = {id(params[n]): params[n] for n in distiller._head_reach}
+    for module in modules:
+        if module is not distiller.student:
+            seen.update({id(p): p for p in module.parameters()})
+    return sum(p.numel() for p in seen.values())
+
+
 register_variant(
-    "fmkt-head", "fmkt", "the authors' logit-based module: the flow on the student's deepest "
-    "declared feature, a learned pooling + linear head per step", head_tap="auto",
+    "fmkt-head", "fmkt", "the authors' logit-based module: the flow on the feature the "
+    "student's classifier reads, a learned pooling + linear head per step", head_tap="auto",
 )  # fmt: skip

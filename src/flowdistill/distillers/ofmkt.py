@@ -37,9 +37,11 @@ from .fmkt import (
     MetaFlow,
     _StepStats,
     causal_sequences,
+    deployed_count,
     draw_steps,
     logit_head,
     parse_steps,
+    reaching,
     step_metric,
     take_head_tap,
     unroll_logits,
@@ -148,6 +150,7 @@ class OFMKT(Distiller):
         shape = self.student_shapes[head_tap or LOGITS]
         self.flow = MetaFlow(shape, path, encoder, hidden, depth, self.causal)
         self.head = logit_head("ofmkt", head_tap, self.student_shapes)
+        self._head_reach = reaching(self, head_tap, base.get("example_input"))
         self._stats = _StepStats("ofmkt")
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -163,6 +166,9 @@ class OFMKT(Distiller):
         """The student and the meta-flow (the prediction is the flow's ensemble), with the
         learned head of ``head_tap``."""
         return [self.student, self.flow] + ([self.head] if self.head is not None else [])
+
+    def num_deployed_params(self) -> int:
+        return deployed_count(self)
 
     def _step_logits(self, s_out: dict, inputs: Any, steps: int, targets=None) -> list:
         source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]

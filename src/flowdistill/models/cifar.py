@@ -56,10 +56,16 @@ class ZooNet(nn.Module):
         super().__init__()
         self._stages: tuple[FeatureInfo, ...] = ()
         self._preact: dict[str, str] = {}
+        self._classifier_input: str | None = None  # (default: the deepest stage)
 
     def feature_info(self) -> list[FeatureInfo]:
         """The feature stages, shallow to deep (a fresh list of fresh dicts)."""
         return [FeatureInfo(**stage) for stage in self._stages]
+
+    def classifier_input(self) -> str:
+        """The module path whose output the classifier reads (after global average pooling):
+        the deepest stage, or the head layers after it where the model has them."""
+        return self._classifier_input or self._stages[-1]["name"]
 
     def preact_taps(self) -> dict[str, str]:
         """``{stage tap: module path}`` of each stage's pre-activation feature (same
@@ -322,6 +328,7 @@ class WideResNet(ZooNet):
         self._declare(("block1", w1, 1), ("block2", w2, 2), ("block3", w3, 4))
         self._preact = {"block1": "block2.layer.0.bn1", "block2": "block3.layer.0.bn1",
                         "block3": "bn1"}  # fmt: skip
+        self._classifier_input = "relu"  # (the final BN-ReLU)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

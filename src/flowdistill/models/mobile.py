@@ -114,6 +114,7 @@ class MobileNetV2(ZooNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(head, num_classes))
         self._declare(*((f"blocks.{i}", widths[i], strides[i]) for i in (1, 2, 4, 6)))
+        self._classifier_input = "conv2"  # (the 1×1 conv-BN-ReLU head)
         init_weights(self)
         nn.init.normal_(self.classifier[0].weight, std=0.01)
         nn.init.zeros_(self.classifier[0].bias)
@@ -294,15 +295,17 @@ class ShuffleNetV2(ZooNet):
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = nn.Conv2d(c_in, head, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(head)
+        self.relu2 = nn.ReLU()  # (a module, so that the head's output can be tapped)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(head, num_classes)
         self._declare(*((f"layer{k + 1}", w, 2 ** (k + 1)) for k, w in enumerate(widths)))
+        self._classifier_input = "relu2"  # (the 1×1 conv-BN-ReLU head)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))  # (B, widths[2], H/8, W/8)
-        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))  # (B, head, H/8, W/8)
         return self.linear(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
 
 

@@ -358,6 +358,10 @@ def test_feature_mode_distillers_copy_pickle_and_leave_with_their_hooks(pair, tm
     torch.testing.assert_close(d.predict(x), want)
     torch.testing.assert_close(twin.predict(x), plain)
     pickle.loads(pickle.dumps(student))  # the student alone
+    alone = copy.deepcopy(student)  # a copy of the student alone: no flow, no hook
+    gc.collect()
+    assert not alone._forward_pre_hooks and not alone.stage2._forward_hooks
+    torch.testing.assert_close(torch.jit.script(alone).eval()(x), plain)
     del d, twin, loaded
     gc.collect()
     assert not student._forward_pre_hooks and not student.stage2._forward_hooks

@@ -569,9 +569,17 @@ class FMKT(Distiller):
             self._mask_hook = self.student.register_forward_pre_hook(
                 _CallMaskHook(self), with_kwargs=True
             )
-            # the hooks go when the distiller goes (a student used again keeps none)
-            weakref.finalize(self, self._hook.remove)
-            weakref.finalize(self, self._mask_hook.remove)
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        """The inserted flow's hooks go when the distiller goes (as the taps' do): a student
+        used again, and a copy of it made alone, keep none."""
+        for name in ("_hook", "_mask_hook"):
+            handle = self.__dict__.get(name)
+            try:
+                if handle is not None:
+                    handle.remove()
+            except Exception:
+                pass
 
     # ------------------------------------------------------------------ schedule, reports
     def on_epoch_start(self, epoch: int, epochs: int) -> None:

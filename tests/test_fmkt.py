@@ -221,6 +221,17 @@ def test_ofmkt_head_tap_is_its_own_ensemble_through_the_head(pair):
     ) - sum(p.numel() for p in student.fc.parameters())
 
 
+def test_deployed_count_with_a_head_includes_frozen_layers(pair):
+    """Frozen student layers still run at deployment: counted (the classifier is not)."""
+    teacher, student, x = pair
+    student.stage1.requires_grad_(False)
+    d = _make("fmkt", pair, head_tap="stage3")
+    assert [p.requires_grad for p in student.stage1.parameters()] == [False] * 3
+    assert d.num_deployed_params() == sum(
+        p.numel() for m in (student, d.flow, d.head) for p in m.parameters()
+    ) - sum(p.numel() for p in student.fc.parameters())
+
+
 def test_head_tap_is_refused_where_it_cannot_give_the_logits(pair):
     with pytest.raises(ConfigError, match="leave tap='logits'"):
         _make("fmkt", pair, tap="stage2", head_tap="stage3")
@@ -362,6 +373,14 @@ def test_feature_mode_distillers_copy_pickle_and_leave_with_their_hooks(pair, tm
     gc.collect()
     assert not alone._forward_pre_hooks and not alone.stage2._forward_hooks
     torch.testing.assert_close(torch.jit.script(alone).eval()(x), plain)
+    # the student saved alone takes its flow along, not the distiller (nor its teacher)
+    size = len(pickle.dumps(bare)) + len(pickle.dumps(d.flow))
+    assert len(pickle.dumps(student)) < size + 4096
+    with pytest.raises(ConfigError, match="one student takes one inserted flow"):
+        _make("fmkt", pair, tap="stage2")
+    d.inference_steps = 1  # the student called directly follows it too
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(x), d.predict(x))
     del d, twin, loaded
     gc.collect()
     assert not student._forward_pre_hooks and not student.stage2._forward_hooks

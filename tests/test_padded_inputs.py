@@ -469,12 +469,13 @@ def test_a_failed_build_names_each_input_s_shape():
 
 def test_line_splits_keep_each_document_whole_in_one_split():
     """One document per line: blank lines skipped, a long line cut into pieces of
-    block_size + 1 characters, every piece of a document in the same split, and every
-    character of every piece found again among the real tokens."""
+    block_size + 1 characters overlapping by one (every character after a line's first is a
+    target once), every piece of a document in the same split, and every character of every
+    piece found again among the real tokens."""
     from flowdistill.data import line_splits
 
     docs = [f"{i:02d} doc " + "abcdefghij"[: i % 7 + 1] * (1 + i % 3) for i in range(20)]
-    text = "\n\n".join(docs)
+    text = "\r\n\n".join(docs[:10]) + "\n" + "\n".join(docs[10:])  # (line ends of all kinds)
     data, tok = line_splits(text, block_size=8, val_fraction=0.2, test_fraction=0.2, seed=3)
     seen = {}
     for name in ("train", "val", "test"):
@@ -484,8 +485,9 @@ def test_line_splits_keep_each_document_whole_in_one_split():
         for row in range(len(y)):  # each piece: its inputs then its last target
             chars = tok.decode(ids[row][mask[row]]) + tok.decode(y[row][mask[row]][-1:])
             seen.setdefault(name, []).append(chars)
-    pieces = {d: [d[i : i + 9] for i in range(0, len(d), 9) if len(d[i : i + 9]) >= 2]
-              for d in docs}  # fmt: skip
+    pieces = {d: [d[i : i + 9] for i in range(0, len(d) - 1, 8)] for d in docs}
+    for d, own in pieces.items():  # the targets: every character but the first, once each
+        assert "".join(p[1:] for p in own) == d[1:]
     for doc, own in pieces.items():  # its first piece (unique: it holds its number) says
         (home,) = [n for n, found in seen.items() if own[0] in found]  # where it went
         assert all(p in seen[home] for p in own), doc
@@ -493,6 +495,12 @@ def test_line_splits_keep_each_document_whole_in_one_split():
     assert [len(seen[n]) > 0 for n in ("train", "val", "test")] == [True] * 3
     with pytest.raises(DataError, match="each split needs one"):
         line_splits("one line\nanother", 8)
+    with pytest.raises(DataError, match="the validation split holds no document"):
+        line_splits("abcdef\nghijk\nlmnop\nx\nqrstu", 8, 0.2, 0.2, seed=0)
+    # only line ends end a document (a form feed or a line separator inside one does not)
+    data, _ = line_splits("one\u2028two\x0cthree\nfour\nfive six\nseven", 32, 0.25, 0.25)
+    real = sum(int(p.x["attention_mask"].sum()) for p in (data.train, data.val, data.test))
+    assert real == sum(len(d) - 1 for d in ["one\u2028two\x0cthree", "four", "five six", "seven"])
 
 
 def test_without_a_mask_only_trailing_padding_is_padding():

@@ -199,9 +199,10 @@ def line_splits(
 ) -> tuple[Splits, CharTokenizer]:
     """A corpus of documents, one per line, as padded next-character splits.
 
-    Blank lines are skipped; a line longer than ``block_size + 1`` characters is cut into
-    consecutive pieces of that length (a last piece of one character, which predicts
-    nothing, is dropped). The documents are shuffled by ``seed`` and the last
+    Lines end at ``\n`` (``\r\n`` and ``\r`` too); blank lines are skipped. A line longer
+    than ``block_size + 1`` characters is cut into pieces of that length that overlap by one
+    character, as next-character windows do, so that every character after a line's first
+    is a target once. The documents are shuffled by ``seed`` and the last
     ``test_fraction`` of them held out as ``data.test``, the ``val_fraction`` before them
     as ``data.val`` (a document's pieces stay in one split). Each split is
     :func:`padded_sequences` on ``side``: inputs ``{"input_ids", "attention_mask"}`` of
@@ -216,7 +217,8 @@ def line_splits(
         )
     if block_size < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
-    lines = [line for line in text.splitlines() if line.strip()]
+    ends = text.replace("\r\n", "\n").replace("\r", "\n")  # (not str.splitlines: it
+    lines = [line for line in ends.split("\n") if line.strip()]  # also cuts at \x0c, ...)
     tokenizer = tokenizer or CharTokenizer.from_text("".join(lines) or text)
     order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test, n_val = round(len(lines) * test_fraction), round(len(lines) * val_fraction)
@@ -229,17 +231,19 @@ def line_splits(
         )
     width = block_size + 1
 
-    def part(indices: list[int]) -> Split:
-        pieces = [
-            piece
-            for i in indices
-            for piece in tokenizer.encode(lines[i]).split(width)
-            if len(piece) >= 2
-        ]
+    def part(indices: list[int], name: str) -> Split:
+        pieces = []
+        for i in indices:
+            ids = tokenizer.encode(lines[i])
+            pieces += [ids[s : s + width] for s in range(0, len(ids) - 1, block_size)]
         if not pieces:
-            raise DataError("a split holds no document of two characters or more")
+            raise DataError(
+                f"the {name} split holds no document of two characters or more (one "
+                "character predicts nothing): give it more lines, or other fractions"
+            )
         return padded_sequences(pieces, side=side, length=block_size)
 
-    parts = [order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]]
-    train, val, test = (part(indices) for indices in parts)
+    train = part(order[:n_train], "training")
+    val = part(order[n_train : n_train + n_val], "validation")
+    test = part(order[n_train + n_val :], "test")
     return Splits(train, val, test, num_classes=tokenizer.vocab_size), tokenizer

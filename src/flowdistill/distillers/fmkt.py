@@ -393,14 +393,52 @@ def causal_sequences(name: str, causal: bool | str, logits_shape: Shape) -> bool
     return causal
 
 
-class _Owned:
-    """A hook that holds its distiller weakly, so that a student outliving its distiller
-    keeps no working flow, and that is copied or pickled with it (as the taps' hooks are):
-    a distiller saved or copied whole keeps working hooks, while a student copied on its
-    own takes a copy of the distiller that nothing holds, leaving the hooks inert."""
+class _Insertion:
+    """The flow inserted into the student at its tap: the two hooks that run it, what they
+    need (the flow, the step counts, the real tokens of the call) and their removal when it
+    goes. The hooks hold it weakly and are copied or pickled with it, as the taps' hooks
+    are; it holds the flow, not the distiller, so that a student copied or saved alone takes
+    the small flow along (not the teacher), in a copy that nothing holds, which is collected
+    and removes the copied hooks."""
 
-    def __init__(self, distiller: FMKT | None = None) -> None:
-        self.owner = weakref.ref(distiller) if distiller is not None else _nobody
+    def __init__(self, student: nn.Module, tap: str, flow: MetaFlow, steps: int, name: str):
+        module = resolve_module(student, tap)
+        if any(isinstance(h, _InsertionHook) and h.owner() is not None
+               for h in module._forward_hooks.values()):  # fmt: skip
+            raise ConfigError(
+                f"{name}: another FM-KT distiller has its flow inserted at {tap!r} of this "
+                "student; one student takes one inserted flow (give each its own student, "
+                "copy.deepcopy)"
+            )
+        self.flow, self.tap, self.name, self.inference_steps = flow, tap, name, int(steps)
+        self.steps: int | None = None  # of the distiller's current call, else inference_steps
+        self.capture = False  # whether to keep the rollout for the distiller's loss
+        self.rollout: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self.real: torch.Tensor | None = None  # the real tokens the distiller passes
+        self.call_mask: torch.Tensor | None = None  # of the student's latest keyword call
+        self.handles = [
+            module.register_forward_hook(_InsertionHook(self)),
+            student.register_forward_pre_hook(_CallMaskHook(self), with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.remove()
+        except Exception:
+            pass
+
+
+class _Owned:
+    """A hook holding its :class:`_Insertion` weakly (a student outliving it runs no
+    flow), copied or pickled together with it."""
+
+    def __init__(self, insertion: _Insertion | None = None) -> None:
+        self.owner = weakref.ref(insertion) if insertion is not None else _nobody
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.owner(),))
@@ -414,19 +452,19 @@ class _InsertionHook(_Owned):
     """Forward hook replacing the tapped module's output by the flow's ``x_1``."""
 
     def __call__(self, _module: nn.Module, _inputs: Any, output: Any):
-        distiller = self.owner()
-        if distiller is None:
+        ins = self.owner()
+        if ins is None:
             return None
         if not isinstance(output, torch.Tensor):
             raise TapError(
-                f"fmkt: the tapped module {distiller.tap!r} returns "
-                f"{type(output).__name__}; serial insertion needs a module returning a tensor"
+                f"{ins.name}: the tapped module {ins.tap!r} returns {type(output).__name__}; "
+                "serial insertion needs a module returning a tensor"
             )
-        steps = distiller._steps if distiller._steps is not None else distiller.inference_steps
-        mask = distiller._real if distiller._real is not None else distiller._call_mask
-        x1, preds = distiller.flow.unroll(output, steps, _fitting(mask, output))
-        if distiller._capture:
-            distiller._rollout = (output, preds)
+        steps = ins.steps if ins.steps is not None else ins.inference_steps
+        mask = ins.real if ins.real is not None else ins.call_mask
+        x1, preds = ins.flow.unroll(output, steps, _fitting(mask, output))
+        if ins.capture:
+            ins.rollout = (output, preds)
         return x1.to(output.dtype)
 
 
@@ -436,9 +474,9 @@ class _CallMaskHook(_Owned):
     distiller, still leaves padding out)."""
 
     def __call__(self, _module: nn.Module, _args: Any, kwargs: dict) -> None:
-        distiller = self.owner()
-        if distiller is not None:
-            distiller._call_mask = input_mask(kwargs) if kwargs else None
+        ins = self.owner()
+        if ins is not None:
+            ins.call_mask = input_mask(kwargs) if kwargs else None
 
 
 def _fitting(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -552,11 +590,7 @@ class FMKT(Distiller):
         self.head = logit_head(name, head_tap, self.student_shapes)
         self._head_reach = reaching(self, head_tap, base.get("example_input"))
         self.target_proj: nn.Module | None = None
-        self._steps: int | None = None
-        self._capture = False
-        self._real: torch.Tensor | None = None  # the real tokens of a padded batch
-        self._call_mask: torch.Tensor | None = None  # of the student's latest keyword call
-        self._rollout: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._insertion: _Insertion | None = None
         self._stats = _StepStats(name)
         if self.feature_mode:
             t_shape = self.teacher_shapes[teacher_tap]
@@ -564,22 +598,13 @@ class FMKT(Distiller):
             # positions of a padded sequence)
             self.target_norm = ChannelNorm(t_shape)
             self.target_proj = make_adapter(t_shape, shape)
-            module = resolve_module(self.student, tap)
-            self._hook = module.register_forward_hook(_InsertionHook(self))
-            self._mask_hook = self.student.register_forward_pre_hook(
-                _CallMaskHook(self), with_kwargs=True
-            )
+            # (its hooks go when the distiller goes: a student used again keeps none)
+            self._insertion = _Insertion(self.student, tap, self.flow, inference_steps, name)
 
-    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
-        """The inserted flow's hooks go when the distiller goes (as the taps' do): a student
-        used again, and a copy of it made alone, keep none."""
-        for name in ("_hook", "_mask_hook"):
-            handle = self.__dict__.get(name)
-            try:
-                if handle is not None:
-                    handle.remove()
-            except Exception:
-                pass
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "inference_steps" and self.__dict__.get("_insertion") is not None:
+            self._insertion.inference_steps = int(value)  # (the student called directly)
 
     # ------------------------------------------------------------------ schedule, reports
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -608,13 +633,14 @@ class FMKT(Distiller):
         """``(student features with the flow inserted at tap, the tapped feature before
         the flow, the step predictions)``; padded tokens (the inputs' attention mask, else
         the targets' padding) left out of the flow's attention."""
-        self._steps, self._capture, self._rollout = steps, True, None
-        self._real = self.real_tokens(inputs, targets)
+        ins = self._insertion
+        ins.steps, ins.capture, ins.rollout = steps, True, None
+        ins.real = self.real_tokens(inputs, targets)
         try:
             s_out = self.student_forward(inputs)
-            rollout = self._rollout
+            rollout = ins.rollout
         finally:
-            self._steps, self._capture, self._rollout, self._real = None, False, None, None
+            ins.steps, ins.capture, ins.rollout, ins.real = None, False, None, None
         if rollout is None:
             raise TapError(f"{self.name}: the forward pass did not reach the tap {self.tap!r}")
         start, preds = rollout
@@ -734,16 +760,23 @@ def reaching(distiller: Distiller, tap: str | None, example: Any) -> list[str]:
     if tap is None or example is None:
         return []
     student = distiller.student
-    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in student.named_parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for _, p in named]  # (frozen layers run at deployment too)
     was_training = student.training
     student.eval()
     try:
+        for _, p in named:
+            p.requires_grad_(True)
         with torch.enable_grad():
             feature = distiller.student_taps(example)[1][tap]
+            if not named or feature.grad_fn is None:  # nothing to trace: all of it counts
+                return [n for n, _ in student.named_parameters()]
             grads = torch.autograd.grad(
                 feature.float().sum(), [p for _, p in named], allow_unused=True
             )
     finally:
+        for (_, p), flag in zip(named, flags, strict=True):
+            p.requires_grad_(flag)
         student.train(was_training)
     return [n for (n, _), g in zip(named, grads, strict=True) if g is not None]
 

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             **method_config(suite, method),
         )  # fmt: skip
         d.on_fit_start(len(data.train))
+        d.on_fit_targets(data.train.y)  # (as fit calls them: CRD draws negatives by class)
         d.batch_index = torch.arange(len(y))
         d.train()
         d.on_epoch_start(suite.epochs - 1, suite.epochs)  # the full (final) configuration

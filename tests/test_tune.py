@@ -141,16 +141,40 @@ def test_tune_refuses_a_language_model_suite_without_a_selection_split(monkeypat
         run_bench("digits", ["kd"], out=tmp_path, tune=True, tune_seeds=0, progress=False)
 
 
-def _tune_script():
+def _script(name: str):
+    """A script of benchmarks/ as a module."""
+    import importlib
     import sys
     from pathlib import Path
 
     folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
     if folder not in sys.path:  # importable by name, also in spawned worker processes
         sys.path.insert(0, folder)
-    import tune
+    return importlib.import_module(name)
 
-    return tune
+
+def _tune_script():
+    return _script("tune")
+
+
+def test_cost_script_times_every_method_as_the_engine_prepares_it(tmp_path, monkeypatch):
+    """benchmarks/cost.py on digits, a few rounds: every method is built and prepared as
+    fit prepares it (CRD's negatives need the training labels), each row holds its ratios,
+    and the module cost is 0 for kd and 1 for diffkd by its definition."""
+    cost = _script("cost")
+    monkeypatch.chdir(tmp_path)  # the teacher is cached under ./runs
+    out = tmp_path / "cost.json"
+    methods = ["student", "kd", "crd", "diffkd", "fmkt-head"]
+    assert cost.main(["--suite", "digits", "--methods", ",".join(methods), "--rounds", "2",
+                      "--out", str(out)]) in (0, None)  # fmt: skip
+    rows = json.loads(out.read_text())["methods"]
+    assert list(rows) == methods
+    assert rows["student"]["step_time_ratio"] == 1.0
+    assert rows["kd"]["module_cost_vs_diffkd"] == 0.0
+    assert rows["diffkd"]["module_cost_vs_diffkd"] == pytest.approx(1.0)
+    assert rows["crd"]["extra_params"] > 0 and rows["fmkt-head"]["deployed_params"] > 745
+    with pytest.raises(SystemExit, match="--rounds must be >= 1"):
+        cost.main(["--suite", "digits", "--methods", "kd", "--rounds", "0", "--out", str(out)])
 
 
 def test_tune_script_workers_score_as_one_after_another(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ def test_docs_examples_run(doc):
         "flowdistill.config",
         "flowdistill.nf",
         "flowdistill.data.text",
+        "flowdistill.data.inputs",
         "flowdistill.distillers.cached",
     ],
 )

@@ -514,3 +514,86 @@ def test_without_a_mask_only_trailing_padding_is_padding():
     x, _, _ = _batch("left")
     assert torch.equal(Distiller.real_tokens(x, y), x["attention_mask"].bool())
     assert Distiller.real_tokens(torch.zeros(2, 6), torch.tensor([1, 2])) is None
+
+
+# ---------------------------------------------------------------------------- packed rows
+def _spans(x: dict, row: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each document of a packed row: its positions restart at 0."""
+    real = int(x["attention_mask"][row].sum())
+    starts = [i for i in range(real) if x["position_ids"][row, i] == 0] + [real]
+    return list(zip(starts[:-1], starts[1:], strict=True))
+
+
+def test_packed_rows_hold_each_document_with_positions_restarting():
+    from flowdistill.data import packed_sequences
+
+    seqs = _sequences(7, seed=5, low=3, high=6)
+    split = packed_sequences(seqs, length=10)
+    x, y = split.x, split.y
+    found = []
+    for row in range(len(y)):
+        for a, b in _spans(x, row):  # inputs s[:-1], then the last target: s again
+            found.append(x["input_ids"][row, a:b].tolist() + [int(y[row, b - 1])])
+            assert y[row, a : b - 1].tolist() == x["input_ids"][row, a + 1 : b].tolist()
+        assert (y[row][x["attention_mask"][row] == 0] == -100).all()
+    assert found == [s.tolist() for s in seqs]
+    with pytest.raises(DataError, match="sequence 0 has 12 tokens"):
+        packed_sequences([torch.arange(12)], length=10)
+
+
+def test_gpt_on_packed_rows_gives_each_document_its_own_logits():
+    """The oracle: each document run alone."""
+    from flowdistill.data import packed_sequences
+
+    torch.manual_seed(0)
+    model = _gpt(32, 2, torch.float64).eval()
+    seqs = _sequences(6, seed=2, low=3, high=7)
+    split = packed_sequences(seqs, length=14)
+    with torch.no_grad():
+        logits = model(**split.x)
+        got = [logits[row, a:b] for row in range(len(split.y)) for a, b in _spans(split.x, row)]
+        for z, s in zip(got, seqs, strict=True):
+            torch.testing.assert_close(z, model(s[None, :-1])[0])
+
+
+def _packed_pair_batch():
+    """Four rows, each packing a document of 4 inputs and one of 6; the first's targets
+    -100 (not counted); and the same rows with other tokens in the first document."""
+    from flowdistill.data import packed_sequences
+
+    g = torch.Generator().manual_seed(4)
+    starts = torch.randint(0, 12, (4, 2), generator=g).tolist()
+    docs = [1 + (torch.tensor(a) + k * torch.arange(n)) % 12
+            for a, b in starts for a, k, n in ((a, 1, 5), (b, 2, 7))]  # fmt: skip
+    split = packed_sequences(docs, length=10)
+    x, y = split.x, split.y.clone()
+    assert [_spans(x, row) for row in range(4)] == [[(0, 4), (4, 10)]] * 4
+    y[:, :4] = -100
+    moved = x["input_ids"].clone()
+    moved[:, :4] = (moved[:, :4] + 5) % VOCAB
+    return x, dict(x, input_ids=moved), y
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_METHODS if n not in SAMPLE_LEVEL
+                                  and get_method(n).masks_padding])  # fmt: skip
+def test_every_method_keeps_the_documents_of_a_packed_row_apart(name):
+    """A row packs two documents; the first is not counted (targets -100). No term may
+    move when the first document's tokens change: the second document sees nothing of it
+    (the model's attention, FlowDistill's running context, the attention fields)."""
+    teacher, student = _pair()
+    x, other, y = _packed_pair_batch()
+    d = make_distiller(name, teacher, student, example_input=x, **_options(name))
+    d.on_fit_start(4)
+    d.on_epoch_start(2, 4)
+    d.batch_index = torch.arange(4)
+    _jolt(d)
+    state = copy.deepcopy(d.state_dict())
+    for training in (False, True):
+        d.load_state_dict(state)
+        d.train(training)
+        a = _same_terms(d, x, other, y)
+        # the oracle that the test can fail: as one document per row, the second sees the first
+        d.load_state_dict(state)
+        torch.manual_seed(0)
+        mixed = {k: v for k, v in other.items() if k != "position_ids"}
+        assert not torch.allclose(d(mixed, y)["loss"], a["loss"])

@@ -25,7 +25,14 @@ from .readers import (
     read_npz,
     read_text,
 )
-from .text import CharTokenizer, char_splits, line_splits, padded_sequences, token_windows
+from .text import (
+    CharTokenizer,
+    char_splits,
+    line_splits,
+    packed_sequences,
+    padded_sequences,
+    token_windows,
+)
 
 __all__ = [
     "Batches",
@@ -40,6 +47,7 @@ __all__ = [
     "line_splits",
     "Inputs",
     "npz_splits",
+    "packed_sequences",
     "padded_sequences",
     "random_crop_flip",
     "read_chars",

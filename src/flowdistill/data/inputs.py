@@ -31,6 +31,7 @@ __all__ = [
     "check_inputs",
     "device_of",
     "input_mask",
+    "input_segments",
     "input_tensors",
     "move",
     "num_rows",
@@ -128,3 +129,23 @@ def input_mask(inputs: Inputs) -> torch.Tensor | None:
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
         return None
     return mask.bool()
+
+
+def input_segments(inputs: Inputs) -> torch.Tensor | None:
+    """The documents of a batch's rows, ``(B, T)`` integers: equal within one document,
+    0 at padding. A dict's ``position_ids`` start a document wherever they restart at 0 (rows
+    that pack several documents, as Hugging Face's flattening collator writes them), and
+    its ``attention_mask`` marks the padding; with the mask alone each row is one document.
+    ``None`` for other inputs."""
+    if not isinstance(inputs, Mapping):
+        return None
+    return segments(inputs.get(ATTENTION_MASK), inputs.get("position_ids"))
+
+
+def segments(mask: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`input_segments` from an attention mask and position ids (either may be
+    ``None``; ``None`` when both are)."""
+    if not isinstance(positions, torch.Tensor) or positions.ndim != 2:
+        return None if mask is None else (mask != 0).long()
+    seg = (positions == 0).long().cumsum(-1) + 1  # a new document where positions restart
+    return seg if mask is None else seg * (mask != 0)

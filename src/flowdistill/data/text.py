@@ -13,7 +13,14 @@ from ..errors import ConfigError, DataError
 from .datasets import Split, Splits
 from .inputs import IGNORE_INDEX
 
-__all__ = ["CharTokenizer", "char_splits", "line_splits", "padded_sequences", "token_windows"]
+__all__ = [
+    "CharTokenizer",
+    "char_splits",
+    "line_splits",
+    "packed_sequences",
+    "padded_sequences",
+    "token_windows",
+]
 
 
 class CharTokenizer:
@@ -140,6 +147,52 @@ def padded_sequences(
     if position_ids:
         x["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0) * mask
     return Split(x, targets)
+
+
+def packed_sequences(sequences: Sequence[Sequence[int] | torch.Tensor], length: int) -> Split:
+    """Token sequences packed several to a row of ``length`` positions, in order (a
+    sequence goes to the current row while it fits, else it starts the next one).
+
+    Each sequence ``s`` gives inputs ``s[:-1]`` and targets ``s[1:]``, so no target crosses
+    into the next document. ``x`` holds ``input_ids``, ``position_ids`` (``0, 1, ...``
+    restarting at each document: where they restart a new document begins, as in Hugging
+    Face's flattening collator) and ``attention_mask`` (0 at the padding that ends a row);
+    ``y`` is -100 at that padding. The project's ``gpt`` attends within each document only;
+    so do FlowDistill's causal context and the attention fields of FlowDistill and FM-KT.
+
+    >>> split = packed_sequences([[5, 6, 7], [8, 9], [1, 2, 3, 4]], length=4)
+    >>> split.x["input_ids"].tolist(), split.x["position_ids"].tolist(), split.y.tolist()
+    ([[5, 6, 8, 0], [1, 2, 3, 0]], [[0, 1, 0, 0], [0, 1, 2, 0]], [[6, 7, 9, -100], [2, 3, 4, -100]])
+    """
+    rows = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
+    if not rows:
+        raise DataError("packed_sequences: no sequences given")
+    for i, r in enumerate(rows):
+        if not 2 <= len(r) <= length + 1:
+            raise DataError(
+                f"packed_sequences: sequence {i} has {len(r)} tokens; each needs 2 to "
+                f"length + 1 = {length + 1} (its inputs must fit one row)"
+            )
+    packed: list[list[torch.Tensor]] = [[]]
+    used = 0
+    for r in rows:
+        if used + len(r) - 1 > length:
+            packed.append([])
+            used = 0
+        packed[-1].append(r)
+        used += len(r) - 1
+    ids = torch.zeros(len(packed), length, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    for i, row in enumerate(packed):
+        at = 0
+        for r in row:
+            n = len(r) - 1
+            ids[i, at : at + n], targets[i, at : at + n] = r[:-1], r[1:]
+            pos[i, at : at + n], mask[i, at : at + n] = torch.arange(n), 1
+            at += n
+    return Split({"input_ids": ids, "position_ids": pos, "attention_mask": mask}, targets)
 
 
 def char_splits(

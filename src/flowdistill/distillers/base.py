@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._values import values_readable
-from ..data.inputs import IGNORE_INDEX, input_mask
+from ..data.inputs import IGNORE_INDEX, input_mask, input_segments
 from ..errors import ConfigError, ShapeMismatchError
 from ..losses.lm import token_cross_entropy
 from ..taps import LOGITS, FeatureTaps
@@ -224,15 +224,17 @@ class Distiller(nn.Module):
 
     @staticmethod
     def real_tokens(inputs: Any, targets: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The real tokens ``(B, T)`` of a batch: the attention mask of a dict of inputs
-        (true at real tokens), else, for token ``targets``, every position up to the last
-        counted one (right padding: a run of -100 at the end; a -100 before a counted
-        target, a prompt left out of the loss, is a real token the model sees, as it does
-        at prediction, where no targets tell padding apart); ``None`` otherwise."""
-        real = input_mask(inputs)
+        """The documents of a batch's rows, ``(B, T)`` integers, 0 at padding: from a dict
+        of inputs (its ``attention_mask``, and ``position_ids`` where rows pack several
+        documents: :func:`~flowdistill.data.inputs.input_segments`), else, for token
+        ``targets``, one document up to the last counted position (right padding: a run of
+        -100 at the end; a -100 before a counted target, a prompt left out of the loss, is a
+        real token the model sees, as it does at prediction, where no targets tell padding
+        apart); ``None`` otherwise. ``> 0`` marks the real tokens."""
+        real = input_segments(inputs)
         if real is None and targets is not None and targets.ndim >= 2:
             counted = targets != IGNORE_INDEX
-            real = counted.flip(-1).cummax(-1).values.flip(-1)
+            real = counted.flip(-1).cummax(-1).values.flip(-1).long()
         return real
 
     def feature_mask(

@@ -79,7 +79,7 @@ from torch.func import functional_call
 
 from .. import losses
 from ..adapters import ChannelNorm, feature_kind, make_adapter
-from ..data.inputs import input_mask, take
+from ..data.inputs import input_mask, input_segments, take
 from ..errors import ConfigError
 from ..flows import (
     ConditionEmbedding,
@@ -107,26 +107,38 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample vector of a feature: mean over positions (maps) or tokens (the tokens
-    that ``mask`` ``(B, T)`` counts, when it fits)."""
+    """Per-sample vector of a feature: mean over positions (maps) or tokens (the real
+    tokens, ``mask > 0`` of a ``(B, T)`` mask, when it fits)."""
     if x.ndim == 4:
         return x.mean(dim=(2, 3))
     if x.ndim == 3:
         if _per_position(mask, x) is None:
             return x.mean(dim=1)
-        weight = mask.to(x.dtype)[..., None]  # (B, T, 1)
+        weight = (mask > 0).to(x.dtype)[..., None]  # (B, T, 1)
         return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
     return x.flatten(1)
 
 
-def _causal_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Running mean over tokens ``(B, T, D)``: position ``i`` holds the mean of ``x[:, :i+1]``
-    (of its tokens that ``mask`` ``(B, T)`` counts, when given; 0 before the first)."""
-    if mask is None:
+def _causal_mean(x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Running mean over tokens ``(B, T, D)``: position ``i`` holds the mean of ``x[:, :i+1]``;
+    with ``segments`` ``(B, T)`` (documents, 0 at padding: :meth:`Distiller.real_tokens`)
+    the mean of the real tokens of its own document up to ``i`` (0 before the first)."""
+    if segments is None:
         counts = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
         return x.cumsum(dim=1) / counts[:, None]
-    weight = mask.to(x.dtype)[..., None]  # (B, T, 1)
-    return (x * weight).cumsum(dim=1) / weight.cumsum(dim=1).clamp_min(1.0)
+    seg = segments.long()
+    weight = (seg > 0).to(x.dtype)[..., None]  # (B, T, 1)
+    sums, counts = (x * weight).cumsum(dim=1), weight.cumsum(dim=1)
+    # the running sums restart where a document starts: subtract those before its start
+    index = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+    before = (first - 1).clamp(min=0)[..., None]
+    had = (first > 0)[..., None].to(x.dtype)
+    sums = sums - had * sums.gather(1, before.expand_as(sums))
+    counts = counts - had * counts.gather(1, before)
+    return sums / counts.clamp_min(1.0)
 
 
 def _per_position(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -511,8 +523,9 @@ class FlowDistill(Distiller):
         adapter output and the (standardised) teacher target for ``inputs``, without
         gradients, in the module's current mode (for diagnostics and probes)."""
         t_out, s_out = self.teacher_forward(inputs), self.student_forward(inputs)
-        mask = input_mask(inputs)
-        return self._context(s_out, mask), self._endpoints(s_out, t_out, mask)
+        return self._context(s_out, input_segments(inputs)), self._endpoints(
+            s_out, t_out, input_mask(inputs)
+        )
 
     @staticmethod
     def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
@@ -537,11 +550,11 @@ class FlowDistill(Distiller):
             self._held = take(inputs, slice(0, self.diagnostics_batch))
         t_out = self.teacher_forward(inputs)
         s_out = self.student_forward(inputs)
-        real = self.real_tokens(inputs, targets)  # the attention mask, else counted targets
+        real = self.real_tokens(inputs, targets)  # documents (0: padding), else None
         # the positions the terms count: counted token targets; under class labels, the
         # real tokens of per-token features (the terms apply a mask where it fits)
         mask = self.token_mask(targets)
-        mask = real if mask is None else mask
+        mask = (real > 0 if real is not None else None) if mask is None else mask
         context = self._context(s_out, real)
         terms = {"ce": self.ce_weight * self.cross_entropy(s_out[LOGITS], targets)}
         if self.kd_weight:
@@ -602,7 +615,7 @@ class FlowDistill(Distiller):
         if self.inference == "student":
             return s_out[LOGITS]
         key = f"p{len(self.pairs) - 1}"
-        real = input_mask(inputs)
+        real = input_segments(inputs)
         context = self._context(s_out, real)
         logits = _wide(s_out[LOGITS])
         return self._transport(key, logits, 1.0, self.steps, context, True, real=real)
@@ -625,22 +638,22 @@ class FlowDistill(Distiller):
     def _diagnose(self, x: Any) -> dict[str, float]:
         out: dict[str, float] = {}
         context, pairs = self.endpoints(x)
-        mask = input_mask(x)
+        mask, segs = input_mask(x), input_segments(x)
         for key, s_name, a, t in pairs:
             name = "logits" if s_name == LOGITS else s_name
-            extras = self._extras(key, a, context, mask)
+            extras = self._extras(key, a, context, segs)
             ctx = extras["context"]
             real = _per_position(mask, a)
             # errors over the real tokens of a padded batch, each token a row
             rel = _rel if real is None else (lambda u, w, m=real: _rel(u[m], w[m]))
             with torch.no_grad():
-                moved = self._transport(key, a, 1.0, self.steps, context, True, real=mask)
+                moved = self._transport(key, a, 1.0, self.steps, context, True, real=segs)
                 out[f"{name}/adapter_error"] = rel(a, t)
                 out[f"{name}/transport_error"] = rel(moved, t)
                 # the map the student trains through, run backwards with its own solver
                 # and steps: what its discretisation loses
                 undone = self._transport(
-                    key, moved, 1.0, self.steps, context, True, backward=True, real=mask
+                    key, moved, 1.0, self.steps, context, True, backward=True, real=segs
                 )
                 out[f"{name}/transport_roundtrip_error"] = rel(undone, a)
                 more = {k: v for k, v in extras.items() if k != "context"}

@@ -90,7 +90,7 @@ from torch import nn
 
 from .. import losses
 from ..adapters import ChannelNorm, feature_kind, make_adapter
-from ..data.inputs import input_mask
+from ..data.inputs import input_segments
 from ..errors import ConfigError, ShapeMismatchError, TapError
 from ..flows import ConvVelocity, MLPVelocity, TokenVelocity
 from ..flows.paths import PATHS, AffinePath, get_path
@@ -476,7 +476,7 @@ class _CallMaskHook(_Owned):
     def __call__(self, _module: nn.Module, _args: Any, kwargs: dict) -> None:
         ins = self.owner()
         if ins is not None:
-            ins.call_mask = input_mask(kwargs) if kwargs else None
+            ins.call_mask = input_segments(kwargs) if kwargs else None
 
 
 def _fitting(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:

@@ -347,8 +347,10 @@ class TokenVelocity(nn.Module):
     position information (e.g. ViT tokens). With ``causal=True`` token ``i`` attends to
     tokens ``<= i`` only, so the field at a position never depends on later positions (the
     field of a causal language model's sequences). ``forward(x, t, context, mask)`` with a
-    ``mask`` ``(B, T)`` (true at real tokens, false at padding) lets no token attend to
-    padding, so the field at the real tokens does not depend on what the padding holds.
+    ``mask`` ``(B, T)`` (true at real tokens, false at padding; or integers, 0 at padding and
+    equal within one document of a row that packs several) lets a token attend only to the
+    real tokens of its own document, so the field there does not depend on the padding or
+    on the other documents.
 
     Args:
         dim: token size ``D``.
@@ -400,7 +402,8 @@ class TokenVelocity(nn.Module):
                     f"mask has shape {tuple(mask.shape)}; expected (B, T) = {tuple(x.shape[:2])}"
                 )
             n = x.shape[1]
-            allowed = mask.bool()[:, None, None, :].expand(-1, 1, n, -1)  # (B, 1, T, T)
+            seg = mask.long()  # (B, T): documents, 0 at padding
+            allowed = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0))[:, None]
             if self.causal:
                 allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             # a padded token attends to itself (a row with no key would give NaN)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.inputs import segments
 from ..errors import ConfigError, ShapeMismatchError
 from .cifar import FeatureInfo
 from .registry import register_model
@@ -110,7 +111,9 @@ class GPT(nn.Module):
     positions count real tokens only, so a sequence's logits at its real tokens are those
     of the unpadded sequence (a padded position attends to itself alone: its logits are
     finite and meaningless; give it target -100). ``position_ids`` ``(B, T)``, when given,
-    replace the counted positions (as in Hugging Face models)."""
+    replace the counted positions (as in Hugging Face models), and where they restart at 0
+    a new document begins: rows that pack several documents attend within each document
+    only (:func:`flowdistill.data.packed_sequences`)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -165,27 +168,28 @@ class GPT(nn.Module):
             raise ShapeMismatchError(
                 f"sequence of {t} tokens exceeds block_size {self.config.block_size}"
             )
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+            raise ShapeMismatchError(
+                f"GPT: attention_mask has shape {tuple(attention_mask.shape)}, the token "
+                f"ids {(b, t)}; it marks each token 1 (real) or 0 (padding)"
+            )
+        if position_ids is not None and tuple(position_ids.shape) not in ((b, t), (1, t)):
+            raise ShapeMismatchError(
+                f"GPT: position_ids have shape {tuple(position_ids.shape)}, the token ids {(b, t)}"
+            )
         allowed = None
-        if attention_mask is None:
-            pos = torch.arange(t, device=input_ids.device)  # (T,)
-        else:
-            if tuple(attention_mask.shape) != (b, t):
-                raise ShapeMismatchError(
-                    f"GPT: attention_mask has shape {tuple(attention_mask.shape)}, the token "
-                    f"ids {(b, t)}; it marks each token 1 (real) or 0 (padding)"
-                )
-            real = attention_mask.bool()  # (B, T)
-            pos = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens counted
+        pos = torch.arange(t, device=input_ids.device)  # (T,)
+        if attention_mask is not None:  # positions count the real tokens
+            pos = ((attention_mask != 0).long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        if position_ids is not None:
+            pos = position_ids
+        seg = segments(attention_mask, position_ids.expand(b, t) if position_ids is not None
+                       else None)  # (B, T) documents, 0 at padding  # fmt: skip
+        if seg is not None:  # a token attends to the earlier tokens of its own document
             causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
             itself = torch.eye(t, dtype=torch.bool, device=input_ids.device)
-            allowed = (causal & real[:, None, None, :]) | itself  # (B, 1, T, T)
-        if position_ids is not None:
-            if tuple(position_ids.shape) not in ((b, t), (1, t)):
-                raise ShapeMismatchError(
-                    f"GPT: position_ids have shape {tuple(position_ids.shape)}, the token ids "
-                    f"{(b, t)}"
-                )
-            pos = position_ids
+            same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # (B, T, T)
+            allowed = ((causal & same) | itself)[:, None]  # (B, 1, T, T)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, allowed)

@@ -378,6 +378,9 @@ def test_feature_mode_distillers_copy_pickle_and_leave_with_their_hooks(pair, tm
     assert len(pickle.dumps(student)) < size + 4096
     with pytest.raises(ConfigError, match="one student takes one inserted flow"):
         _make("fmkt", pair, tap="stage2")
+    for bad in (0, 2.7, "2"):
+        with pytest.raises(ConfigError, match="inference_steps must be an integer >= 1"):
+            d.inference_steps = bad
     d.inference_steps = 1  # the student called directly follows it too
     with torch.no_grad():
         torch.testing.assert_close(student.eval()(x), d.predict(x))

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                     seed_rows.setdefault(k, []).append(v)
                     rows.setdefault(k, []).append(v)
         per_seed[seed] = {k: float(np.mean(v)) for k, v in seed_rows.items()}
-    summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1))}
+    summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1
+                   else 0.0}
                for k, v in rows.items()}  # fmt: skip
     command = shlex.join(["python", "benchmarks/mnist-cpu/feature_flow_probe.py",
                           *(argv or sys.argv[1:])])  # fmt: skip

@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="benchmarks/shakespeare-char/runs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.batches < 1:
+        raise SystemExit(f"--steps and --batches must be >= 1, got {args.steps}, {args.batches}")
+    student_file = Path(args.runs) / "kd" / "seed0" / "model.safetensors"
+    if not student_file.exists():  # (before the teacher, which may have to be trained)
+        raise SystemExit(f"{student_file} is absent: run the shakespeare-char bench with kd first")
 
     suite = get_suite("shakespeare-char")
     data = suite.load_data()
     teacher, teacher_info = _teacher(suite, data, DEFAULT_CACHE, False, print)
-    student_file = Path(args.runs) / "kd" / "seed0" / "model.safetensors"
-    if not student_file.exists():
-        raise SystemExit(f"{student_file} is absent: run the shakespeare-char bench with kd first")
     torch.manual_seed(0)
     student = _build(suite.student, data, suite.task)
     load_model_weights(student, student_file)

@@ -252,7 +252,8 @@ def line_splits(
 ) -> tuple[Splits, CharTokenizer]:
     """A corpus of documents, one per line, as padded next-character splits.
 
-    Lines end at ``\n`` (``\r\n`` and ``\r`` too); blank lines are skipped. A line longer
+    Lines end at ``\n`` (``\r\n`` and ``\r`` too); blank lines and lines of one character
+    (which predict nothing) are skipped. A line longer
     than ``block_size + 1`` characters is cut into pieces of that length that overlap by one
     character, as next-character windows do, so that every character after a line's first
     is a target once. The documents are shuffled by ``seed`` and the last
@@ -271,16 +272,17 @@ def line_splits(
     if block_size < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
     ends = text.replace("\r\n", "\n").replace("\r", "\n")  # (not str.splitlines: it
-    lines = [line for line in ends.split("\n") if line.strip()]  # also cuts at \x0c, ...)
+    # (a line of one character predicts nothing: it takes no document's place)
+    lines = [line for line in ends.split("\n") if line.strip() and len(line) >= 2]
     tokenizer = tokenizer or CharTokenizer.from_text("".join(lines) or text)
     order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test, n_val = round(len(lines) * test_fraction), round(len(lines) * val_fraction)
     n_train = len(lines) - n_test - n_val
     if min(n_train, n_val, n_test) < 1:
         raise DataError(
-            f"a corpus of {len(lines)} non-blank lines gives {n_train} training, {n_val} "
-            f"validation and {n_test} test documents; each split needs one (more lines, or "
-            "larger fractions)"
+            f"a corpus of {len(lines)} lines of two characters or more gives {n_train} "
+            f"training, {n_val} validation and {n_test} test documents; each split needs one "
+            "(more lines, or larger fractions)"
         )
     width = block_size + 1
 

@@ -602,9 +602,19 @@ class FMKT(Distiller):
             self._insertion = _Insertion(self.student, tap, self.flow, inference_steps, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "inference_steps":
+            try:
+                valid = not isinstance(value, bool) and int(value) == value >= 1
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise ConfigError(
+                    f"{self.name or 'fmkt'}: inference_steps must be an integer >= 1, got {value!r}"
+                )
+            value = int(value)
         super().__setattr__(name, value)
         if name == "inference_steps" and self.__dict__.get("_insertion") is not None:
-            self._insertion.inference_steps = int(value)  # (the student called directly)
+            self._insertion.inference_steps = value  # (the student called directly)
 
     # ------------------------------------------------------------------ schedule, reports
     def on_epoch_start(self, epoch: int, epochs: int) -> None:

@@ -476,6 +476,22 @@ def test_your_own_method_by_import_path_in_the_api_and_the_cli(tmp_path, monkeyp
     )
 
 
+def _lm_configs(tmp_path, data: str, method: str) -> None:
+    """Configs on ``data`` (its YAML line): a character GPT teacher, trained here
+    (``t.yaml``), and a smaller student distilled by ``method`` (YAML lines; ``s.yaml``)."""
+    common = data + "optim: {name: adamw, lr: 0.003}\ntrain: {epochs: 2, progress: false}\n"
+    gpt = "name: gpt, kwargs: {n_layer: 1, n_head: 2, n_embd: "
+    (tmp_path / "t.yaml").write_text(
+        common + f"teacher: {{{gpt}32}}}}\nout_dir: {tmp_path / 't'}\n"
+    )
+    assert main(["train-teacher", "--config", str(tmp_path / "t.yaml")]) == 0
+    (tmp_path / "s.yaml").write_text(
+        common + method
+        + f"teacher: {{{gpt}32}}, checkpoint: {tmp_path / 't' / 'best.safetensors'}}}\n"
+        f"student: {{{gpt}16}}}}\nout_dir: {tmp_path / 's'}\n"
+    )  # fmt: skip
+
+
 def test_a_language_model_from_a_text_file_by_config(tmp_path, capsys):
     """``data: {name: text}``: a corpus as next-character windows, the zoo GPT sized from
     it (vocabulary and context), a teacher trained and a student distilled from configs;
@@ -491,18 +507,8 @@ def test_a_language_model_from_a_text_file_by_config(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(text)
     data = (f"data: {{name: text, path: {tmp_path / 'corpus.txt'}, block_size: 16, "
             "val_fraction: 0.1, test_fraction: 0.1, batch_size: 16}\n")  # fmt: skip
-    common = data + "optim: {name: adamw, lr: 0.003}\ntrain: {epochs: 2, progress: false}\n"
-    gpt = "name: gpt, kwargs: {n_layer: 1, n_head: 2, n_embd: "
-    (tmp_path / "t.yaml").write_text(
-        common + f"teacher: {{{gpt}32}}}}\nout_dir: {tmp_path / 't'}\n"
-    )
-    assert main(["train-teacher", "--config", str(tmp_path / "t.yaml")]) == 0
+    _lm_configs(tmp_path, data, "method: kd\nmethod_options: {temperature: 1.0}\n")
     capsys.readouterr()
-    (tmp_path / "s.yaml").write_text(
-        common + "method: kd\nmethod_options: {temperature: 1.0}\n"
-        f"teacher: {{{gpt}32}}, checkpoint: {tmp_path / 't' / 'best.safetensors'}}}\n"
-        f"student: {{{gpt}16}}}}\nout_dir: {tmp_path / 's'}\n"
-    )
     assert main(["distill", "--config", str(tmp_path / "s.yaml")]) == 0
     printed = json.loads(capsys.readouterr().out)
     splits, tok = char_splits(text, 16, 0.1, select_fraction=0.1)
@@ -596,19 +602,9 @@ def test_a_language_model_from_a_file_of_documents_by_config(tmp_path, capsys):
         f"data: {{name: lines, path: {tmp_path / 'docs.txt'}, block_size: 16, "
         "val_fraction: 0.2, test_fraction: 0.2, padding_side: left, batch_size: 8}\n"
     )
-    common = data + "optim: {name: adamw, lr: 0.003}\ntrain: {epochs: 2, progress: false}\n"
-    gpt = "name: gpt, kwargs: {n_layer: 1, n_head: 2, n_embd: "
-    (tmp_path / "t.yaml").write_text(
-        common + f"teacher: {{{gpt}32}}}}\nout_dir: {tmp_path / 't'}\n"
-    )
-    assert main(["train-teacher", "--config", str(tmp_path / "t.yaml")]) == 0
+    taps = "method_options: {student_taps: [blocks.0], teacher_taps: [blocks.0]}\n"
+    _lm_configs(tmp_path, data, "method: flowdistill\n" + taps)
     capsys.readouterr()
-    (tmp_path / "s.yaml").write_text(
-        common + "method: flowdistill\nmethod_options: {student_taps: [blocks.0], "
-        "teacher_taps: [blocks.0]}\n"
-        f"teacher: {{{gpt}32}}, checkpoint: {tmp_path / 't' / 'best.safetensors'}}}\n"
-        f"student: {{{gpt}16}}}}\nout_dir: {tmp_path / 's'}\n"
-    )  # fmt: skip
     assert main(["distill", "--config", str(tmp_path / "s.yaml")]) == 0
     printed = json.loads(capsys.readouterr().out)
     splits, tok = line_splits("\n".join(docs), 16, 0.2, 0.2, side="left")

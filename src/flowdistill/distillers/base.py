@@ -16,7 +16,7 @@ from ..losses.lm import token_cross_entropy
 from ..taps import LOGITS, FeatureTaps
 from .registry import get_method, list_methods
 
-__all__ = ["IGNORE_INDEX", "Distiller"]
+__all__ = ["IGNORE_INDEX", "Distiller", "per_token"]
 
 
 class Distiller(nn.Module):
@@ -247,9 +247,7 @@ class Distiller(nn.Module):
         as its padded positions could not be left out."""
         mask = self.token_mask(targets)
         if mask is None:  # class labels: a padded sequence batch's real tokens, if any
-            real = input_mask(inputs) if inputs is not None else None
-            fits = real is not None and tuple(feature.shape[:-1]) == tuple(real.shape)
-            return real if fits else None
+            return per_token(input_mask(inputs) if inputs is not None else None, feature)
         if mask is not None and tuple(feature.shape[:-1]) != tuple(mask.shape):
             raise ShapeMismatchError(
                 f"{self.name}: {what} has shape {tuple(feature.shape)}, not one vector per "
@@ -301,6 +299,12 @@ class Distiller(nn.Module):
         terms = dict(terms)
         terms["loss"] = sum(terms.values())
         return terms
+
+
+def per_token(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` ``(B, T)`` where ``x`` has one vector per token, ``(B, T, D)``; ``None`` for
+    any other layout (maps, pooled vectors), which has no padding to leave out."""
+    return mask if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else None
 
 
 def padding_refusal(name: str) -> str:

@@ -79,7 +79,7 @@ from torch.func import functional_call
 
 from .. import losses
 from ..adapters import ChannelNorm, feature_kind, make_adapter
-from ..data.inputs import input_mask, input_segments, take
+from ..data.inputs import input_segments, take
 from ..errors import ConfigError
 from ..flows import (
     ConditionEmbedding,
@@ -91,7 +91,7 @@ from ..flows import (
     odeint,
 )
 from ..taps import LOGITS
-from .base import Distiller
+from .base import Distiller, per_token
 from .registry import register, register_variant
 
 __all__ = ["FlowDistill"]
@@ -112,7 +112,7 @@ def _pool(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     if x.ndim == 4:
         return x.mean(dim=(2, 3))
     if x.ndim == 3:
-        if _per_position(mask, x) is None:
+        if per_token(mask, x) is None:
             return x.mean(dim=1)
         weight = (mask > 0).to(x.dtype)[..., None]  # (B, T, 1)
         return (x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
@@ -139,12 +139,6 @@ def _causal_mean(x: torch.Tensor, segments: torch.Tensor | None = None) -> torch
     sums = sums - had * sums.gather(1, before.expand_as(sums))
     counts = counts - had * counts.gather(1, before)
     return sums / counts.clamp_min(1.0)
-
-
-def _per_position(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """The padding ``mask`` ``(B, T)`` where ``x`` has one vector per token, ``(B, T, D)``;
-    ``None`` for any other layout (maps, pooled vectors), which has no padding."""
-    return mask if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else None
 
 
 def _rel(u: torch.Tensor, w: torch.Tensor) -> float:
@@ -352,13 +346,13 @@ class FlowDistill(Distiller):
 
         # context: pooled student features and softened student logits (+ task embedding)
         self.conditional = conditional
-        per_token = len(self.student_shapes[LOGITS]) == 2  # logits (B, T, V)
-        if context == "causal" and not per_token:
+        token_logits = len(self.student_shapes[LOGITS]) == 2  # logits (B, T, V)
+        if context == "causal" and not token_logits:
             raise ConfigError(
                 "flowdistill: context='causal' needs per-token logits (B, T, V); got logits "
                 f"of shape (B, {', '.join(map(str, self.student_shapes[LOGITS]))})"
             )
-        self.causal = per_token and context != "pooled"
+        self.causal = token_logits and context != "pooled"
         cond_dim = None
         if conditional:
             cond_dim = sum(_pool(torch.zeros(1, *self.student_shapes[n])).shape[1] for n in s_feats)
@@ -437,12 +431,12 @@ class FlowDistill(Distiller):
         if self.causal:  # position i pools positions <= i
             steps = probs.shape[1]
             parts = [
-                _causal_mean(f, _per_position(mask, f))
+                _causal_mean(f, per_token(mask, f))
                 if f.ndim == 3 and f.shape[1] == steps
                 else _pool(f, mask)[:, None].expand(-1, steps, -1)  # fmt: skip
                 for f in feats
             ]
-            parts.append(_causal_mean(probs, _per_position(mask, probs)))
+            parts.append(_causal_mean(probs, per_token(mask, probs)))
         else:
             # class probabilities; for token logits (B, T, V), their mean over the tokens
             parts = [_pool(f, mask) for f in feats] + [_pool(probs, mask)]
@@ -467,7 +461,7 @@ class FlowDistill(Distiller):
         field that mixes tokens the real tokens ``real`` ``(B, T)`` of a padded batch."""
         extras = {"context": self._context_for(x, context)}
         mixes = getattr(self.velocities[key], "takes_mask", False)
-        if mixes and _per_position(real, x) is not None:
+        if mixes and per_token(real, x) is not None:
             extras["mask"] = real
         return extras
 
@@ -511,7 +505,7 @@ class FlowDistill(Distiller):
             a = _wide(self.adapters[key](s_out[s_name]))
             t = _wide(t_out[t_name])
             if key in self.norms:
-                t = self.norms[key](t, _per_position(mask, t))
+                t = self.norms[key](t, per_token(mask, t))
             if self.rows and a.ndim == 4:  # per-position fields: maps as rows of positions
                 a, t = _to_rows(a), _to_rows(t)
             out.append((key, s_name, a, t))
@@ -523,25 +517,25 @@ class FlowDistill(Distiller):
         adapter output and the (standardised) teacher target for ``inputs``, without
         gradients, in the module's current mode (for diagnostics and probes)."""
         t_out, s_out = self.teacher_forward(inputs), self.student_forward(inputs)
-        return self._context(s_out, input_segments(inputs)), self._endpoints(
-            s_out, t_out, input_mask(inputs)
-        )
+        segs = input_segments(inputs)
+        real = segs > 0 if segs is not None else None
+        return self._context(s_out, segs), self._endpoints(s_out, t_out, real)
 
     @staticmethod
     def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         """Mean squared error; on token sequences ``(B, T, D)`` with a padding ``mask``
         ``(B, T)``, the mean over the counted positions only."""
-        return losses.hint(pred, target, _per_position(mask, pred))
+        return losses.hint(pred, target, per_token(mask, pred))
 
     def _kl(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         """Hinton's KD at the flow's temperature; padding left out of per-token logits."""
-        return losses.kd(pred, target, self.temperature, _per_position(mask, pred))
+        return losses.kd(pred, target, self.temperature, per_token(mask, pred))
 
     def _match(self, is_logits: bool, pred: torch.Tensor, target: torch.Tensor, mask=None):
         if not is_logits:
             return self._mse(pred, target, mask)
         if self.logit_loss == "dist":
-            return losses.dist(pred, target, mask=_per_position(mask, pred))
+            return losses.dist(pred, target, mask=per_token(mask, pred))
         return self._kl(pred, target, mask)
 
     # ------------------------------------------------------------------ training
@@ -638,12 +632,13 @@ class FlowDistill(Distiller):
     def _diagnose(self, x: Any) -> dict[str, float]:
         out: dict[str, float] = {}
         context, pairs = self.endpoints(x)
-        mask, segs = input_mask(x), input_segments(x)
+        segs = input_segments(x)
+        mask = segs > 0 if segs is not None else None
         for key, s_name, a, t in pairs:
             name = "logits" if s_name == LOGITS else s_name
             extras = self._extras(key, a, context, segs)
             ctx = extras["context"]
-            real = _per_position(mask, a)
+            real = per_token(mask, a)
             # errors over the real tokens of a padded batch, each token a row
             rel = _rel if real is None else (lambda u, w, m=real: _rel(u[m], w[m]))
             with torch.no_grad():

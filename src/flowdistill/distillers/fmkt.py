@@ -96,7 +96,7 @@ from ..flows import ConvVelocity, MLPVelocity, TokenVelocity
 from ..flows.paths import PATHS, AffinePath, get_path
 from ..models.stages import feature_stages
 from ..taps import LOGITS, resolve_module
-from .base import Distiller
+from .base import Distiller, per_token
 from .registry import register, register_variant
 
 __all__ = [
@@ -462,7 +462,7 @@ class _InsertionHook(_Owned):
             )
         steps = ins.steps if ins.steps is not None else ins.inference_steps
         mask = ins.real if ins.real is not None else ins.call_mask
-        x1, preds = ins.flow.unroll(output, steps, _fitting(mask, output))
+        x1, preds = ins.flow.unroll(output, steps, per_token(mask, output))
         if ins.capture:
             ins.rollout = (output, preds)
         return x1.to(output.dtype)
@@ -477,13 +477,6 @@ class _CallMaskHook(_Owned):
         ins = self.owner()
         if ins is not None:
             ins.call_mask = input_segments(kwargs) if kwargs else None
-
-
-def _fitting(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    """``mask`` ``(B, T)`` where ``x`` is a token sequence ``(B, T, D)`` of its length."""
-    if mask is None or x.ndim != 3 or tuple(mask.shape) != tuple(x.shape[:2]):
-        return None
-    return mask
 
 
 # ---------------------------------------------------------------------------- FM-KT
@@ -699,22 +692,19 @@ class FMKT(Distiller):
         """Logit mode: each Euler step's predicted logits, from the student's logits or,
         with ``head_tap``, from its feature there through the learned head; padded tokens
         (the inputs' attention mask, else the targets' padding) left out."""
-        source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]
-        return unroll_logits(self.flow, self.head, source, steps, self.real_tokens(inputs, targets))
+        return step_logits(self, s_out, inputs, steps, targets)
 
 
-def unroll_logits(
-    flow: MetaFlow,
-    head: nn.Module | None,
-    source: torch.Tensor,
-    steps: int,
-    real: torch.Tensor | None = None,
+def step_logits(
+    owner: Distiller, s_out: dict, inputs: Any, steps: int, targets: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
-    """Each of ``steps`` Euler steps' predicted logits from ``source`` (the student's logits,
-    or its feature through the learned ``head``); the tokens that ``real`` ``(B, T)`` marks
-    as padding left out of the flow's attention."""
-    _, preds = flow.unroll(source, steps, _fitting(real, source))
-    return preds if head is None else [head(p) for p in preds]
+    """Each of ``steps`` Euler steps' predicted logits of ``owner``'s flow (FM-KT's or
+    OFM-KT's): from the student's logits in ``s_out``, or from its feature at ``head_tap``
+    through the learned head; padded tokens left out of the flow's attention."""
+    source = s_out[owner.head_tap] if owner.head is not None else s_out[LOGITS]
+    real = per_token(owner.real_tokens(inputs, targets), source)
+    _, preds = owner.flow.unroll(source, steps, real)
+    return preds if owner.head is None else [owner.head(p) for p in preds]
 
 
 def take_head_tap(name: str, head_tap: str | None, student: nn.Module, base: dict) -> str | None:

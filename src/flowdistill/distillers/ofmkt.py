@@ -42,9 +42,9 @@ from .fmkt import (
     logit_head,
     parse_steps,
     reaching,
+    step_logits,
     step_metric,
     take_head_tap,
-    unroll_logits,
 )
 from .registry import register
 
@@ -170,13 +170,9 @@ class OFMKT(Distiller):
     def num_deployed_params(self) -> int:
         return deployed_count(self)
 
-    def _step_logits(self, s_out: dict, inputs: Any, steps: int, targets=None) -> list:
-        source = s_out[self.head_tap] if self.head is not None else s_out[LOGITS]
-        return unroll_logits(self.flow, self.head, source, steps, self.real_tokens(inputs, targets))
-
     def forward(self, inputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         steps = draw_steps(self.train_steps) if self.training else self.inference_steps
-        preds = self._step_logits(self.student_forward(inputs), inputs, steps, targets)
+        preds = step_logits(self, self.student_forward(inputs), inputs, steps, targets)
         if self.training:
             self._stats.add(preds)
         target = torch.stack(preds).mean(0).detach()
@@ -196,4 +192,4 @@ class OFMKT(Distiller):
     def predict(self, inputs: Any) -> torch.Tensor:
         """The mean of the flow's ``inference_steps`` step predictions."""
         s_out = self.student_taps(inputs)[1]
-        return torch.stack(self._step_logits(s_out, inputs, self.inference_steps)).mean(0)
+        return torch.stack(step_logits(self, s_out, inputs, self.inference_steps)).mean(0)

@@ -96,6 +96,14 @@ def token_windows(ids: torch.Tensor, block_size: int) -> Split:
     return Split(w[:, :-1].contiguous(), w[:, 1:].contiguous())
 
 
+def _token_rows(sequences: Sequence[Sequence[int] | torch.Tensor], who: str) -> list:
+    """The sequences as 1-d int64 tensors; none at all is refused, naming ``who``."""
+    rows = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
+    if not rows:
+        raise DataError(f"{who}: no sequences given")
+    return rows
+
+
 def padded_sequences(
     sequences: Sequence[Sequence[int] | torch.Tensor],
     side: str = "right",
@@ -120,9 +128,7 @@ def padded_sequences(
     """
     if side not in ("right", "left"):
         raise ConfigError(f"padded_sequences: side is 'right' or 'left', got {side!r}")
-    rows = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
-    if not rows:
-        raise DataError("padded_sequences: no sequences given")
+    rows = _token_rows(sequences, "padded_sequences")
     short = [i for i, r in enumerate(rows) if len(r) < 2]
     if short:
         raise DataError(
@@ -164,9 +170,7 @@ def packed_sequences(sequences: Sequence[Sequence[int] | torch.Tensor], length: 
     >>> split.x["input_ids"].tolist(), split.x["position_ids"].tolist(), split.y.tolist()
     ([[5, 6, 8, 0], [1, 2, 3, 0]], [[0, 1, 0, 0], [0, 1, 2, 0]], [[6, 7, 9, -100], [2, 3, 4, -100]])
     """
-    rows = [torch.as_tensor(s, dtype=torch.long).flatten() for s in sequences]
-    if not rows:
-        raise DataError("packed_sequences: no sequences given")
+    rows = _token_rows(sequences, "packed_sequences")
     for i, r in enumerate(rows):
         if not 2 <= len(r) <= length + 1:
             raise DataError(

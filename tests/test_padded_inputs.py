@@ -250,21 +250,51 @@ def test_token_losses_are_the_same_whichever_side_is_padded(name):
     torch.testing.assert_close(a["ce"] / d.ce_weight, nll.mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_flowdistill_pooled_context_leaves_padding_out():
-    """The pooled context (one per sequence) averages the real tokens only: on a right-padded
-    batch it equals the context of each sequence cut to its real tokens."""
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_flowdistill_pooled_context_leaves_padding_out(side):
+    """The pooled context averages the real tokens only: on a padded batch every real token
+    of a sequence holds the context of that sequence cut to its real tokens."""
     teacher, student = _pair()
     seqs = _sequences(3)
-    split = padded_sequences(seqs, side="right")
+    split = padded_sequences(seqs, side=side)
     d = make_distiller(
         "flowdistill", teacher, student, example_input=split.x, context="pooled",
         student_taps=["blocks.0"], teacher_taps=["blocks.1"],
     ).eval()  # fmt: skip
-    s_out = d.student_forward(split.x)
-    context = d._context(s_out, input_mask(split.x))
+    real = input_mask(split.x)
+    context = d._context(d.student_forward(split.x), real)
     for i, s in enumerate(seqs):
-        alone = d._context(d.student_forward(s[None, :-1]))
-        torch.testing.assert_close(context[i], alone[0], rtol=1e-5, atol=1e-6)
+        alone = d._context(d.student_forward(s[None, :-1]))  # (1, cond): one per sequence
+        got = context[i][real[i] > 0]
+        assert len(got) == len(s) - 1
+        torch.testing.assert_close(got, alone.expand_as(got), rtol=1e-5, atol=1e-6)
+        assert not context[i][real[i] == 0].any()  # the pads' own: zero, never read
+
+
+def test_flowdistill_pooled_context_keeps_the_documents_of_a_packed_row_apart():
+    """Rows packing two documents: each token's pooled context is that of its own document
+    alone (its real tokens, earlier and later), never the mean over the row."""
+    from flowdistill.data import packed_sequences
+
+    teacher, student = _pair()
+    g = torch.Generator().manual_seed(5)
+    docs = [1 + torch.randint(0, 12, (n,), generator=g) for n in (5, 7, 6, 6)]
+    split = packed_sequences(docs, length=10)
+    assert [_spans(split.x, row) for row in range(2)] == [[(0, 4), (4, 10)], [(0, 5), (5, 10)]]
+    d = make_distiller(
+        "flowdistill", teacher, student, example_input=split.x, context="pooled",
+        student_taps=["blocks.0"], teacher_taps=["blocks.1"],
+    ).eval()  # fmt: skip
+    context = d._context(d.student_forward(split.x), d.real_tokens(split.x, split.y))
+    for row in range(2):
+        for (a, b), doc in zip(_spans(split.x, row), docs[2 * row : 2 * row + 2], strict=True):
+            alone = d._context(d.student_forward(doc[None, :-1]))
+            torch.testing.assert_close(
+                context[row, a:b], alone.expand(b - a, -1), rtol=1e-5, atol=1e-6
+            )
+    # the oracle that the test can fail: pooled over the whole row, the documents mix
+    row_mean = d._context(d.student_forward(split.x))
+    assert not torch.allclose(row_mean[0], context[0, 0], atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -594,6 +624,30 @@ def test_every_method_keeps_the_documents_of_a_packed_row_apart(name):
         d.train(training)
         a = _same_terms(d, x, other, y)
         # the oracle that the test can fail: as one document per row, the second sees the first
+        d.load_state_dict(state)
+        torch.manual_seed(0)
+        mixed = {k: v for k, v in other.items() if k != "position_ids"}
+        assert not torch.allclose(d(mixed, y)["loss"], a["loss"])
+
+
+@pytest.mark.parametrize("field", ["pointwise", "spatial"])
+def test_flowdistill_with_a_pooled_context_keeps_packed_documents_apart(field):
+    """``context="pooled"`` on packed rows: no term moves when the first, uncounted document
+    of each row changes (the pooled context and the attention field stay in each document)."""
+    teacher, student = _pair()
+    x, other, y = _packed_pair_batch()
+    d = make_distiller(
+        "flowdistill", teacher, student, example_input=x, context="pooled", field=field,
+        student_taps=["blocks.0"], teacher_taps=["blocks.1"],
+    )  # fmt: skip
+    d.on_fit_start(4)
+    d.on_epoch_start(2, 4)
+    _jolt(d)
+    state = copy.deepcopy(d.state_dict())
+    for training in (False, True):
+        d.load_state_dict(state)
+        d.train(training)
+        a = _same_terms(d, x, other, y)
         d.load_state_dict(state)
         torch.manual_seed(0)
         mixed = {k: v for k, v in other.items() if k != "position_ids"}

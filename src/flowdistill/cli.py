@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -70,6 +71,21 @@ def cmd_methods(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suites(_args: argparse.Namespace) -> int:
+    from .bench.suites import SUITES
+
+    for name in sorted(SUITES):
+        suite = SUITES[name]
+        if getattr(suite, "kind", None) == "nf":
+            from .nf.bench import NF_METHODS
+
+            methods = ", ".join(NF_METHODS)
+        else:
+            methods = ", ".join(suite.methods) or "every registered method it admits"
+        print(f"{name}\n  {suite.description}\n  methods: {methods}")
+    return 0
+
+
 def _fast_path(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of bench's speed flags."""
     options = {}
@@ -83,15 +99,14 @@ def _fast_path(args: argparse.Namespace) -> dict:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    methods = None  # every registered method
+    methods = None  # the suite's own comparison
     if args.methods is not None:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods:
             raise ConfigError(
-                f"--methods {args.methods!r} names no method; leave it out to run every method"
+                f"--methods {args.methods!r} names no method; leave it out to run the "
+                "suite's own, or give 'all' for every method the suite admits"
             )
-    if methods == ["all"]:
-        methods = None
     results = run_bench(
         args.suite,
         methods=methods,
@@ -324,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
 
+    p = sub.add_parser("suites", help="list the bench suites and the methods each runs")
+    p.set_defaults(func=cmd_suites)
+
     for name, teacher_mode, text in (
         ("train-teacher", True, "train the teacher named in a config"),
         ("distill", False, "distil the teacher into the student of a config"),
@@ -355,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark suite side by side")
     p.add_argument("--suite", required=True, help=f"one of: {', '.join(sorted(SUITES))}")
-    p.add_argument("--methods", default=None, help="comma-separated, or 'all' (default)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated; 'all': every registered method the suite admits; "
+        "default: the suite's own comparison (`flowdistill suites` lists it)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method (default 3)")
     p.add_argument(
         "--epochs",
@@ -444,6 +467,10 @@ def reported(run: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished epochs are checkpointed", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to a reader that stopped (``| head``)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -41,6 +41,8 @@ from .suites import Suite, get_suite
 __all__ = ["method_config", "run_bench"]
 
 DEFAULT_CACHE = Path("runs") / "cache" / "teachers"
+#: ``methods=ALL`` (``--methods all``): every registered method the suite admits
+ALL = "all"
 
 
 def _hash(obj: Any) -> str:
@@ -101,10 +103,41 @@ def _check_buildable(
     teacher = _build(suite.teacher, data, suite.task)
     for method in methods:
         for point in grids.get(method) or [{}]:
-            student = _build(suite.student, data, suite.task)
-            options = {**method_config(suite, method), **point}
-            built = make_distiller(method, teacher, student, example_input=example, **options)
-            refuse_unsynchronised_state(built, distributed.world_size())
+            _check_method(suite, data, teacher, method, point, example)
+
+
+def _check_method(
+    suite: Suite, data: Splits, teacher: torch.nn.Module, method: str, point: dict, example
+) -> None:
+    """Build ``method`` at ``point`` around ``teacher`` and an untrained student, and check
+    what ``fit`` checks of it before training: padded token targets for a method that
+    would count them, the training targets a method indexes (CRD's classes)."""
+    student = _build(suite.student, data, suite.task)
+    options = {**method_config(suite, method), **point}
+    built = make_distiller(method, teacher, student, example_input=example, **options)
+    refuse_unsynchronised_state(built, distributed.world_size())
+    built.check_targets(data.train.y)
+    built.on_fit_targets(data.train.y)
+
+
+def applicable_methods(
+    suite: Suite, data: Splits, example: Any
+) -> tuple[list[str], dict[str, str]]:
+    """Every registered method that ``suite`` admits, and, by name, why each other one is
+    left out: a method whose construction or pre-training checks refuse the suite's models
+    or data (ND's per-sample embedding under per-token logits, say) with a
+    :class:`~flowdistill.errors.FlowdistillError`. Any other exception is a defect and
+    propagates."""
+    teacher = _build(suite.teacher, data, suite.task)
+    able, skipped = [], {}
+    for method in list_methods():
+        try:
+            _check_method(suite, data, teacher, method, {}, example)
+        except FlowdistillError as err:
+            skipped[method] = str(err)
+        else:
+            able.append(method)
+    return able, skipped
 
 
 def _train_config(suite: Suite, **kw: Any) -> TrainConfig:
@@ -283,11 +316,16 @@ def teacher_key(suite: Suite, budget: float = 1.0) -> dict[str, Any]:
     return key
 
 
+def teacher_folder(suite: Suite, cache: Path, budget: float = 1.0) -> Path:
+    """Where ``suite``'s teacher (at ``budget``) is cached under ``cache``."""
+    return cache / f"{suite.name}-{_hash(teacher_key(suite, budget))}"
+
+
 def _teacher(
     suite: Suite, data: Splits, cache: Path, progress: bool, log, budget: float = 1.0
 ) -> tuple[torch.nn.Module, dict]:
     key = teacher_key(suite, budget)
-    folder = cache / f"{suite.name}-{_hash(key)}"
+    folder = teacher_folder(suite, cache, budget)
     torch.manual_seed(0)
     teacher = _build(suite.teacher, data, suite.task)
     result_file = folder / "result.json"
@@ -393,12 +431,21 @@ def run_bench(
     if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
         log = _quiet
         progress = False
-    methods = list(dict.fromkeys(methods)) if methods else list_methods()  # each once
+    started = time.perf_counter()
+    if methods is None:  # the comparison the suite is sized for, else every method it admits
+        methods = list(suite.methods) or [ALL]
+    methods = [methods] if isinstance(methods, str) else list(dict.fromkeys(methods))
+    every = ALL in methods
+    if every and len(methods) > 1:
+        raise ConfigError(
+            f"methods {', '.join(methods)}: {ALL!r} runs every method the suite admits; "
+            "name no other method beside it"
+        )
+    if not methods:
+        raise ConfigError("methods names no method; leave it out to run the suite's own")
     for m in methods:
-        get_method(m)
-    if "student" in methods:
-        methods.remove("student")
-    methods.insert(0, "student")  # the reference row is always run, and first
+        if m != ALL:
+            get_method(m)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     suite = with_epochs(suite, epochs, teacher_epochs)
@@ -424,15 +471,26 @@ def run_bench(
             )
         if tune_seeds < 1:
             raise ConfigError(f"--tune-seeds must be >= 1, got {tune_seeds}")
-    grids = {m: tune_points(m) for m in methods} if tune else {}  # checked before training
-    if options:
-        suite = _with_options(suite, methods, options, grids)
     out = Path(out or Path("runs") / "bench" / suite.name)
     cache = Path(cache) if cache else DEFAULT_CACHE
     data = budgeted(suite.load_data(), budget)
     example = data.train.x[:8]
+    skipped: dict[str, str] = {}
+    if every:
+        methods, skipped = applicable_methods(suite, data, example)
+        for m, why in skipped.items():
+            log(f"{m}: left out, {suite.name} does not admit it: {why}")
+    if "student" in methods:
+        methods.remove("student")
+    methods.insert(0, "student")  # the reference row is always run, and first
+    grids = {m: tune_points(m) for m in methods} if tune else {}  # checked before training
+    if options:
+        suite = _with_options(suite, methods, options, grids)
     _check_buildable(suite, data, methods, grids, example)  # before any run trains
+    teacher_cached = (teacher_folder(suite, cache, budget) / "result.json").exists()
+    teacher_started = time.perf_counter()
     teacher, teacher_info = _teacher(suite, data, cache, progress, log, budget)
+    teacher_seconds = time.perf_counter() - teacher_started
     _refuse_another_teacher(out, teacher_info)
 
     rows, curves, extra, deployed, diags = [], {}, {}, {}, {}
@@ -452,6 +510,12 @@ def run_bench(
                 budget, out, tune_seeds, progress, log,
             )  # fmt: skip
     run_options = {m: {**method_config(suite, m), **chosen.get(m, {})} for m in methods}
+    reused = sum(  # table runs that an earlier bench had finished
+        (out / "runs" / m / f"seed{seed}" / "inference.json").exists()
+        and _finished(out / "runs" / m / f"seed{seed}",
+                      _run_key(suite, m, run_options[m], seed, epochs, teacher_info, budget))
+        for m in methods for seed in range(seeds)
+    )  # fmt: skip
     pool.run([
         (m, run_options[m], seed, out / "runs" / m / f"seed{seed}", True)
         for m in methods for seed in range(seeds)
@@ -565,6 +629,8 @@ def run_bench(
         "method_options": run_options,
         "tune": tune,
     }
+    if skipped:
+        config["skipped"] = skipped
     if suite.train_options:
         config["train_options"] = suite.train_options
     if tune:
@@ -584,6 +650,15 @@ def run_bench(
         "runs": rows,
         "summary": summary,
         "provenance": provenance(command or shlex.join(["flowdistill", *sys.argv[1:]]), config),
+    }
+    results["timing"] = {  # of this command, on this machine: a ratio's worth, not a target
+        "wall_seconds": time.perf_counter() - started,
+        "teacher_seconds": teacher_seconds,
+        "teacher_cached": teacher_cached,
+        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "runs": len(methods) * seeds,
+        "runs_reused": reused,
     }
     if tune:
         results["tuning"] = {

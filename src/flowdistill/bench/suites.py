@@ -217,6 +217,10 @@ class Suite:
     #: further ``TrainConfig`` fields of every run, teacher's included (the fast path:
     #: ``{"channels_last": True, "compile": True}``); speed only, not part of a run's key
     train_options: dict[str, Any] = field(default_factory=dict)
+    #: the methods ``flowdistill bench`` runs when ``--methods`` is left out: the comparison
+    #: the suite is sized for; empty: every registered method the suite's models and data
+    #: admit (what ``--methods all`` runs)
+    methods: tuple[str, ...] = ()
 
 
 SUITES: dict[str, Suite] = {}
@@ -255,12 +259,25 @@ register_suite(
 )
 
 
+#: the default comparison of a suite too slow for every method in half an hour on two CPU
+#: cores: the student alone, KD, FlowDistill and its two diffusion/flow peers
+CPU_COMPARISON = ("student", "kd", "diffkd", "fmkt", "flowdistill")
+#: the default comparison of the language-model suites
+LM_COMPARISON = ("student", "kd", "reverse_kl", "taid", "fmkt", "flowdistill")
+
+
 def _cpu_cnn_suite(
-    name: str, description: str, load_data: Callable[[], Splits], teacher: list, student: list
+    name: str,
+    description: str,
+    load_data: Callable[[], Splits],
+    teacher: list,
+    student: list,
+    methods: tuple[str, ...] = (),
 ) -> Suite:
     """A CPU image suite: :class:`~flowdistill.models.small.SmallCNN` teacher and student of
     the given stage widths, 15 teacher and 10 student epochs of SGD at lr 0.1 with a cosine
-    schedule, batch 128, the middle stage as the feature tap."""
+    schedule, batch 128, the middle stage as the feature tap; ``methods``: its default
+    comparison (every method it admits when empty)."""
     return Suite(
         name=name,
         description=description,
@@ -275,6 +292,7 @@ def _cpu_cnn_suite(
         method_options={
             "_features": {"student_taps": ["stage2"], "teacher_taps": ["stage2"]},
         },
+        methods=methods,
     )
 
 
@@ -287,6 +305,7 @@ register_suite(
         _cifar10_cpu,
         teacher=[32, 64, 128],
         student=[8, 16, 32],
+        methods=CPU_COMPARISON,
     )
 )
 
@@ -328,6 +347,7 @@ register_suite(
         decode=_shakespeare_decode,
         select_split=True,
         data_key="select-0.05",
+        methods=LM_COMPARISON,
     )
 )
 
@@ -358,6 +378,7 @@ register_suite(
         decode=_shakespeare_decode,
         select_split=True,
         data_key="select-0.05",
+        methods=LM_COMPARISON,
     )
 )
 

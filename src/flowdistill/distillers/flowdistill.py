@@ -52,7 +52,9 @@ computed from the student side only (pooled student features and softened studen
 detached), plus an optional learned task embedding. Where the student predicts per token
 (logits ``(B, T, V)``, a causal language model) the context is causal by default: position
 :math:`i` sees the mean over positions :math:`\le i` only, so the flow never reads the
-tokens it is asked to predict (``context="pooled"`` pools over the whole sequence instead).
+tokens it is asked to predict (``context="pooled"`` pools over the whole sequence instead:
+over each document's real tokens where a batch carries padding or packs several documents
+per row).
 
 At inference the student runs alone (``inference="student"``); with
 ``inference="flow"`` the prediction is the flow-transported student logits.
@@ -139,6 +141,19 @@ def _causal_mean(x: torch.Tensor, segments: torch.Tensor | None = None) -> torch
     sums = sums - had * sums.gather(1, before.expand_as(sums))
     counts = counts - had * counts.gather(1, before)
     return sums / counts.clamp_min(1.0)
+
+
+def _document_mean(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Per-token mean over documents ``(B, T, D)``: at each real token the mean of ``x`` over
+    the real tokens of its own document (earlier and later ones), 0 at padding; ``segments``
+    ``(B, T)`` as :func:`_causal_mean` takes them (document ids run up to ``T + 1``)."""
+    seg = segments.long()
+    weight = (seg > 0).to(x.dtype)[..., None]  # (B, T, 1)
+    index = seg[..., None].expand_as(x)
+    size = (x.shape[0], seg.shape[1] + 2)
+    sums = x.new_zeros(*size, x.shape[-1]).scatter_add(1, index, x * weight)
+    counts = weight.new_zeros(*size, 1).scatter_add(1, seg[..., None], weight)
+    return sums.gather(1, index) / counts.gather(1, seg[..., None]).clamp_min(1.0) * weight
 
 
 def _rel(u: torch.Tensor, w: torch.Tensor) -> float:
@@ -353,6 +368,7 @@ class FlowDistill(Distiller):
                 f"of shape (B, {', '.join(map(str, self.student_shapes[LOGITS]))})"
             )
         self.causal = token_logits and context != "pooled"
+        self.token_logits = token_logits
         cond_dim = None
         if conditional:
             cond_dim = sum(_pool(torch.zeros(1, *self.student_shapes[n])).shape[1] for n in s_feats)
@@ -437,6 +453,17 @@ class FlowDistill(Distiller):
                 for f in feats
             ]
             parts.append(_causal_mean(probs, per_token(mask, probs)))
+        elif self.token_logits and per_token(mask, probs) is not None:
+            # a padded or packed batch: each token gets its own document's means, so that
+            # the documents packed into one row stay apart
+            steps = probs.shape[1]
+            parts = [
+                _document_mean(f, mask)
+                if per_token(mask, f) is not None
+                else _pool(f, mask)[:, None].expand(-1, steps, -1)  # fmt: skip
+                for f in feats
+            ]
+            parts.append(_document_mean(probs, mask))
         else:
             # class probabilities; for token logits (B, T, V), their mean over the tokens
             parts = [_pool(f, mask) for f in feats] + [_pool(probs, mask)]

@@ -1,0 +1,149 @@
+"""Which methods a bench runs: the suite's own comparison by default, ``all`` for every
+registered method the suite admits (the others left out with their reason), and the timing
+record of the command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from flowdistill.bench import get_suite, run_bench
+from flowdistill.bench.runner import _build, applicable_methods, method_config
+from flowdistill.bench.suites import SUITES, _lm_method_options, _shakespeare
+from flowdistill.cli import main
+from flowdistill.config import ModelConfig, OptimConfig, TrainConfig
+from flowdistill.distillers import list_methods, make_distiller
+from flowdistill.engine.trainer import fit
+from flowdistill.errors import ConfigError, FlowdistillError
+
+QUIET = {"progress": False, "log": lambda *_: None}
+
+
+@pytest.fixture
+def tiny_lm_suite(tmp_path, monkeypatch):
+    """shakespeare-char's recipe and options on a small corpus, with small models."""
+    folder = tmp_path / "data" / "tinyshakespeare"
+    folder.mkdir(parents=True)
+    (folder / "input.txt").write_text("To be, or not to be: that is the question.\n" * 30)
+    monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path / "data"))
+    lm = get_suite("shakespeare-char")
+    suite = dataclasses.replace(
+        lm,
+        name="tiny-lm",
+        load_data=lambda: _shakespeare(16, select_fraction=0.1),
+        teacher=ModelConfig("gpt", kwargs={"block_size": 16, "n_layer": 2, "n_embd": 32}),
+        student=ModelConfig("gpt", kwargs={"block_size": 16, "n_layer": 1, "n_embd": 16}),
+        teacher_epochs=1,
+        method_options=_lm_method_options("blocks.0", "blocks.1"),
+    )
+    monkeypatch.setitem(SUITES, suite.name, suite)
+    return suite
+
+
+def test_every_image_method_is_admitted_by_the_digits_suite():
+    suite = get_suite("digits")
+    data = suite.load_data()
+    able, skipped = applicable_methods(suite, data, data.train.x[:8])
+    assert skipped == {} and able == list_methods()
+
+
+def test_all_runs_what_the_suite_admits_and_names_what_it_leaves_out(tmp_path, tiny_lm_suite):
+    """On a language-model suite, ``all`` trains every method whose construction and
+    pre-training checks accept per-token logits and targets; each method left out is one
+    that ``fit`` itself refuses (the independent check), and its reason is logged and
+    recorded."""
+    lines: list[str] = []
+    results = run_bench(
+        "tiny-lm", "all", seeds=1, epochs=1, out=tmp_path / "out",
+        cache=tmp_path / "cache", progress=False, log=lines.append,
+    )  # fmt: skip
+    skipped = results["provenance"]["config"]["skipped"]
+    ran = set(results["summary"])
+    assert ran | set(skipped) == set(list_methods()) and not ran & set(skipped)
+    # the methods defined on one vector per sample, or on class labels, cannot run here
+    assert {"nd", "ofa", "crd"} <= set(skipped)
+    assert {"student", "kd", "reverse_kl", "taid", "fmkt", "flowdistill"} <= ran
+    assert "(16, 16)" in skipped["nd"] and "class label" in skipped["crd"]
+    for method, why in skipped.items():
+        assert any(line.startswith(f"{method}: left out") and why in line for line in lines)
+
+    suite = tiny_lm_suite
+    data = suite.load_data()
+    teacher = _build(suite.teacher, data, suite.task)
+    for method in skipped:  # the bench's reason is fit's own refusal
+        with pytest.raises(FlowdistillError):
+            student = _build(suite.student, data, suite.task)
+            built = make_distiller(
+                method, teacher, student, example_input=data.train.x[:8],
+                **method_config(suite, method),
+            )  # fmt: skip
+            fit(built, data, OptimConfig(), TrainConfig(epochs=1, progress=False))
+
+
+def test_a_suite_runs_its_own_methods_by_default_and_records_its_time(tmp_path, monkeypatch):
+    suite = dataclasses.replace(get_suite("digits"), name="digits-pair", methods=("kd",))
+    monkeypatch.setitem(SUITES, suite.name, suite)
+    kw = {"seeds": 2, "epochs": 1, "budget": 0.2, "out": tmp_path / "out", **QUIET}
+    first = run_bench("digits-pair", cache=tmp_path / "cache", **kw)
+    assert list(first["summary"]) == ["student", "kd"]
+    assert first["provenance"]["config"]["methods"] == ["student", "kd"]
+    assert "skipped" not in first["provenance"]["config"]
+    timing = first["timing"]
+    assert timing["runs"] == 4 and timing["runs_reused"] == 0
+    assert timing["teacher_cached"] is False and timing["workers"] == 1
+    assert 0 < timing["teacher_seconds"] < timing["wall_seconds"]
+    again = run_bench("digits-pair", cache=tmp_path / "cache", **kw)
+    assert again["summary"] == first["summary"]
+    assert again["timing"]["runs_reused"] == 4 and again["timing"]["teacher_cached"] is True
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["timing"] == again["timing"]
+
+
+def test_all_goes_alone(tmp_path):
+    with pytest.raises(ConfigError, match="name no other method beside it"):
+        run_bench("digits", ["all", "kd"], out=tmp_path, **QUIET)
+    with pytest.raises(ConfigError, match="names no method"):
+        run_bench("digits", [], out=tmp_path, **QUIET)
+
+
+def test_suites_command_lists_each_suite_with_its_methods(capsys, monkeypatch):
+    suite = dataclasses.replace(get_suite("digits"), name="digits-pair", methods=("kd", "dkd"))
+    monkeypatch.setitem(SUITES, suite.name, suite)
+    assert main(["suites"]) == 0
+    out = capsys.readouterr().out
+    for name in SUITES:
+        assert f"\n{name}\n" in f"\n{out}"
+    block = out.split("\ndigits-pair\n")[1].split("\n")
+    assert block[1] == "  methods: kd, dkd"
+    assert "methods: student, intermediate_kd, final_kd, synth_kd, all_kd" in out
+
+
+def test_cli_passes_all_through(tmp_path, monkeypatch):
+    import flowdistill.bench
+
+    seen = {}
+
+    def fake_run_bench(suite, **kw):
+        seen.update(kw)
+        (tmp_path / "o").mkdir(exist_ok=True)
+        (tmp_path / "o" / "results.md").write_text("|t|\n")
+        return {"ok": True}
+
+    monkeypatch.setattr(flowdistill.bench, "run_bench", fake_run_bench)
+    argv = ["bench", "--suite", "digits", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*argv, "--methods", "all"]) == 0 and seen["methods"] == ["all"]
+    assert main(argv) == 0 and seen["methods"] is None
+
+
+def test_every_suite_s_own_comparison_names_registered_methods():
+    from flowdistill.distillers import get_method
+
+    for suite in SUITES.values():
+        for method in getattr(suite, "methods", ()):
+            get_method(method)  # raises for an unknown name
+    assert get_suite("cifar10-cpu").methods[0] == "student"
+    assert set(get_suite("shakespeare-char").methods) == {
+        "student", "kd", "reverse_kl", "taid", "fmkt", "flowdistill"
+    }  # fmt: skip

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from flowdistill.bench import get_suite, run_bench
-from flowdistill.bench.runner import _build, applicable_methods, method_config
+from flowdistill.bench.runner import _build, _with_options, applicable_methods, method_config
 from flowdistill.bench.suites import SUITES, _lm_method_options, _shakespeare
 from flowdistill.cli import main
 from flowdistill.config import ModelConfig, OptimConfig, TrainConfig
@@ -101,6 +101,37 @@ def test_a_suite_runs_its_own_methods_by_default_and_records_its_time(tmp_path, 
     assert written["timing"] == again["timing"]
 
 
+def test_all_admits_each_method_at_the_options_it_would_run_with(tiny_lm_suite, tmp_path):
+    """``--set`` options count in what ``all`` admits (CRD without class labels), and an
+    option set for a method that is still left out is refused with the reason, before any
+    teacher trains."""
+    data = tiny_lm_suite.load_data()
+    example = data.train.x[:8]
+    _, skipped = applicable_methods(tiny_lm_suite, data, example)
+    given = _with_options(tiny_lm_suite, list_methods(), {"crd": {"negatives": "uniform"}}, {})
+    able, still = applicable_methods(given, data, example)
+    assert "crd" in skipped and "crd" in able and set(still) == set(skipped) - {"crd"}
+    with pytest.raises(ConfigError, match=r"options are set for nd, which tiny-lm leaves out"):
+        run_bench(
+            "tiny-lm", "all", options={"nd": {"temperature": 2.0}}, out=tmp_path / "o",
+            cache=tmp_path / "cache", **QUIET,
+        )  # fmt: skip
+    assert not (tmp_path / "cache").exists()
+
+
+def test_all_with_tune_admits_a_method_only_at_every_point_of_its_grid(monkeypatch):
+    from flowdistill.distillers.kd import KD
+
+    suite = get_suite("digits")
+    data = suite.load_data()
+    able, skipped = applicable_methods(suite, data, data.train.x[:8], tune=True)
+    assert skipped == {} and able == list_methods()
+    monkeypatch.setattr(KD, "tune_grid", [{"temperature": 1.0}, {"temperature": -1.0}])
+    able, skipped = applicable_methods(suite, data, data.train.x[:8], tune=True)
+    assert "kd" not in able and "temperature must be positive" in skipped["kd"]
+    assert skipped["kd"].endswith("(at {'temperature': -1.0})")
+
+
 def test_all_goes_alone(tmp_path):
     with pytest.raises(ConfigError, match="name no other method beside it"):
         run_bench("digits", ["all", "kd"], out=tmp_path, **QUIET)
@@ -147,3 +178,15 @@ def test_every_suite_s_own_comparison_names_registered_methods():
     assert set(get_suite("shakespeare-char").methods) == {
         "student", "kd", "reverse_kl", "taid", "fmkt", "flowdistill"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("methods", ["all", ["all"], None])
+def test_all_on_a_flow_suite_runs_its_own_methods(methods, monkeypatch, tmp_path):
+    import flowdistill.nf.bench
+
+    seen = []
+    monkeypatch.setattr(
+        flowdistill.nf.bench, "run_nf_bench", lambda suite, methods, *a: seen.append(methods)
+    )
+    run_bench("nf-digits", methods, out=tmp_path, **QUIET)
+    assert seen == [None]  # run_nf_bench's own: every flow-distillation method

@@ -29,6 +29,20 @@ def test_python_dash_m_entry_point():
     assert out.split()[0] == sorted(REGISTRY)[0]
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``flowdistill suites | head``: a reader that stops early leaves no traceback."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (buffered)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "flowdistill", "suites"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    child.stdout.close()  # before the child has written anything (it is still importing)
+    err = child.stderr.read().decode()
+    assert child.wait() == 1 and err == ""
+
+
 @pytest.fixture
 def user_package(tmp_path, monkeypatch):
     """A model module the project has never seen, importable as ``usernets``."""

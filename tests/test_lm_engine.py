@@ -215,10 +215,12 @@ def test_flowdistill_context_is_causal_on_token_logits(context, lm):
     (m1, c1, s1), (m2, _, _) = _transported(d, x), _transported(d, later)
     probs = torch.softmax(s1["logits"].double() / d.temperature, dim=-1)
     if context == "auto":  # causal: position i holds the mean over positions <= i
-        assert c1.shape == (3, 16, c1.shape[-1])
+        tokens, row = c1  # (and the row's mean, for pairs that are not tokens)
+        assert tokens.shape == (3, 16, row.shape[-1]) and row.shape == (3, row.shape[-1])
         for i in (0, 7, 15):
             expected = probs[:, : i + 1].mean(dim=1)
-            assert torch.allclose(c1[:, i, -data.num_classes :].double(), expected, atol=1e-6)
+            assert torch.allclose(tokens[:, i, -data.num_classes :].double(), expected, atol=1e-6)
+        assert torch.allclose(row[:, -data.num_classes :].double(), probs.mean(1), atol=1e-6)
         for a, b in zip(m1, m2, strict=True):
             assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)  # no later token leaks
             assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-4
@@ -711,3 +713,15 @@ def test_the_top_k_cache_refuses_empty_inputs_and_non_finite_options(lm):
         teacher.head.weight[0, 0] = float("inf")
     with pytest.raises(DataError, match="teacher's logits for inputs 0 to 7 are not finite"):
         build_topk_cache(teacher, data.train.x[:8], k=4)
+
+
+def test_flowdistill_gives_a_pair_that_is_not_tokens_the_row_context():
+    """A per-token context is ``(per-token, per-row)``: token features of its length take
+    the first, any other pair (a pooled vector, a map) the second, never a token's own."""
+    from flowdistill.distillers.flowdistill import FlowDistill
+
+    tokens, row = torch.randn(2, 5, 3), torch.randn(2, 3)
+    assert FlowDistill._context_for(torch.zeros(2, 5, 7), (tokens, row)) is tokens
+    assert FlowDistill._context_for(torch.zeros(2, 7), (tokens, row)) is row
+    assert FlowDistill._context_for(torch.zeros(2, 4, 7), (tokens, row)) is row
+    assert FlowDistill._context_for(torch.zeros(2, 7), row) is row

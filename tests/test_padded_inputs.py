@@ -262,13 +262,19 @@ def test_flowdistill_pooled_context_leaves_padding_out(side):
         student_taps=["blocks.0"], teacher_taps=["blocks.1"],
     ).eval()  # fmt: skip
     real = input_mask(split.x)
-    context = d._context(d.student_forward(split.x), real)
+    tokens, row = d._context(d.student_forward(split.x), real, documents=True)
     for i, s in enumerate(seqs):
         alone = d._context(d.student_forward(s[None, :-1]))  # (1, cond): one per sequence
-        got = context[i][real[i] > 0]
+        got = tokens[i][real[i] > 0]
         assert len(got) == len(s) - 1
         torch.testing.assert_close(got, alone.expand_as(got), rtol=1e-5, atol=1e-6)
-        assert not context[i][real[i] == 0].any()  # the pads' own: zero, never read
+        assert not tokens[i][real[i] == 0].any()  # the pads' own: zero, never read
+        torch.testing.assert_close(row[i], alone[0], rtol=1e-5, atol=1e-6)
+    # right-padded ids, the padding known from the targets only: one context per row
+    if side == "right":
+        ids = split.x["input_ids"]
+        pooled = d._context(d.student_forward(ids), d.real_tokens(ids, split.y))
+        torch.testing.assert_close(pooled, row, rtol=1e-5, atol=1e-6)
 
 
 def test_flowdistill_pooled_context_keeps_the_documents_of_a_packed_row_apart():
@@ -285,7 +291,8 @@ def test_flowdistill_pooled_context_keeps_the_documents_of_a_packed_row_apart():
         "flowdistill", teacher, student, example_input=split.x, context="pooled",
         student_taps=["blocks.0"], teacher_taps=["blocks.1"],
     ).eval()  # fmt: skip
-    context = d._context(d.student_forward(split.x), d.real_tokens(split.x, split.y))
+    s_out = d.student_forward(split.x)
+    context, _ = d._context(s_out, d.real_tokens(split.x, split.y), documents=True)
     for row in range(2):
         for (a, b), doc in zip(_spans(split.x, row), docs[2 * row : 2 * row + 2], strict=True):
             alone = d._context(d.student_forward(doc[None, :-1]))
@@ -293,7 +300,7 @@ def test_flowdistill_pooled_context_keeps_the_documents_of_a_packed_row_apart():
                 context[row, a:b], alone.expand(b - a, -1), rtol=1e-5, atol=1e-6
             )
     # the oracle that the test can fail: pooled over the whole row, the documents mix
-    row_mean = d._context(d.student_forward(split.x))
+    row_mean = d._context(s_out)
     assert not torch.allclose(row_mean[0], context[0, 0], atol=1e-4)
 
 

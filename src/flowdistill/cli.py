@@ -460,16 +460,20 @@ def reported(run: Callable[[], int], prog: str) -> int:
     else:
         previous = None
     try:
-        return run()
+        code = run()
+        sys.stdout.flush()  # (a pipe's buffer: a closed reader is known here, not at exit)
+        return code
     except FlowdistillError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished epochs are checkpointed", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the output went to a reader that stopped (``| head``)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+    except BrokenPipeError:  # the output's reader stopped (``| head``)
+        try:  # the rest of the output goes nowhere: no second error when Python exits
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 1
     finally:
         if previous is not None:

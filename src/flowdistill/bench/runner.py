@@ -121,20 +121,22 @@ def _check_method(
 
 
 def applicable_methods(
-    suite: Suite, data: Splits, example: Any
+    suite: Suite, data: Splits, example: Any, tune: bool = False
 ) -> tuple[list[str], dict[str, str]]:
     """Every registered method that ``suite`` admits, and, by name, why each other one is
     left out: a method whose construction or pre-training checks refuse the suite's models
     or data (ND's per-sample embedding under per-token logits, say) with a
-    :class:`~flowdistill.errors.FlowdistillError`. Any other exception is a defect and
-    propagates."""
+    :class:`~flowdistill.errors.FlowdistillError`, at its options in ``suite`` or, with
+    ``tune``, at any point of its grid. Any other exception is a defect and propagates."""
     teacher = _build(suite.teacher, data, suite.task)
     able, skipped = [], {}
     for method in list_methods():
-        try:
-            _check_method(suite, data, teacher, method, {}, example)
-        except FlowdistillError as err:
-            skipped[method] = str(err)
+        for point in tune_points(method) if tune else [{}]:
+            try:
+                _check_method(suite, data, teacher, method, point, example)
+            except FlowdistillError as err:
+                skipped[method] = f"{err} (at {point})" if point else str(err)
+                break
         else:
             able.append(method)
     return able, skipped
@@ -410,7 +412,20 @@ def run_bench(
     loses nothing.
     """
     suite = get_suite(suite_name)
-    if getattr(suite, "kind", None) == "nf":  # a normalizing flow distilled into a smaller one
+    started = time.perf_counter()
+    nf = getattr(suite, "kind", None) == "nf"
+    if methods is None:  # the comparison the suite is sized for, else every method it admits
+        methods = None if nf else list(suite.methods) or [ALL]
+    else:
+        methods = [methods] if isinstance(methods, str) else list(dict.fromkeys(methods))
+        if not methods:
+            raise ConfigError("methods names no method; leave it out to run the suite's own")
+        if ALL in methods and len(methods) > 1:
+            raise ConfigError(
+                f"methods {', '.join(methods)}: {ALL!r} runs every method the suite admits; "
+                "name no other method beside it"
+            )
+    if nf:  # a normalizing flow distilled into a smaller one
         from ..nf.bench import run_nf_bench
 
         if tune:
@@ -424,6 +439,8 @@ def run_bench(
                 "distils a normalizing flow with its suite's options"
             )
 
+        if methods == [ALL]:  # a flow suite's methods are all its own
+            methods = None
         return run_nf_bench(
             suite, methods, seeds, epochs, out, progress, cache, command, log, budget,
             teacher_epochs,
@@ -431,21 +448,9 @@ def run_bench(
     if not distributed.is_main():  # under torchrun rank 0 alone logs and writes
         log = _quiet
         progress = False
-    started = time.perf_counter()
-    if methods is None:  # the comparison the suite is sized for, else every method it admits
-        methods = list(suite.methods) or [ALL]
-    methods = [methods] if isinstance(methods, str) else list(dict.fromkeys(methods))
-    every = ALL in methods
-    if every and len(methods) > 1:
-        raise ConfigError(
-            f"methods {', '.join(methods)}: {ALL!r} runs every method the suite admits; "
-            "name no other method beside it"
-        )
-    if not methods:
-        raise ConfigError("methods names no method; leave it out to run the suite's own")
-    for m in methods:
-        if m != ALL:
-            get_method(m)
+    every = methods == [ALL]
+    for m in methods if not every else (options or {}):
+        get_method(m)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     suite = with_epochs(suite, epochs, teacher_epochs)
@@ -476,10 +481,17 @@ def run_bench(
     data = budgeted(suite.load_data(), budget)
     example = data.train.x[:8]
     skipped: dict[str, str] = {}
-    if every:
-        methods, skipped = applicable_methods(suite, data, example)
+    if every:  # each at the options it would run with (--set, every grid point)
+        given = _with_options(suite, list_methods(), options, {}) if options else suite
+        methods, skipped = applicable_methods(given, data, example, tune)
         for m, why in skipped.items():
             log(f"{m}: left out, {suite.name} does not admit it: {why}")
+        named = sorted(set(options or {}) & set(skipped))
+        if named:
+            raise ConfigError(
+                f"options are set for {', '.join(named)}, which {suite.name} leaves out: "
+                + "; ".join(f"{m}: {skipped[m]}" for m in named)
+            )
     if "student" in methods:
         methods.remove("student")
     methods.insert(0, "student")  # the reference row is always run, and first
@@ -651,15 +663,6 @@ def run_bench(
         "summary": summary,
         "provenance": provenance(command or shlex.join(["flowdistill", *sys.argv[1:]]), config),
     }
-    results["timing"] = {  # of this command, on this machine: a ratio's worth, not a target
-        "wall_seconds": time.perf_counter() - started,
-        "teacher_seconds": teacher_seconds,
-        "teacher_cached": teacher_cached,
-        "workers": workers,
-        "torch_threads": torch.get_num_threads(),
-        "runs": len(methods) * seeds,
-        "runs_reused": reused,
-    }
     if tune:
         results["tuning"] = {
             "seeds": list(range(tune_seeds)),
@@ -671,6 +674,15 @@ def run_bench(
         }
     if suite.task == "lm" and suite.decode is not None:
         results["samples"] = _lm_samples(suite, data, teacher, methods, out, run_options)
+    results["timing"] = {  # of this command, on this machine, up to writing its results
+        "wall_seconds": time.perf_counter() - started,
+        "teacher_seconds": teacher_seconds,
+        "teacher_cached": teacher_cached,
+        "workers": workers,
+        "torch_threads": torch.get_num_threads(),
+        "runs": len(methods) * seeds,
+        "runs_reused": reused,
+    }
     if not distributed.is_main():
         distributed.barrier()
         return results

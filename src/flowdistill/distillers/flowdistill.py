@@ -435,53 +435,55 @@ class FlowDistill(Distiller):
 
     # ------------------------------------------------------------------ pieces
     def _context(
-        self, s_out: dict[str, torch.Tensor], mask: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """``(B, cond_dim)``, or ``(B, T, cond_dim)`` for a causal context (one per token);
-        token features are pooled over the tokens ``mask`` ``(B, T)`` counts (padding left
-        out)."""
+        self, s_out: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
+        documents: bool = False,
+    ):  # fmt: skip
+        """``(B, cond_dim)``: the student's features and softened probabilities pooled over
+        the tokens ``mask`` ``(B, T)`` counts (padding left out). Per token, the pair
+        ``(per-token (B, T, cond_dim), per-row (B, cond_dim))``: under a causal context
+        (position *i* pools positions <= *i*), or a pooled one over a batch whose ``mask``
+        holds the inputs' ``documents`` (each token its own document's means, so that the
+        documents packed into one row stay apart); the per-row one serves the pairs whose
+        features are not tokens."""
         if not self.conditional:
             return None
         probs = F.softmax(_wide(s_out[LOGITS]) / self.temperature, dim=-1)
         feats = [_wide(s_out[s]) for s, _ in self.pairs if s != LOGITS]
+        # class probabilities; for token logits (B, T, V), their mean over the tokens
+        rows = [_pool(f, mask) for f in feats] + [_pool(probs, mask)]
         if self.causal:  # position i pools positions <= i
-            steps = probs.shape[1]
-            parts = [
-                _causal_mean(f, per_token(mask, f))
-                if f.ndim == 3 and f.shape[1] == steps
-                else _pool(f, mask)[:, None].expand(-1, steps, -1)  # fmt: skip
-                for f in feats
-            ]
-            parts.append(_causal_mean(probs, per_token(mask, probs)))
-        elif self.token_logits and per_token(mask, probs) is not None:
-            # a padded or packed batch: each token gets its own document's means, so that
-            # the documents packed into one row stay apart
-            steps = probs.shape[1]
-            parts = [
-                _document_mean(f, mask)
-                if per_token(mask, f) is not None
-                else _pool(f, mask)[:, None].expand(-1, steps, -1)  # fmt: skip
-                for f in feats
-            ]
-            parts.append(_document_mean(probs, mask))
+            mean = _causal_mean
+        elif documents and self.token_logits and per_token(mask, probs) is not None:
+            mean = _document_mean
         else:
-            # class probabilities; for token logits (B, T, V), their mean over the tokens
-            parts = [_pool(f, mask) for f in feats] + [_pool(probs, mask)]
-        ctx = torch.cat(parts, dim=-1).detach()
-        if self.task_embedding is not None:
-            task = torch.full(ctx.shape[:-1], self.task, device=ctx.device, dtype=torch.long)
-            ctx = torch.cat([ctx, self.task_embedding(task)], dim=-1)
-        return ctx
+            return self._with_task(torch.cat(rows, dim=-1).detach())
+        steps = probs.shape[1]
+        tokens = [
+            mean(f, per_token(mask, f))
+            if f.ndim == 3 and f.shape[1] == steps
+            else row[:, None].expand(-1, steps, -1)  # fmt: skip
+            for f, row in zip([*feats, probs], rows, strict=True)
+        ]
+        return (
+            self._with_task(torch.cat(tokens, dim=-1).detach()),
+            self._with_task(torch.cat(rows, dim=-1).detach()),
+        )
+
+    def _with_task(self, ctx: torch.Tensor) -> torch.Tensor:
+        """``ctx`` with the task embedding appended (when the method has one)."""
+        if self.task_embedding is None:
+            return ctx
+        task = torch.full(ctx.shape[:-1], self.task, device=ctx.device, dtype=torch.long)
+        return torch.cat([ctx, self.task_embedding(task)], dim=-1)
 
     @staticmethod
-    def _context_for(x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+    def _context_for(x: torch.Tensor, context) -> torch.Tensor | None:
         """The context of a pair whose field acts on ``x``: a per-token context serves token
-        sequences of its length; any other pair gets its last position (the whole mean)."""
-        if context is None or context.ndim == 2:
+        sequences of its length, the per-row one any other pair."""
+        if not isinstance(context, tuple):
             return context
-        if x.ndim == 3 and x.shape[1] == context.shape[1]:
-            return context
-        return context[:, -1]
+        tokens, row = context
+        return tokens if x.ndim == 3 and x.shape[1] == tokens.shape[1] else row
 
     def _extras(self, key: str, x: torch.Tensor, context, real: torch.Tensor | None) -> dict:
         """The keyword arguments of pair ``key``'s field on ``x``: its context, and for a
@@ -546,7 +548,7 @@ class FlowDistill(Distiller):
         t_out, s_out = self.teacher_forward(inputs), self.student_forward(inputs)
         segs = input_segments(inputs)
         real = segs > 0 if segs is not None else None
-        return self._context(s_out, segs), self._endpoints(s_out, t_out, real)
+        return self._context(s_out, segs, documents=True), self._endpoints(s_out, t_out, real)
 
     @staticmethod
     def _mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
@@ -576,7 +578,7 @@ class FlowDistill(Distiller):
         # real tokens of per-token features (the terms apply a mask where it fits)
         mask = self.token_mask(targets)
         mask = (real > 0 if real is not None else None) if mask is None else mask
-        context = self._context(s_out, real)
+        context = self._context(s_out, real, documents=input_segments(inputs) is not None)
         terms = {"ce": self.ce_weight * self.cross_entropy(s_out[LOGITS], targets)}
         if self.kd_weight:
             kd = self._kl(s_out[LOGITS], t_out[LOGITS], mask)
@@ -637,7 +639,7 @@ class FlowDistill(Distiller):
             return s_out[LOGITS]
         key = f"p{len(self.pairs) - 1}"
         real = input_segments(inputs)
-        context = self._context(s_out, real)
+        context = self._context(s_out, real, documents=True)
         logits = _wide(s_out[LOGITS])
         return self._transport(key, logits, 1.0, self.steps, context, True, real=real)
 

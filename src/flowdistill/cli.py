@@ -93,6 +93,8 @@ def _fast_path(args: argparse.Namespace) -> dict:
         options["channels_last"] = True
     if getattr(args, "compile", False):
         options["compile"] = True
+    if getattr(args, "cache_teacher_outputs", False):
+        options["cache_teacher_outputs"] = True
     return options
 
 
@@ -423,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the training steps (fast path)"
+    )
+    p.add_argument(
+        "--cache-teacher-outputs",
+        action="store_true",
+        help="run the teacher on the training inputs once per run, not in every step "
+        "(suites without augmentation)",
     )
     p.add_argument("--out", default=None, help="output directory (default runs/bench/SUITE)")
     p.add_argument("--teacher-cache", default=None, help="teacher cache directory")

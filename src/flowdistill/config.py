@@ -188,7 +188,11 @@ class TrainConfig:
     device only every ``sync_every`` steps, to check that the loss is finite and to update
     the progress bar, and once at the epoch's end (``None``: every step on the CPU, where
     waiting costs nothing, every 50 on CUDA); on CUDA the optimizers are the fused ones and
-    step times come from CUDA events."""
+    step times come from CUDA events. ``cache_teacher_outputs`` computes the teacher's outputs on
+    the training inputs once before training (the frozen teacher in eval mode gives each
+    sample the same outputs every epoch, when no augmentation changes the inputs), so that
+    the training steps do not run the teacher; they are held in memory beside the data,
+    every tap of every training sample."""
 
     epochs: int = 20
     seed: int = 0
@@ -204,12 +208,18 @@ class TrainConfig:
     compile_mode: str = "default"
     data_on_device: bool | None = None
     sync_every: int | None = None
+    cache_teacher_outputs: bool = False
 
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.augment_padding < 0:
             raise ConfigError(f"train.augment_padding must be >= 0, got {self.augment_padding}")
+        if self.cache_teacher_outputs and self.augment_padding:
+            raise ConfigError(
+                "train.cache_teacher_outputs keeps the teacher's outputs on the training inputs as "
+                "they are, but train.augment_padding changes them every step: set one of them"
+            )
         if self.device != "auto" and not re.fullmatch(r"(cpu|mps|cuda)(:\d+)?", self.device):
             raise ConfigError(
                 f"train.device must be 'auto', 'cpu', 'mps' or 'cuda[:i]', got {self.device!r}"
@@ -402,7 +412,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 #: change them (more epochs extend a run; fewer are refused by the checkpoint itself)
 _EXECUTION = frozenset(
     {"epochs", "progress", "device", "amp", "channels_last", "compile", "compile_mode",
-     "data_on_device", "sync_every", "deterministic"}
+     "data_on_device", "sync_every", "deterministic", "cache_teacher_outputs"}
 )  # fmt: skip
 
 

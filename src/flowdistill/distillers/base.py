@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._values import values_readable
-from ..data.inputs import IGNORE_INDEX, input_mask, input_segments
+from ..data.inputs import IGNORE_INDEX, input_mask, input_segments, move, num_rows, take
 from ..errors import ConfigError, ShapeMismatchError
 from ..losses.lm import token_cross_entropy
 from ..taps import LOGITS, FeatureTaps
@@ -53,6 +53,11 @@ class Distiller(nn.Module):
     #: whether every term of the method leaves padded positions (token targets -100) out;
     #: a method that would count them refuses padded targets (:meth:`check_targets`)
     masks_padding: ClassVar[bool] = False
+    #: whether the method reads its teacher through :meth:`teacher_forward` alone, so that
+    #: the teacher's outputs on the training inputs can be computed once before training
+    #: (``TrainConfig.cache_teacher_outputs``); a method that also reads it otherwise (ND's hook on
+    #: the teacher's classifier) says ``False``
+    caches_teacher: ClassVar[bool] = True
     #: the method's main hyper-parameters for ``flowdistill bench --tune``: option -> values
     #: (every combination is a point) or a list of option dicts; each method of the project
     #: holds four points, so that every method gets the same grid budget
@@ -87,6 +92,10 @@ class Distiller(nn.Module):
             self.teacher.eval()
         self.ce_weight = float(ce_weight)
         self.batch_index: torch.Tensor | None = None
+        # the teacher's outputs on the training inputs, by tap (cache_teacher), and the
+        # rows of the training step being taken (set by the engine around each step)
+        self._teacher_rows: dict[str, torch.Tensor] | None = None
+        self._teacher_index: torch.Tensor | None = None
         self.student_tap_names = list(dict.fromkeys([*student_taps, LOGITS]))
         self.teacher_tap_names = list(dict.fromkeys([*teacher_taps, LOGITS]))
         self.student_taps = FeatureTaps(student, self.student_tap_names, student_output)
@@ -185,12 +194,42 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_forward(self, inputs: Any) -> dict[str, torch.Tensor]:
-        """Teacher features by tap name, computed without gradients."""
+        """Teacher features by tap name, computed without gradients; in a training step
+        of a run that cached them (:meth:`cache_teacher`), the cached rows of the step's
+        samples."""
         if self.teacher_taps is None:
             raise ConfigError(f"method {self.name!r} has no teacher")
+        rows, index = self._teacher_rows, self._teacher_index
+        if rows is not None and index is not None:
+            return {k: v[index] for k, v in rows.items()}
         if self.teacher.training:  # put in training mode by the caller: its BN stats stay
             self.teacher.eval()
         return {k: v.detach() for k, v in self.teacher_taps(inputs)[1].items()}
+
+    @torch.no_grad()
+    def cache_teacher(
+        self, inputs: Any, batch_size: int, device: torch.device | str | None = None
+    ) -> None:
+        """Compute the teacher's outputs (every tap) on ``inputs`` (the training inputs,
+        unchanged by augmentation) once, ``batch_size`` rows at a time moved to ``device``
+        (the teacher's), in eval mode; each
+        training step then reads its samples' rows (the engine gives their indices)
+        instead of running the teacher. ``None`` inputs drop the cache."""
+        self._teacher_rows = self._teacher_index = None
+        if inputs is None:
+            return
+        if not self.caches_teacher:
+            raise ConfigError(
+                f"method {self.name!r} reads its teacher outside its taps, so the "
+                "teacher's outputs cannot be cached: leave train.cache_teacher_outputs off"
+            )
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, num_rows(inputs), batch_size):
+            rows = take(inputs, slice(start, start + batch_size))
+            out = self.teacher_forward(rows if device is None else move(rows, device))
+            for name, value in out.items():
+                parts.setdefault(name, []).append(value)
+        self._teacher_rows = {name: torch.cat(values) for name, values in parts.items()}
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Task loss on the student's logits (class dimension last); targets equal to -100

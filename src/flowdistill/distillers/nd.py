@@ -166,6 +166,7 @@ class ND(Distiller):
     tune_grid = {"temperature": [1.0, 4.0], "nd_weight": [0.5, 1.0]}
 
     needs_shapes = True
+    caches_teacher = False  # the teacher's embedding comes from a hook on its classifier
 
     def __init__(
         self,

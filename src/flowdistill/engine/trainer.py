@@ -655,6 +655,11 @@ def fit(
     identity = fit_identity(distiller, optim, train, batch_size)
     use_amp = train.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    cached = train.cache_teacher_outputs and distiller.uses_teacher
+    distiller.cache_teacher(None, 0)  # (none left from an earlier fit)
+    if cached:  # the teacher's outputs on the training inputs, as the steps would compute them
+        with torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext():
+            distiller.cache_teacher(data.train.x, batch_size, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     start_epoch, history = 0, []
@@ -777,8 +782,13 @@ def fit(
                 events[-1][0].record()
             t0 = time.perf_counter()
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
-            with autocast:
-                terms = model(x, y)
+            if cached:
+                distiller._teacher_index = loader.last_index.to(device, non_blocking=True)
+            try:
+                with autocast:
+                    terms = model(x, y)
+            finally:  # the teacher's cached rows serve this step's forward pass alone
+                distiller._teacher_index = None
             loss = terms["loss"]
             bad = bad | ~torch.isfinite(loss.detach()).all()
             check = (i + 1) % sync_every == 0 or i == steps_per_epoch - 1
@@ -901,6 +911,7 @@ def fit(
         distributed.barrier()
     if writer is not None:
         writer.close()
+    distiller.cache_teacher(None, 0)  # (its memory given back)
 
     test_last, test_loss_last = evaluate(distiller, data.test, device=device)
     last_state = {k: v.detach().clone() for k, v in distiller.trainable_state_dict().items()}

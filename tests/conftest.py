@@ -49,3 +49,37 @@ def shared_file():
         return path
 
     return get
+
+
+@pytest.fixture
+def fake_bench(tmp_path, monkeypatch):
+    """``flowdistill.bench.run_bench`` replaced by a stand-in that records its keyword
+    arguments (returned dict) and writes the ``results.md`` the CLI prints, in
+    ``tmp_path / "o"``; ``BENCH_ARGV`` of the tests runs it on digits there."""
+    import flowdistill.bench
+
+    seen: dict = {}
+
+    def fake_run_bench(suite, **kw):
+        seen.update(kw, suite=suite)
+        (tmp_path / "o").mkdir(exist_ok=True)
+        (tmp_path / "o" / "results.md").write_text("|t|\n")
+        return {"ok": True}
+
+    monkeypatch.setattr(flowdistill.bench, "run_bench", fake_run_bench)
+    seen["argv"] = ["bench", "--suite", "digits", "--out", str(tmp_path / "o"), "--no-progress"]
+    return seen
+
+
+@pytest.fixture
+def small_corpus(tmp_path, monkeypatch):
+    """``small_corpus(repeats)``: a one-line text repeated, as the shakespeare-char suites'
+    ``tinyshakespeare/input.txt`` under a ``FLOWDISTILL_DATA`` of the test's own."""
+
+    def write(repeats: int) -> None:
+        folder = tmp_path / "data" / "tinyshakespeare"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "input.txt").write_text("To be, or not to be: that is the question.\n" * repeats)
+        monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path / "data"))
+
+    return write

@@ -22,12 +22,9 @@ QUIET = {"progress": False, "log": lambda *_: None}
 
 
 @pytest.fixture
-def tiny_lm_suite(tmp_path, monkeypatch):
+def tiny_lm_suite(small_corpus, monkeypatch):
     """shakespeare-char's recipe and options on a small corpus, with small models."""
-    folder = tmp_path / "data" / "tinyshakespeare"
-    folder.mkdir(parents=True)
-    (folder / "input.txt").write_text("To be, or not to be: that is the question.\n" * 30)
-    monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path / "data"))
+    small_corpus(30)
     lm = get_suite("shakespeare-char")
     suite = dataclasses.replace(
         lm,
@@ -151,21 +148,10 @@ def test_suites_command_lists_each_suite_with_its_methods(capsys, monkeypatch):
     assert "methods: student, intermediate_kd, final_kd, synth_kd, all_kd" in out
 
 
-def test_cli_passes_all_through(tmp_path, monkeypatch):
-    import flowdistill.bench
-
-    seen = {}
-
-    def fake_run_bench(suite, **kw):
-        seen.update(kw)
-        (tmp_path / "o").mkdir(exist_ok=True)
-        (tmp_path / "o" / "results.md").write_text("|t|\n")
-        return {"ok": True}
-
-    monkeypatch.setattr(flowdistill.bench, "run_bench", fake_run_bench)
-    argv = ["bench", "--suite", "digits", "--out", str(tmp_path / "o"), "--no-progress"]
-    assert main([*argv, "--methods", "all"]) == 0 and seen["methods"] == ["all"]
-    assert main(argv) == 0 and seen["methods"] is None
+def test_cli_passes_all_through(fake_bench):
+    argv = fake_bench["argv"]
+    assert main([*argv, "--methods", "all"]) == 0 and fake_bench["methods"] == ["all"]
+    assert main(argv) == 0 and fake_bench["methods"] is None
 
 
 def test_every_suite_s_own_comparison_names_registered_methods():

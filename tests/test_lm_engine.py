@@ -265,13 +265,10 @@ def test_tied_weights_checkpoint_round_trip(tmp_path):
     assert torch.equal(model(x), fresh(x))
 
 
-def test_shakespeare_char_bench_on_a_small_corpus(tmp_path, monkeypatch):
+def test_shakespeare_char_bench_on_a_small_corpus(tmp_path, monkeypatch, small_corpus):
     from flowdistill.bench import compact_table, get_suite, run_bench
 
-    folder = tmp_path / "data" / "tinyshakespeare"
-    folder.mkdir(parents=True)
-    (folder / "input.txt").write_text("To be, or not to be: that is the question.\n" * 60)
-    monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path / "data"))
+    small_corpus(60)
     suite = get_suite("shakespeare-char")
     monkeypatch.setattr(suite, "teacher_epochs", 1)
     results = run_bench(

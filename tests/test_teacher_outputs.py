@@ -120,19 +120,26 @@ def test_the_cache_changes_no_run_identity(tiny_data, pair, tmp_path):
     assert result.epochs == 2
 
 
-def test_bench_flag_sets_the_cache_for_its_runs(tmp_path, monkeypatch):
-    import flowdistill.bench
+def test_bench_flag_sets_the_cache_for_its_runs(fake_bench):
     from flowdistill.cli import main
 
-    seen = {}
+    assert main([*fake_bench["argv"], "--cache-teacher-outputs"]) == 0
+    assert fake_bench["train_options"] == {"cache_teacher_outputs": True}
 
-    def fake_run_bench(suite, **kw):
-        seen.update(kw)
-        (tmp_path / "o").mkdir(exist_ok=True)
-        (tmp_path / "o" / "results.md").write_text("|t|\n")
-        return {"ok": True}
 
-    monkeypatch.setattr(flowdistill.bench, "run_bench", fake_run_bench)
-    argv = ["bench", "--suite", "digits", "--out", str(tmp_path / "o"), "--no-progress"]
-    assert main([*argv, "--cache-teacher-outputs"]) == 0
-    assert seen["train_options"] == {"cache_teacher_outputs": True}
+def test_a_bench_with_the_cache_runs_a_method_that_refuses_it_on_the_live_teacher(tmp_path):
+    """``--cache-teacher-outputs`` with ``nd`` in the bench: ND trains on the live teacher,
+    the others on the cached rows, and every run scores as it does without the cache."""
+    from flowdistill.bench import run_bench
+
+    kw = {"methods": ["kd", "nd"], "seeds": 1, "epochs": 1, "budget": 0.3, "progress": False,
+          "cache": tmp_path / "cache", "log": lambda *_: None}  # fmt: skip
+    live = run_bench("digits", out=tmp_path / "live", **kw)
+    fast = run_bench(
+        "digits", out=tmp_path / "fast", train_options={"cache_teacher_outputs": True}, **kw
+    )
+    assert fast["provenance"]["config"]["train_options"] == {"cache_teacher_outputs": True}
+    for method in ("student", "kd", "nd"):
+        assert fast["summary"][method]["mean"] == pytest.approx(
+            live["summary"][method]["mean"], abs=0.01
+        )

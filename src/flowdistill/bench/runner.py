@@ -722,6 +722,8 @@ def _train_run(
     student = _build(suite.student, data, suite.task)
     distiller = make_distiller(method, teacher, student, example_input=example, **options)
     train = _train_config(suite, epochs=suite.epochs, seed=seed, progress=progress)
+    if train.cache_teacher_outputs and not distiller.caches_teacher:  # (ND): a live teacher
+        train = dataclasses.replace(train, cache_teacher_outputs=False)
     meta = {"key_hash": _hash(key), "key": key}
     saved = checkpoint_meta(run_dir / CHECKPOINT).get("meta") or {}
     if saved.get("key_hash") not in (None, meta["key_hash"]) and same_run(saved, key):

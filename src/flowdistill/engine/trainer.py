@@ -771,8 +771,10 @@ def fit(
                 x = random_crop_flip(x, train.augment_padding)
             if train.channels_last and isinstance(x, torch.Tensor):
                 x = _nhwc(x)
+            # the batch's dataset indices, for a method keyed by sample and the cached rows
+            index = loader.last_index.to(device) if distiller.uses_indices or cached else None
             if distiller.uses_indices:
-                distiller.batch_index = loader.last_index.to(device)
+                distiller.batch_index = index
             factor = lr_factor(optim, epoch * steps_per_epoch + i, steps_per_epoch, total)
             for group in optimizer.param_groups:
                 group["lr"] = optim.lr * factor
@@ -783,7 +785,7 @@ def fit(
             t0 = time.perf_counter()
             autocast = torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext()
             if cached:
-                distiller._teacher_index = loader.last_index.to(device, non_blocking=True)
+                distiller._teacher_index = index
             try:
                 with autocast:
                     terms = model(x, y)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 
 from flowdistill.bench import get_suite, run_bench
 from flowdistill.bench.runner import _build, _with_options, applicable_methods, method_config
@@ -146,6 +147,32 @@ def test_suites_command_lists_each_suite_with_its_methods(capsys, monkeypatch):
     block = out.split("\ndigits-pair\n")[1].split("\n")
     assert block[1] == "  methods: kd, dkd"
     assert "methods: student, intermediate_kd, final_kd, synth_kd, all_kd" in out
+
+
+def test_suites_command_lists_the_options_each_method_runs_with(capsys, monkeypatch):
+    options = {
+        "_features": {"student_taps": ["a", "b"], "teacher_taps": ["c", "d"]},
+        "kd": {"temperature": 1.0, "ce_weight": 0},
+        "dkd": {},
+    }
+    suite = dataclasses.replace(
+        get_suite("digits"), name="digits-opts", methods=("kd", "dkd"), method_options=options
+    )
+    monkeypatch.setitem(SUITES, suite.name, suite)
+    assert main(["suites"]) == 0
+    block = capsys.readouterr().out.split("\ndigits-opts\n")[1].split("\n")
+    assert block[2].startswith("  options")
+    shown = {}
+    for line in block[3:]:
+        if not line.startswith("    "):
+            break
+        label, _, text = line.strip().partition(": ")
+        pairs = (item.split("=") for item in text.split(" "))
+        shown[label] = {k: [yaml.safe_load(x) for x in v.split(",")] for k, v in pairs}
+    assert shown == {
+        "every feature method": options["_features"],
+        "kd": {"temperature": [1.0], "ce_weight": [0]},
+    }  # (a method with no options of its own is not listed)
 
 
 def test_cli_passes_all_through(fake_bench):

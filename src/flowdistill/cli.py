@@ -83,7 +83,21 @@ def cmd_suites(_args: argparse.Namespace) -> int:
         else:
             methods = ", ".join(suite.methods) or "every registered method it admits"
         print(f"{name}\n  {suite.description}\n  methods: {methods}")
+        options = getattr(suite, "method_options", None) or {}
+        if any(options.values()):  # the options a method runs with here, beside its own
+            print("  options (beside each method's defaults; --set overrides them):")
+            for method, values in options.items():
+                if values:
+                    label = "every feature method" if method == "_features" else method
+                    print(f"    {label}: {_options_text(values)}")
     return 0
+
+
+def _options_text(values: dict) -> str:
+    def text(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+    return " ".join(f"{key}={text(value)}" for key, value in values.items())
 
 
 def _fast_path(args: argparse.Namespace) -> dict:

@@ -203,3 +203,54 @@ def test_all_on_a_flow_suite_runs_its_own_methods(methods, monkeypatch, tmp_path
     )
     run_bench("nf-digits", methods, out=tmp_path, **QUIET)
     assert seen == [None]  # run_nf_bench's own: every flow-distillation method
+
+
+def test_gap_closed_is_not_defined_for_a_teacher_no_better_than_the_student(tmp_path, monkeypatch):
+    """A teacher that scores below the student alone (an untrained one, a quick run's) has
+    no gap to close: the summary holds None and the tables n/a, not a ratio of the wrong
+    sign; a teacher above the student keeps the ratio."""
+    from flowdistill.bench import compact_table, markdown_table, runner
+
+    real = runner._teacher
+    reported = {}
+
+    def teacher(*args, **kwargs):
+        model, info = real(*args, **kwargs)
+        return model, {**info, "metric": reported["metric"]}
+
+    monkeypatch.setattr(runner, "_teacher", teacher)
+    said = []
+    common = dict(seeds=1, epochs=1, cache=tmp_path / "cache", progress=False)
+    reported["metric"] = 0.0
+    results = run_bench("digits", ["kd"], out=tmp_path / "low", log=said.append, **common)
+    assert all(row["gap_closed"] is None for row in results["summary"].values())
+    assert any("gap closed is not defined" in line for line in said)
+    for table in (compact_table(results), markdown_table(results)):
+        rows = [line for line in table.splitlines() if line.startswith("| kd ")]
+        assert rows and "| n/a |" in rows[0]
+    on_disk = json.loads((tmp_path / "low" / "results.json").read_text())
+    assert on_disk["summary"]["kd"]["gap_closed"] is None
+
+    reported["metric"] = 1.0  # (a perfect teacher: the ratio is back)
+    results = run_bench("digits", ["kd"], out=tmp_path / "high", log=said.append, **common)
+    s = results["summary"]
+    assert s["kd"]["gap_closed"] == pytest.approx(
+        (s["kd"]["mean"] - s["student"]["mean"]) / (1.0 - s["student"]["mean"])
+    )
+    assert "n/a" not in compact_table(results)
+
+
+def test_flow_tables_show_an_undefined_gap_as_n_a():
+    from pathlib import Path
+
+    from flowdistill.bench import compact_table, markdown_table
+
+    path = Path(__file__).parents[1] / "benchmarks" / "nf-digits" / "results.json"
+    results = json.loads(path.read_text())
+    assert results["kind"] == "nf"
+    assert "n/a" not in compact_table(results)
+    for row in results["summary"].values():
+        row["gap_closed"] = None
+    for table in (compact_table(results), markdown_table(results)):
+        rows = [line for line in table.splitlines() if line.startswith("| student ")]
+        assert rows and "| n/a |" in rows[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,13 @@ def _formatter(results: dict[str, Any]):
 def _ratio(row: dict[str, Any], key: str) -> str:
     """A time ratio, or a dash where a merged table has none."""
     return f"{row[key]:.2f}" if key in row else "—"
+
+
+def _gap(row: dict[str, Any]) -> str:
+    """Gap closed, or ``n/a`` where it is not defined (a teacher no better than the
+    student alone)."""
+    value = row["gap_closed"]
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
 def _cell(fmt, mean, std, n: int | None = None) -> str:
@@ -130,7 +138,7 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
         line = (
             f"| {method} | {_cell(fmt, row['mean'], row['std'], row.get('n'))} | "
             f"{_cell(fmt, row['best_val_mean'], row['best_val_std'], row.get('n'))} | "
-            f"{row['gap_closed']:+.2f} |"
+            f"{_gap(row)} |"
         )
         if timing:
             line += f" {row['step_time_ratio']:.2f} |"
@@ -169,7 +177,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {_cell(fmt, row['mean'], row['std'], row.get('n'))} | "
             f"{_cell(fmt, row['best_val_mean'], row['best_val_std'], row.get('n'))} | "
-            f"{row['gap_closed']:+.2f} | {_ratio(row, 'step_time_ratio')} | "
+            f"{_gap(row)} | {_ratio(row, 'step_time_ratio')} | "
             f"{row['extra_params']:,} | {row['deployed_params']:,} | "
             f"{_ratio(row, 'inference_time_ratio')} |"
         )

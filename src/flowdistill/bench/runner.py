@@ -608,6 +608,12 @@ def run_bench(
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
     student_infer = float(np.mean([r["inference_seconds"] for r in by_method["student"]]))
     gap = teacher_info["metric"] - student_mean
+    if not (gap > 0 if suite.higher_is_better else gap < 0):  # (NaN included)
+        log(
+            f"the teacher ({teacher_info['metric']:.4g}) scores no better than the student "
+            f"alone ({student_mean:.4g}): gap closed is not defined (n/a in the tables)"
+        )
+        gap = None
     summary = {}
     for m, rs in by_method.items():
         mean, std = mean_std([r["metric"] for r in rs])
@@ -621,7 +627,7 @@ def run_bench(
             "n": len(rs),
             "best_val_mean": bmean,
             "best_val_std": bstd,
-            "gap_closed": (mean - student_mean) / gap if gap != 0 else float("nan"),
+            "gap_closed": None if gap is None else (mean - student_mean) / gap,
             "step_time_ratio": float(np.mean([r["mean_step_seconds"] for r in rs])) / student_step,
             "extra_params": extra[m],
             "deployed_params": deployed[m][0]["params"],

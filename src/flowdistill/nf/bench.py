@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..bench.provenance import provenance
+from ..bench.report import _gap
 from ..bench.runner import (
     DEFAULT_CACHE,
     _hash,
@@ -339,7 +340,13 @@ def run_nf_bench(
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
     student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
-    gap = student_mean - teacher_info["metric"]
+    gap = student_mean - teacher_info["metric"]  # (bits/dim: lower is better)
+    if not gap > 0:
+        log(
+            f"the teacher ({teacher_info['metric']:.4g} bits/dim) is no better than the "
+            f"student alone ({student_mean:.4g}): gap closed is not defined (n/a)"
+        )
+        gap = None
     summary = {
         "teacher": {
             "mean": teacher_info["metric_last_epoch"],
@@ -367,7 +374,7 @@ def run_nf_bench(
             "n": len(rs),
             "best_val_mean": bmean,
             "best_val_std": bstd,
-            "gap_closed": (student_mean - mean) / gap if gap != 0 else float("nan"),
+            "gap_closed": None if gap is None else (student_mean - mean) / gap,
             "paired_delta": delta,
             "paired_delta_std": delta_std,
             "params": params[m],
@@ -440,7 +447,7 @@ def compact_nf_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {row['mean']:.4f} ± {row['std']:.4f} | "
             f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | {_delta(row)} | "
-            f"{row['gap_closed']:+.2f} | {row['params']:,} | "
+            f"{_gap(row)} | {row['params']:,} | "
             f"{row['sampling_speed_vs_teacher']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -466,7 +473,7 @@ def markdown_nf_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {row['mean']:.4f} ± {row['std']:.4f} | "
             f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | {_delta(row)} | "
-            f"{row['gap_closed']:+.2f} | {row['params']:,} | {row['samples_per_second']:,.0f} | "
+            f"{_gap(row)} | {row['params']:,} | {row['samples_per_second']:,.0f} | "
             f"{row['sampling_speed_vs_teacher']:.1f} | "
             + ("—" if math.isnan(row["step_time_ratio"]) else f"{row['step_time_ratio']:.2f}")
             + " |"

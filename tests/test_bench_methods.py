@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import yaml
@@ -240,6 +241,34 @@ def test_gap_closed_is_not_defined_for_a_teacher_no_better_than_the_student(tmp_
     assert "n/a" not in compact_table(results)
 
 
+@pytest.mark.parametrize(
+    "teacher,student,method,higher,expected",
+    [
+        (0.9, 0.6, 0.75, True, 0.5),  # accuracy: half way from the student to the teacher
+        (0.9, 0.6, 0.6, True, 0.0),
+        (0.9, 0.6, 0.5, True, -1 / 3),  # below the student alone
+        (2.7, 3.0, 2.85, False, 0.5),  # bits/char: lower is better
+        (2.7, 3.0, 3.0, False, 0.0),  # (0, not -0: the student row reads +0.00)
+        (2.7, 3.0, 2.6, False, 4 / 3),  # past the teacher
+        (0.5, 0.6, 0.7, True, None),  # a teacher below the student: no gap to close
+        (0.6, 0.6, 0.7, True, None),
+        (3.1, 3.0, 2.9, False, None),
+        (float("nan"), 3.0, 2.9, False, None),
+    ],
+)
+def test_gap_closed_against_hand_computed_values(teacher, student, method, higher, expected):
+    from flowdistill.bench.report import _gap, gap_closed, gap_scale
+
+    value = gap_closed(method, student, gap_scale(teacher, student, higher))
+    if expected is None:
+        assert value is None and _gap({"gap_closed": value}) == "n/a"
+    else:
+        assert value == pytest.approx(expected)
+        if expected == 0:
+            assert math.copysign(1.0, value) == 1.0
+        assert _gap({"gap_closed": value}) == f"{expected:+.2f}".replace("-0.00", "+0.00")
+
+
 def test_flow_tables_show_an_undefined_gap_as_n_a():
     from pathlib import Path
 
@@ -252,5 +281,6 @@ def test_flow_tables_show_an_undefined_gap_as_n_a():
     for row in results["summary"].values():
         row["gap_closed"] = None
     for table in (compact_table(results), markdown_table(results)):
-        rows = [line for line in table.splitlines() if line.startswith("| student ")]
-        assert rows and "| n/a |" in rows[0]
+        heads = ("| student ", "| teacher ")
+        rows = [line for line in table.splitlines() if line.startswith(heads)]
+        assert len(rows) == 2 and all("| n/a |" in row for row in rows)

@@ -339,6 +339,33 @@ def test_bench_teacher_epochs_shorten_the_teacher_cached_apart(tiny_images, tmp_
         run_nf_bench(suite, ["final_kd"], out=tmp_path / "c", teacher_epochs=0, **kw)
 
 
+def test_bench_gap_closed_needs_a_teacher_below_the_student(tiny_images, tmp_path, monkeypatch):
+    """In bits/dim (lower is better): a teacher reported above the student alone leaves
+    gap closed undefined for every row, the teacher's too; one at 0 bits/dim gives
+    (method − student) ÷ (0 − student)."""
+    from flowdistill.nf import bench
+
+    real, reported = bench._teacher, {}
+
+    def teacher(*args, **kwargs):
+        model, info = real(*args, **kwargs)
+        return model, {**info, "metric": reported["metric"]}
+
+    monkeypatch.setattr(bench, "_teacher", teacher)
+    suite, logs = _tiny_suite(tiny_images), []
+    kw = dict(seeds=1, progress=False, cache=tmp_path / "cache", log=logs.append)
+    reported["metric"] = 1e6
+    results = run_nf_bench(suite, ["final_kd"], out=tmp_path / "a", **kw)
+    assert [row["gap_closed"] for row in results["summary"].values()] == [None] * 3
+    assert any("gap closed is not defined" in line for line in logs)
+    assert compact_table(results).count("| n/a |") == 3
+    reported["metric"] = 0.0
+    s = run_nf_bench(suite, ["final_kd"], out=tmp_path / "b", **kw)["summary"]
+    assert s["teacher"]["gap_closed"] == 1.0 and s["student"]["gap_closed"] == 0.0
+    student, method = s["student"]["mean"], s["final_kd"]["mean"]
+    assert s["final_kd"]["gap_closed"] == pytest.approx((method - student) / (0.0 - student))
+
+
 def test_bench_a_failing_run_does_not_stop_the_others(tiny_images, tmp_path, monkeypatch):
     from flowdistill.errors import FlowdistillError, NonFiniteLossError
     from flowdistill.nf import bench

@@ -85,7 +85,7 @@ def cmd_suites(_args: argparse.Namespace) -> int:
         print(f"{name}\n  {suite.description}\n  methods: {methods}")
         options = getattr(suite, "method_options", None) or {}
         if any(options.values()):  # the options a method runs with here, beside its own
-            print("  options (beside each method's defaults; --set overrides them):")
+            print("  options (beside each method's own defaults):")
             for method, values in options.items():
                 if values:
                     label = "every feature method" if method == "_features" else method

@@ -39,11 +39,26 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.2f}" if key in row else "—"
 
 
+def gap_scale(teacher: float, student: float, higher_is_better: bool) -> float | None:
+    """The teacher's lead over the student alone, ``teacher − student``, by which *gap
+    closed* = (method − student) ÷ it; ``None`` where the teacher scores no better than
+    the student (or either is not finite): there is no gap to close."""
+    gap = teacher - student
+    better = gap > 0 if higher_is_better else gap < 0  # (False for NaN)
+    return gap if better and math.isfinite(gap) else None
+
+
+def gap_closed(method: float, student: float, gap: float | None) -> float | None:
+    """(method − student) ÷ ``gap`` (from :func:`gap_scale`): 0 for the student alone, 1
+    for a method level with the teacher, whichever way the metric points."""
+    return None if gap is None else (method - student) / gap + 0.0  # (+0.0: no "-0.00")
+
+
 def _gap(row: dict[str, Any]) -> str:
     """Gap closed, or ``n/a`` where it is not defined (a teacher no better than the
     student alone)."""
     value = row["gap_closed"]
-    return "n/a" if value is None or math.isnan(value) else f"{value:+.2f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value + 0.0:+.2f}"
 
 
 def _cell(fmt, mean, std, n: int | None = None) -> str:

@@ -35,7 +35,7 @@ from ..errors import ConfigError, DataError, FlowdistillError, NonFiniteLossErro
 from ..models import MODELS, build_model, data_kwargs
 from ..taps import first_tensor
 from .provenance import provenance
-from .report import markdown_table, plot_diagnostics, plot_results
+from .report import gap_closed, gap_scale, markdown_table, plot_diagnostics, plot_results
 from .suites import Suite, get_suite
 
 __all__ = ["method_config", "run_bench"]
@@ -607,13 +607,12 @@ def run_bench(
     student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
     student_infer = float(np.mean([r["inference_seconds"] for r in by_method["student"]]))
-    gap = teacher_info["metric"] - student_mean
-    if not (gap > 0 if suite.higher_is_better else gap < 0):  # (NaN included)
+    gap = gap_scale(teacher_info["metric"], student_mean, suite.higher_is_better)
+    if gap is None:
         log(
             f"the teacher ({teacher_info['metric']:.4g}) scores no better than the student "
             f"alone ({student_mean:.4g}): gap closed is not defined (n/a in the tables)"
         )
-        gap = None
     summary = {}
     for m, rs in by_method.items():
         mean, std = mean_std([r["metric"] for r in rs])
@@ -627,7 +626,7 @@ def run_bench(
             "n": len(rs),
             "best_val_mean": bmean,
             "best_val_std": bstd,
-            "gap_closed": None if gap is None else (mean - student_mean) / gap,
+            "gap_closed": gap_closed(mean, student_mean, gap),
             "step_time_ratio": float(np.mean([r["mean_step_seconds"] for r in rs])) / student_step,
             "extra_params": extra[m],
             "deployed_params": deployed[m][0]["params"],

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..bench.provenance import provenance
-from ..bench.report import _gap
+from ..bench.report import _gap, gap_closed, gap_scale
 from ..bench.runner import (
     DEFAULT_CACHE,
     _hash,
@@ -340,13 +340,12 @@ def run_nf_bench(
     by_method = {m: [r for r in rows if r["method"] == m] for m in methods}
     student_mean, _ = mean_std([r["metric"] for r in by_method["student"]])
     student_step = float(np.mean([r["mean_step_seconds"] for r in by_method["student"]]))
-    gap = student_mean - teacher_info["metric"]  # (bits/dim: lower is better)
-    if not gap > 0:
+    gap = gap_scale(teacher_info["metric"], student_mean, higher_is_better=False)  # bits/dim
+    if gap is None:
         log(
             f"the teacher ({teacher_info['metric']:.4g} bits/dim) is no better than the "
             f"student alone ({student_mean:.4g}): gap closed is not defined (n/a)"
         )
-        gap = None
     summary = {
         "teacher": {
             "mean": teacher_info["metric_last_epoch"],
@@ -354,7 +353,7 @@ def run_nf_bench(
             "n": 1,
             "best_val_mean": teacher_info["metric"],
             "best_val_std": 0.0,
-            "gap_closed": 1.0,
+            "gap_closed": None if gap is None else 1.0,
             "paired_delta": float("nan"),
             "paired_delta_std": float("nan"),
             "params": teacher_info["params"],
@@ -374,7 +373,7 @@ def run_nf_bench(
             "n": len(rs),
             "best_val_mean": bmean,
             "best_val_std": bstd,
-            "gap_closed": None if gap is None else (student_mean - mean) / gap,
+            "gap_closed": gap_closed(mean, student_mean, gap),
             "paired_delta": delta,
             "paired_delta_std": delta_std,
             "params": params[m],

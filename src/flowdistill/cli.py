@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("suites", help="list the bench suites and the methods each runs")
+    p = sub.add_parser("suites", help="list the bench suites, their methods and options")
     p.set_defaults(func=cmd_suites)
 
     for name, teacher_mode, text in (

@@ -284,3 +284,22 @@ def test_flow_tables_show_an_undefined_gap_as_n_a():
         heads = ("| student ", "| teacher ")
         rows = [line for line in table.splitlines() if line.startswith(heads)]
         assert len(rows) == 2 and all("| n/a |" in row for row in rows)
+
+
+def test_options_set_on_a_method_leave_its_variants_at_the_suite_s_options():
+    """`--set flowdistill.X` changes flowdistill alone: flowdistill-anchored run beside it
+    keeps the suite's flowdistill options (which it inherits), unless set by its own name."""
+    suite = get_suite("shakespeare-char")
+    methods = ["flowdistill", "flowdistill-anchored", "flowdistill-nocond"]
+    before = {m: method_config(suite, m) for m in methods}
+    assert before["flowdistill-anchored"]["logit_weight"] == 0.0  # (inherited from the suite)
+    given = _with_options(suite, methods, {"flowdistill": {"distill_logits": False}}, {})
+    after = {m: method_config(given, m) for m in methods}
+    assert after["flowdistill"] == {**before["flowdistill"], "distill_logits": False}
+    assert after["flowdistill-anchored"] == before["flowdistill-anchored"]
+    assert after["flowdistill-nocond"] == before["flowdistill-nocond"]
+    both = {"flowdistill": {"steps": 4}, "flowdistill-nocond": {"steps": 3}}
+    given = _with_options(suite, methods, both, {})
+    assert method_config(given, "flowdistill")["steps"] == 4
+    assert method_config(given, "flowdistill-nocond")["steps"] == 3
+    assert "steps" not in method_config(given, "flowdistill-anchored")

@@ -764,7 +764,8 @@ def _with_options(
 ) -> Suite:
     """``suite`` with ``options`` over its per-method defaults; a method that is not run, an
     option a method does not accept, one its variant fixes, or one its tuning grid chooses
-    is refused, named."""
+    is refused, named. Options set on a method apply to it alone: a variant of it in the
+    same bench keeps the suite's options (set it by its own name to change them)."""
     merged = dict(suite.method_options)
     for method, values in options.items():
         if method not in methods:
@@ -795,6 +796,10 @@ def _with_options(
                     "run without --tune"
                 )
         merged[method] = {**method_config(suite, method), **values}
+    for method in methods:  # a variant run beside its method keeps the suite's options:
+        base = resolve(method)[0]  # what is set on the method is not set on it
+        if base in options and method not in options and method not in suite.method_options:
+            merged[method] = method_config(suite, method)
     return dataclasses.replace(suite, method_options=merged)
 
 

@@ -83,3 +83,21 @@ def small_corpus(tmp_path, monkeypatch):
         monkeypatch.setenv("FLOWDISTILL_DATA", str(tmp_path / "data"))
 
     return write
+
+
+@pytest.fixture
+def teacher_scoring(monkeypatch):
+    """``teacher_scoring(module)`` → a dict whose ``"metric"`` replaces the score that
+    ``module._teacher`` (a bench's teacher, trained or cached as usual) reports."""
+
+    def patch(module) -> dict:
+        real, reported = module._teacher, {}
+
+        def teacher(*args, **kwargs):
+            model, info = real(*args, **kwargs)
+            return model, {**info, "metric": reported["metric"]}
+
+        monkeypatch.setattr(module, "_teacher", teacher)
+        return reported
+
+    return patch

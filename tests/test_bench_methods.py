@@ -206,20 +206,15 @@ def test_all_on_a_flow_suite_runs_its_own_methods(methods, monkeypatch, tmp_path
     assert seen == [None]  # run_nf_bench's own: every flow-distillation method
 
 
-def test_gap_closed_is_not_defined_for_a_teacher_no_better_than_the_student(tmp_path, monkeypatch):
+def test_gap_closed_is_not_defined_for_a_teacher_no_better_than_the_student(
+    tmp_path, teacher_scoring
+):
     """A teacher that scores below the student alone (an untrained one, a quick run's) has
     no gap to close: the summary holds None and the tables n/a, not a ratio of the wrong
     sign; a teacher above the student keeps the ratio."""
     from flowdistill.bench import compact_table, markdown_table, runner
 
-    real = runner._teacher
-    reported = {}
-
-    def teacher(*args, **kwargs):
-        model, info = real(*args, **kwargs)
-        return model, {**info, "metric": reported["metric"]}
-
-    monkeypatch.setattr(runner, "_teacher", teacher)
+    reported = teacher_scoring(runner)
     said = []
     common = dict(seeds=1, epochs=1, cache=tmp_path / "cache", progress=False)
     reported["metric"] = 0.0

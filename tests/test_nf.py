@@ -339,19 +339,13 @@ def test_bench_teacher_epochs_shorten_the_teacher_cached_apart(tiny_images, tmp_
         run_nf_bench(suite, ["final_kd"], out=tmp_path / "c", teacher_epochs=0, **kw)
 
 
-def test_bench_gap_closed_needs_a_teacher_below_the_student(tiny_images, tmp_path, monkeypatch):
+def test_bench_gap_closed_needs_a_teacher_below_the_student(tiny_images, tmp_path, teacher_scoring):
     """In bits/dim (lower is better): a teacher reported above the student alone leaves
     gap closed undefined for every row, the teacher's too; one at 0 bits/dim gives
     (method − student) ÷ (0 − student)."""
     from flowdistill.nf import bench
 
-    real, reported = bench._teacher, {}
-
-    def teacher(*args, **kwargs):
-        model, info = real(*args, **kwargs)
-        return model, {**info, "metric": reported["metric"]}
-
-    monkeypatch.setattr(bench, "_teacher", teacher)
+    reported = teacher_scoring(bench)
     suite, logs = _tiny_suite(tiny_images), []
     kw = dict(seeds=1, progress=False, cache=tmp_path / "cache", log=logs.append)
     reported["metric"] = 1e6

@@ -39,13 +39,20 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.2f}" if key in row else "—"
 
 
-def gap_scale(teacher: float, student: float, higher_is_better: bool) -> float | None:
+def gap_scale(teacher: float, student: float, higher_is_better: bool, log=None) -> float | None:
     """The teacher's lead over the student alone, ``teacher − student``, by which *gap
     closed* = (method − student) ÷ it; ``None`` where the teacher scores no better than
-    the student (or either is not finite): there is no gap to close."""
+    the student (or either is not finite): there is no gap to close, which ``log`` is told."""
     gap = teacher - student
     better = gap > 0 if higher_is_better else gap < 0  # (False for NaN)
-    return gap if better and math.isfinite(gap) else None
+    if better and math.isfinite(gap):
+        return gap
+    if log is not None:
+        log(
+            f"the teacher ({teacher:.4g}) scores no better than the student alone "
+            f"({student:.4g}): gap closed is not defined (n/a in the tables)"
+        )
+    return None
 
 
 def gap_closed(method: float, student: float, gap: float | None) -> float | None:

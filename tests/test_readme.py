@@ -161,3 +161,30 @@ def test_the_readme_commands_reuse_the_committed_runs(folder, results):
         assert {k: v for k, v in key.items() if k not in left} == {
             k: v for k, v in saved["key"].items() if k not in left
         }, method
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub writes it: lower case, punctuation dropped, spaces to
+    hyphens (a repeated heading gets -1, -2, ...)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_slug_matches_githubs_anchors():
+    assert _slug("cifar10-cpu: the suite's own comparison, 3 seeds") == (
+        "cifar10-cpu-the-suites-own-comparison-3-seeds"
+    )
+    tuned = "mnist-cpu-with-options-chosen---tune"
+    assert _slug("mnist-cpu with options chosen (`--tune`)") == tuned
+
+
+def test_readme_links_within_itself_reach_a_heading():
+    text = re.sub(r"```.*?```", "", README, flags=re.S)  # a '#' line in a code block is no heading
+    seen: dict[str, int] = {}
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = _slug(heading)
+        anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert links, "the README links to none of its sections"
+    assert [link for link in links if link not in anchors] == []

@@ -252,16 +252,16 @@ def test_gap_closed_is_not_defined_for_a_teacher_no_better_than_the_student(
     ],
 )
 def test_gap_closed_against_hand_computed_values(teacher, student, method, higher, expected):
-    from flowdistill.bench.report import _gap, gap_closed, gap_scale
+    from flowdistill.bench.report import gap_cell, gap_closed, gap_scale
 
     value = gap_closed(method, student, gap_scale(teacher, student, higher))
     if expected is None:
-        assert value is None and _gap({"gap_closed": value}) == "n/a"
+        assert value is None and gap_cell({"gap_closed": value}) == "n/a"
     else:
         assert value == pytest.approx(expected)
         if expected == 0:
             assert math.copysign(1.0, value) == 1.0
-        assert _gap({"gap_closed": value}) == f"{expected:+.2f}".replace("-0.00", "+0.00")
+        assert gap_cell({"gap_closed": value}) == f"{expected:+.2f}".replace("-0.00", "+0.00")
 
 
 def test_flow_tables_show_an_undefined_gap_as_n_a():

@@ -43,6 +43,7 @@ DEVICE=${DEVICE:-cuda}
 SUITE=${SUITE:-cifar10}
 METHODS=${METHODS:-kd,flowdistill,diffkd,fmkt}
 DATA=${FLOWDISTILL_DATA:-../shared/data}
+LIMIT=${BENCH_LIMIT:-420}
 mkdir -p "$OUT" "$WORK"
 "$PY" - <<'PY'
 import torch
@@ -50,6 +51,7 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PY
 failed=()
+wants() { [ "$PART" = "$1" ] || [ "$PART" = all ]; }
 check() {  # a pytest selection, its whole log under $OUT; a failure is reported, not fatal
   local name=$1; shift
   if "$PY" -m pytest -q -p no:cacheprovider -rs "$@" > "$OUT/check-$name.log" 2>&1; then
@@ -58,18 +60,18 @@ check() {  # a pytest selection, its whole log under $OUT; a failure is reported
     tail -30 "$OUT/check-$name.log"; failed+=("$name")
   fi
 }
-if [ "$PART" = checks ] || [ "$PART" = all ]; then
+if wants checks; then
   [ "$DEVICE" = cuda ] && check cuda tests/test_fast_path.py -k cuda
   check timm tests/test_zoo.py -k timm
 fi
-if [ "$PART" = speed ] || [ "$PART" = all ]; then
+if wants speed; then
   "$PY" benchmarks/gpu_speed.py --suite "$SUITE" --methods "$METHODS" --steps "$STEPS" \
     --device "$DEVICE" ${BATCH:+--batch-size "$BATCH"} --out "$OUT/speed-plain.json"
   "$PY" benchmarks/gpu_speed.py --suite "$SUITE" --methods "$METHODS" --steps "$STEPS" \
     --device "$DEVICE" ${BATCH:+--batch-size "$BATCH"} --channels-last --compile \
     --out "$OUT/speed-fast.json"
 fi
-if [ "$PART" = table ] || [ "$PART" = all ]; then
+if wants table; then
   if [ ! -f "$DATA/cifar10.npz" ]; then
     echo "cifar10.npz is not under FLOWDISTILL_DATA ($DATA): the table is left out"
     [ "$PART" = table ] && exit 1
@@ -81,14 +83,14 @@ if [ "$PART" = table ] || [ "$PART" = all ]; then
     [ "$got" = "$want" ] || { echo "$DATA/cifar10.npz: sha256 $got, not the staged $want" >&2; exit 1; }
   fi
   rc=0
-  timeout --signal INT --kill-after 30 "${BENCH_LIMIT:-420}" \
+  timeout --signal INT --kill-after 30 "$LIMIT" \
     "$PY" -m flowdistill bench --suite "$SUITE" --methods "${TABLE_METHODS:-all}" \
       --epochs "${BENCH_EPOCHS:-15}" --teacher-epochs "${BENCH_TEACHER_EPOCHS:-30}" \
       --seeds "${BENCH_SEEDS:-5}" --workers "${WORKERS:-8}" ${BENCH_BUDGET:+--budget "$BENCH_BUDGET"} \
       --channels-last --no-progress --teacher-cache "$WORK/teachers" --out "$WORK/$SUITE" \
     || rc=$?
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then  # stopped at BENCH_LIMIT: a second `table` goes on
-    echo "the bench stopped after ${BENCH_LIMIT:-420} s: its finished runs are kept in $WORK/$SUITE"
+    echo "the bench stopped after $LIMIT s: its finished runs are kept in $WORK/$SUITE"
     rc=0
   elif [ "$rc" != 0 ]; then
     echo "the bench failed (exit $rc): its finished runs are kept in $WORK/$SUITE"

@@ -16,6 +16,7 @@ sha256sum "$SRC" | cut -d' ' -f1 > .stage/cifar10.npz.sha256
 parts=(.stage/cifar10.npz.part-*)
 echo "${#parts[@]} parts, sha256 $(cat .stage/cifar10.npz.sha256); one device call each, one right after another:"
 last=$((${#parts[@]} - 1))
+have='"$(stat -c%s $HOME/data/cifar10.npz 2>/dev/null || echo 0)"'  # (on the device)
 size=0  # what $HOME/data/cifar10.npz must hold before a part is added: a call on a fresh
 for i in "${!parts[@]}"; do  # machine (the last one given back) stops instead of appending
   p=${parts[$i]}
@@ -25,7 +26,6 @@ for i in "${!parts[@]}"; do  # machine (the last one given back) stops instead o
     1) then_run='bash benchmarks/gpu/run.sh speed' ;;
     *) then_run='ls -l $HOME/data' ;;
   esac
-  have='"$(stat -c%s $HOME/data/cifar10.npz 2>/dev/null || echo 0)"'
   echo "  carry [$p, .stage/cifar10.npz.sha256]:"
   if [ "$i" = 0 ]; then  # the first part starts the file afresh
     echo "    mkdir -p \$HOME/data && cat $p > \$HOME/data/cifar10.npz && $then_run"

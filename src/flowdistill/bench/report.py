@@ -61,7 +61,7 @@ def gap_closed(method: float, student: float, gap: float | None) -> float | None
     return None if gap is None else (method - student) / gap + 0.0  # (+0.0: no "-0.00")
 
 
-def _gap(row: dict[str, Any]) -> str:
+def gap_cell(row: dict[str, Any]) -> str:
     """Gap closed, or ``n/a`` where it is not defined (a teacher no better than the
     student alone)."""
     value = row["gap_closed"]
@@ -160,7 +160,7 @@ def compact_table(results: dict[str, Any], timing: bool = True) -> str:
         line = (
             f"| {method} | {_cell(fmt, row['mean'], row['std'], row.get('n'))} | "
             f"{_cell(fmt, row['best_val_mean'], row['best_val_std'], row.get('n'))} | "
-            f"{_gap(row)} |"
+            f"{gap_cell(row)} |"
         )
         if timing:
             line += f" {row['step_time_ratio']:.2f} |"
@@ -199,7 +199,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {_cell(fmt, row['mean'], row['std'], row.get('n'))} | "
             f"{_cell(fmt, row['best_val_mean'], row['best_val_std'], row.get('n'))} | "
-            f"{_gap(row)} | {_ratio(row, 'step_time_ratio')} | "
+            f"{gap_cell(row)} | {_ratio(row, 'step_time_ratio')} | "
             f"{row['extra_params']:,} | {row['deployed_params']:,} | "
             f"{_ratio(row, 'inference_time_ratio')} |"
         )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..bench.provenance import provenance
-from ..bench.report import _gap, gap_closed, gap_scale
+from ..bench.report import gap_cell, gap_closed, gap_scale
 from ..bench.runner import (
     DEFAULT_CACHE,
     _hash,
@@ -441,7 +441,7 @@ def compact_nf_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {row['mean']:.4f} ± {row['std']:.4f} | "
             f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | {_delta(row)} | "
-            f"{_gap(row)} | {row['params']:,} | "
+            f"{gap_cell(row)} | {row['params']:,} | "
             f"{row['sampling_speed_vs_teacher']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -467,7 +467,7 @@ def markdown_nf_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {method} | {row['mean']:.4f} ± {row['std']:.4f} | "
             f"{row['best_val_mean']:.4f} ± {row['best_val_std']:.4f} | {_delta(row)} | "
-            f"{_gap(row)} | {row['params']:,} | {row['samples_per_second']:,.0f} | "
+            f"{gap_cell(row)} | {row['params']:,} | {row['samples_per_second']:,.0f} | "
             f"{row['sampling_speed_vs_teacher']:.1f} | "
             + ("—" if math.isnan(row["step_time_ratio"]) else f"{row['step_time_ratio']:.2f}")
             + " |"
